@@ -1,0 +1,45 @@
+# latentd developer tasks. Every target builds .venv first if it is missing or stale.
+PYTHON ?= python3
+VENV ?= .venv
+BIN := $(VENV)/bin
+EXTRAS ?= all
+TORCH_VERSION ?= 2.13.0
+# Machines without an NVIDIA GPU get PyTorch's CPU build, never the multi-GB CUDA wheels.
+TORCH_CPU_INDEX ?= https://download.pytorch.org/whl/cpu
+HAS_NVIDIA := $(shell nvidia-smi -L >/dev/null 2>&1 && echo yes)
+STAMP := $(VENV)/.latentd-installed
+DATASETS ?= ../shared/datasets
+DEMO_MODEL ?= default
+DEMO_OUT ?= out/demo
+PYTEST_ARGS ?=
+
+.PHONY: install test test-fast demo bench clean
+
+install: $(STAMP)
+
+$(STAMP): pyproject.toml Makefile
+	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
+	echo "torch==$(TORCH_VERSION)" > $(VENV)/constraints.txt
+ifeq ($(HAS_NVIDIA),yes)
+	$(BIN)/pip install "torch==$(TORCH_VERSION)"
+else
+	$(BIN)/pip install "torch==$(TORCH_VERSION)" --extra-index-url $(TORCH_CPU_INDEX)
+	$(BIN)/python -c "import torch, sys; sys.exit('a CUDA build of torch was installed on a machine without an NVIDIA GPU' if torch.version.cuda else 0)"
+endif
+	$(BIN)/pip install -c $(VENV)/constraints.txt -e ".[$(EXTRAS)]"
+	touch $@
+
+test: $(STAMP)
+	$(BIN)/python -m pytest $(PYTEST_ARGS)
+
+test-fast: $(STAMP)
+	$(BIN)/python -m pytest -m "not slow" $(PYTEST_ARGS)
+
+demo: $(STAMP)
+	$(BIN)/latentd roundtrip $(DATASETS)/kodak/*.png -o $(DEMO_OUT) --model $(DEMO_MODEL)
+
+bench: $(STAMP)
+	$(BIN)/latentd bench codec --model sd --size 512 --batch 1
+
+clean:
+	rm -rf $(VENV) build *.egg-info out .pytest_cache

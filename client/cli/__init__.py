@@ -1,0 +1,63 @@
+"""The `latentd` command line: one module per subcommand, `main(argv)` returning the exit code."""
+
+from __future__ import annotations
+
+import argparse
+import sys
+import traceback
+from importlib import metadata
+from typing import Sequence
+
+from . import bench, info, roundtrip
+from .common import EXIT_FAILED, EXIT_USAGE, CommandError, one_line
+
+# Each module adds its own parser with `add_parser(subparsers)`; order is the order of `--help`.
+COMMANDS = (info, roundtrip, bench)
+
+
+def _version() -> str:
+    try:
+        return metadata.version("latentd")
+    except metadata.PackageNotFoundError:
+        return "unknown"
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="latentd",
+        description="Latent-diffusion image compression: encode images to VAE latents and back.",
+    )
+    parser.add_argument("--version", action="version", version=f"latentd {_version()}")
+    parser.add_argument("--debug", action="store_true", help="show the full traceback of an error")
+    subparsers = parser.add_subparsers(dest="command", metavar="COMMAND")
+    for command in COMMANDS:
+        command.add_parser(subparsers)
+    return parser
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """Run the CLI with `argv` (default: sys.argv[1:]) and return the process exit code."""
+    parser = build_parser()
+    try:
+        args = parser.parse_args(argv)
+    except SystemExit as exit_:  # --help, --version and usage errors
+        return exit_.code if isinstance(exit_.code, int) else EXIT_USAGE
+    if not getattr(args, "run", None):
+        parser.print_help(sys.stderr)
+        return EXIT_USAGE
+    try:
+        return int(args.run(args) or 0)
+    except KeyboardInterrupt:
+        print(f"latentd {args.command}: interrupted", file=sys.stderr)
+        return 130
+    except CommandError as exc:
+        print(f"latentd {args.command}: error: {one_line(exc)}", file=sys.stderr)
+        return exc.exit_code
+    except Exception as exc:  # every failure is one line; --debug shows where it came from
+        if args.debug:
+            traceback.print_exc()
+        print(f"latentd {args.command}: error: {one_line(exc)}", file=sys.stderr)
+        return EXIT_FAILED
+
+
+__all__ = ["build_parser", "main"]

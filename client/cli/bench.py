@@ -1,0 +1,105 @@
+"""`latentd bench codec|tiling`: latentd against plain diffusers, and tiled against untiled decode."""
+
+from __future__ import annotations
+
+import argparse
+import json
+from dataclasses import asdict
+
+from .common import EXIT_FAILED, EXIT_OK, EXIT_USAGE, CommandError
+
+# Speed-ups latentd aims for over plain diffusers (CPU, 512x512, batch 1); printed, never asserted.
+TARGETS = {"encode": 1.25, "decode": 1.15}
+
+
+def add_parser(subparsers: argparse._SubParsersAction) -> None:
+    parser = subparsers.add_parser("bench", help="benchmarks (codec speed, tiling quality)",
+                                   description="Benchmarks measured against a baseline in the same run.")
+    kinds = parser.add_subparsers(dest="bench", metavar="BENCH", required=True)
+
+    codec = kinds.add_parser(
+        "codec", help="latentd encode/decode vs plain diffusers on the same weights",
+        description="Time latentd's encode and decode against plain diffusers (fp32, default memory format) on "
+                    "the same weights, after warm-up, median of several runs; check both give the same latents.")
+    codec.add_argument("--model", default="sd",
+                       help="registered name, folder, checkpoint or Hub id; registered architectures without "
+                            "local weights use seeded random weights (default: sd)")
+    codec.add_argument("--size", type=int, default=512, help="image side in pixels (default: 512)")
+    codec.add_argument("--batch", type=int, default=1, help="images per call (default: 1)")
+    codec.add_argument("--runs", type=int, default=3, help="timed runs; the median is reported (default: 3)")
+    codec.add_argument("--warmup", type=int, default=1, help="untimed runs first (default: 1)")
+    codec.add_argument("--profile", action="store_true", help="also print where one latentd decode spends its time")
+    _add_common(codec)
+    codec.set_defaults(run=run_codec)
+
+    tiling = kinds.add_parser(
+        "tiling", help="PSNR between tiled and untiled decode",
+        description="Encode one image, decode its latents with and without tiling and report the PSNR between "
+                    "the two, the timings and the number of tiles.")
+    tiling.add_argument("--model", default="default", help="model to use (default: default)")
+    tiling.add_argument("--size", type=int, default=1024, help="image side in pixels (default: 1024)")
+    tiling.add_argument("--tile-size", type=int, default=512, help="tile side in pixels (default: 512)")
+    tiling.add_argument("--tile-overlap", type=int, default=128, help="tile overlap in pixels (default: 128)")
+    tiling.add_argument("--image", help="photo to resize to SIZE x SIZE (default: synthetic gradients)")
+    tiling.add_argument("--no-untiled", dest="untiled", action="store_false",
+                        help="skip the untiled decode (for sizes that do not fit in memory)")
+    _add_common(tiling)
+    tiling.set_defaults(run=run_tiling)
+
+
+def _add_common(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--device", help="cpu, cuda, ... (default: auto)")
+    parser.add_argument("--dtype", choices=("float32", "float16", "bfloat16"), help="latentd's compute dtype")
+    parser.add_argument("--seed", type=int, default=0, help="seed of the random weights and input (default: 0)")
+    parser.add_argument("--json", action="store_true", help="print one JSON object")
+
+
+def _positive(args: argparse.Namespace, *names: str) -> None:
+    for name in names:
+        if getattr(args, name) < 1:
+            raise CommandError(f"--{name.replace('_', '-')} must be at least 1", EXIT_USAGE)
+
+
+def run_codec(args: argparse.Namespace) -> int:
+    from latentd.vae.benchmark import AGREEMENT_TOLERANCE, bench_codec
+
+    _positive(args, "size", "batch", "runs")
+    result = bench_codec(args.model, size=args.size, batch=args.batch, runs=args.runs, warmup=max(args.warmup, 0),
+                         seed=args.seed, device=args.device, dtype=args.dtype, profile=args.profile)
+    if args.json:
+        print(json.dumps({**asdict(result), "speedups": {t.operation: t.speedup for t in result.timings},
+                          "agrees": result.agrees}, indent=2))
+        return EXIT_OK if result.agrees else EXIT_FAILED
+    print(f"bench codec: model {result.model}, {result.size}x{result.size}, batch {result.batch}, "
+          f"{result.device} ({result.dtype}), {result.threads} threads, median of {result.runs} runs")
+    print(f"{'operation':<10} {'diffusers ms/img':>17} {'latentd ms/img':>15} {'speed-up':>9}  target")
+    for timing in result.timings:
+        target = TARGETS.get(timing.operation)
+        verdict = "" if target is None else f">= {target:.2f}x {'met' if timing.speedup >= target else 'MISSED'}"
+        print(f"{timing.operation:<10} {timing.baseline_ms:>17.1f} {timing.latentd_ms:>15.1f} "
+              f"{timing.speedup:>8.2f}x  {verdict}")
+    status = "ok" if result.agrees else "MISMATCH"
+    print(f"agreement with diffusers: latents rel. error {result.latent_rel_error:.2e}, images rel. error "
+          f"{result.image_rel_error:.2e} (tolerance {AGREEMENT_TOLERANCE:.0e}): {status}")
+    if result.profile:
+        print("\nprofile of one latentd decode (by operator, self time):")
+        print(result.profile)
+    return EXIT_OK if result.agrees else EXIT_FAILED
+
+
+def run_tiling(args: argparse.Namespace) -> int:
+    from latentd.vae.benchmark import bench_tiling
+
+    _positive(args, "size", "tile_size")
+    result = bench_tiling(args.model, size=args.size, tile_size=args.tile_size, tile_overlap=args.tile_overlap,
+                          image=args.image, untiled=args.untiled, seed=args.seed, device=args.device,
+                          dtype=args.dtype)
+    if args.json:
+        print(json.dumps(asdict(result), indent=2))
+        return EXIT_OK
+    print(f"bench tiling: model {result.model}, {result.size}x{result.size}, tiles {result.tile_size} px "
+          f"overlapping {result.tile_overlap} px ({result.tiles} tiles)")
+    print(f"tiled decode {result.tiled_ms:.0f} ms" + (
+        f", untiled decode {result.untiled_ms:.0f} ms, PSNR tiled vs untiled {result.psnr_tiled_vs_untiled:.2f} dB"
+        if result.untiled_ms is not None else ""))
+    return EXIT_OK

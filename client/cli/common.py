@@ -1,0 +1,68 @@
+"""Pieces the subcommands share: exit codes, model options, one-line errors, atomic file writes."""
+
+from __future__ import annotations
+
+import argparse
+import os
+import tempfile
+from pathlib import Path
+from typing import TYPE_CHECKING
+
+if TYPE_CHECKING:
+    from latentd.vae import Codec
+
+EXIT_OK = 0
+EXIT_FAILED = 1  # the command ran but failed, or some of its items did
+EXIT_USAGE = 2  # bad arguments (argparse uses 2 as well)
+
+
+class CommandError(Exception):
+    """A failure the user can fix, reported as one line with `exit_code`."""
+
+    def __init__(self, message: str, exit_code: int = EXIT_FAILED):
+        super().__init__(message)
+        self.exit_code = exit_code
+
+
+def one_line(exc: BaseException) -> str:
+    text = " ".join(str(exc).split()) or type(exc).__name__
+    known = isinstance(exc, (CommandError, OSError)) or type(exc).__module__.startswith("latentd.")
+    return text if known else f"{type(exc).__name__}: {text}"
+
+
+def add_model_args(parser: argparse.ArgumentParser, default_model: str = "default") -> None:
+    group = parser.add_argument_group("model")
+    group.add_argument("--model", default=default_model,
+                       help="registered name (default, sd, taesd), model folder, checkpoint file or Hub id "
+                            f"(default: {default_model})")
+    group.add_argument("--config", help="architecture for a single-file checkpoint: registered name or config.json")
+    group.add_argument("--random-weights", type=int, metavar="SEED",
+                       help="use the registered architecture with weights drawn from SEED (timing, tests)")
+    group.add_argument("--device", help="cpu, cuda, cuda:1, mps (default: CUDA if available, else CPU)")
+    group.add_argument("--dtype", choices=("float32", "float16", "bfloat16"),
+                       help="compute dtype (default: bfloat16/float16 on GPU, float32 on CPU)")
+    group.add_argument("--tiling", choices=("auto", "on", "off"), default="auto",
+                       help="tile large images with overlap blending (default: auto, above 1024 px)")
+    group.add_argument("--max-pixels", type=int, help="refuse images with more pixels (default: 8192x8192)")
+
+
+def load_codec_from_args(args: argparse.Namespace) -> "Codec":
+    from latentd.vae import CodecOptions, load_codec
+
+    options = CodecOptions() if args.max_pixels is None else CodecOptions(max_pixels=args.max_pixels)
+    return load_codec(args.model, device=args.device, dtype=args.dtype, options=options, config=args.config,
+                      random_seed=args.random_weights)
+
+
+def write_atomic(path: Path, data: bytes) -> None:
+    """Write `data` to `path` through a temporary file in the same folder and a rename, so a crash
+    never leaves a half-written file under the final name."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, temp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    try:
+        with os.fdopen(fd, "wb") as handle:
+            handle.write(data)
+        os.replace(temp, path)
+    except BaseException:
+        Path(temp).unlink(missing_ok=True)
+        raise

@@ -1,0 +1,124 @@
+"""The `latentd` CLI through `main(argv)`: exit codes, outputs, one-line errors."""
+
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import pytest
+from PIL import Image
+
+from latentd.client.cli import main
+from tests.conftest import smooth_image
+
+
+def test_help_and_usage(capsys):
+    assert main(["--help"]) == 0
+    assert "roundtrip" in capsys.readouterr().out
+    assert main([]) == 2
+    assert main(["no-such-command"]) == 2
+    for command in (["info"], ["roundtrip"], ["bench", "codec"], ["bench", "tiling"]):
+        assert main([*command, "--help"]) == 0
+
+
+def test_info_json(capsys):
+    assert main(["info", "--json"]) == 0
+    report = json.loads(capsys.readouterr().out)
+    assert report["packages"]["latentd"] and report["compute"]["threads"] >= 1
+    assert {row["name"] for row in report["models"]} >= {"default", "sd", "taesd"}
+
+
+def _write_images(folder):
+    folder.mkdir()
+    paths = []
+    for index, (height, width) in enumerate([(40, 56), (33, 17)]):
+        path = folder / f"img{index}.png"
+        Image.fromarray(smooth_image(height, width, seed=index)).save(path)
+        paths.append(path)
+    return paths
+
+
+def test_roundtrip_writes_reconstructions_and_reports(tmp_path, tiny_model_dir, capsys):
+    paths = _write_images(tmp_path / "in")
+    out = tmp_path / "out"
+    code = main(["roundtrip", *map(str, paths), "-o", str(out), "--model", str(tiny_model_dir), "--json"])
+    assert code == 0
+    report = json.loads(capsys.readouterr().out)
+    assert report["summary"]["images"] == 2 and report["summary"]["failed"] == 0
+    for row, path in zip(report["images"], paths):
+        written = np.asarray(Image.open(row["output"]))
+        assert written.shape == np.asarray(Image.open(path)).shape
+        assert row["psnr"] > 0 and row["encode_ms"] > 0
+    assert sorted(p.name for p in out.iterdir()) == ["img0.png", "img1.png"]  # no temporary files left
+
+
+def test_roundtrip_table_output(tmp_path, tiny_model_dir, capsys):
+    paths = _write_images(tmp_path / "in")
+    assert main(["roundtrip", *map(str, paths), "-o", str(tmp_path / "o"), "--model", str(tiny_model_dir)]) == 0
+    out = capsys.readouterr().out
+    assert "PSNR" in out and "mean over 2 images" in out
+
+
+def test_one_bad_image_does_not_stop_the_others(tmp_path, tiny_model_dir, capsys):
+    paths = _write_images(tmp_path / "in")
+    bad = tmp_path / "in" / "broken.jpg"
+    bad.write_bytes(b"\xff\xd8\xff\xe0 not really a jpeg")
+    code = main(["roundtrip", str(paths[0]), str(bad), str(paths[1]), "-o", str(tmp_path / "out"),
+                 "--model", str(tiny_model_dir)])
+    assert code == 1
+    captured = capsys.readouterr()
+    assert "broken.jpg: FAILED" in captured.err and "(1 failed)" in captured.out
+    assert sorted(p.name for p in (tmp_path / "out").iterdir()) == ["img0.png", "img1.png"]
+
+
+def test_same_stem_inputs_keep_both_outputs(tmp_path, tiny_model_dir):
+    a, b = tmp_path / "a", tmp_path / "b"
+    a.mkdir(), b.mkdir()
+    for folder in (a, b):
+        Image.fromarray(smooth_image(16, 16)).save(folder / "x.png")
+    assert main(["roundtrip", str(a / "x.png"), str(b / "x.png"), "-o", str(tmp_path / "out"),
+                 "--model", str(tiny_model_dir)]) == 0
+    assert sorted(p.name for p in (tmp_path / "out").iterdir()) == ["x-2.png", "x.png"]
+
+
+def test_errors_are_one_line_with_a_nonzero_exit(tmp_path, capsys):
+    image = tmp_path / "x.png"
+    Image.fromarray(smooth_image(8, 8)).save(image)
+    assert main(["roundtrip", str(image), "-o", str(tmp_path / "o"), "--model", "no-such-model"]) == 1
+    err = capsys.readouterr().err.strip()
+    assert err.startswith("latentd roundtrip: error:") and "no-such-model" in err and "\n" not in err
+
+
+def test_pixel_limit_flag(tmp_path, tiny_model_dir, capsys):
+    paths = _write_images(tmp_path / "in")
+    code = main(["roundtrip", str(paths[0]), "-o", str(tmp_path / "o"), "--model", str(tiny_model_dir),
+                 "--max-pixels", "100"])
+    assert code == 1 and "exceeds the limit" in capsys.readouterr().err
+
+
+def test_bench_codec_compares_with_diffusers(tiny_model_dir, capsys):
+    code = main(["bench", "codec", "--model", str(tiny_model_dir), "--size", "32", "--runs", "1", "--json"])
+    assert code == 0
+    result = json.loads(capsys.readouterr().out)
+    assert result["agrees"] and result["latent_rel_error"] < 1e-4
+    assert {t["operation"] for t in result["timings"]} == {"encode", "decode"}
+    assert all(t["baseline_ms"] > 0 and t["latentd_ms"] > 0 for t in result["timings"])
+
+
+def test_bench_codec_table_and_profile(tiny_model_dir, capsys):
+    assert main(["bench", "codec", "--model", str(tiny_model_dir), "--size", "16", "--runs", "1", "--profile"]) == 0
+    out = capsys.readouterr().out
+    assert "speed-up" in out and "agreement with diffusers" in out and "Self CPU" in out
+
+
+def test_bench_tiling(tiny_model_dir, capsys):
+    assert main(["bench", "tiling", "--model", str(tiny_model_dir), "--size", "96", "--tile-size", "32",
+                 "--tile-overlap", "8", "--json"]) == 0
+    result = json.loads(capsys.readouterr().out)
+    assert result["tiles"] > 1 and result["psnr_tiled_vs_untiled"] > 20
+
+
+@pytest.mark.parametrize("args", [["--size", "0"], ["--runs", "0"]])
+def test_bench_rejects_bad_numbers(tiny_model_dir, args, capsys):
+    assert main(["bench", "codec", "--model", str(tiny_model_dir), *args]) == 2
+    assert "must be at least 1" in capsys.readouterr().err

@@ -1,0 +1,84 @@
+"""Shared fixtures: tiny random-initialised models (diffusers tester style) and synthetic images."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+
+# A two-level AutoencoderKL: factor 2, 4 latent channels, ~0.3M parameters, milliseconds per call.
+TINY_KL_CONFIG = {
+    "block_out_channels": [32, 32],
+    "down_block_types": ["DownEncoderBlock2D", "DownEncoderBlock2D"],
+    "up_block_types": ["UpDecoderBlock2D", "UpDecoderBlock2D"],
+    "layers_per_block": 1,
+    "latent_channels": 4,
+    "norm_num_groups": 8,
+    "sample_size": 32,
+    "scaling_factor": 0.5,
+    "shift_factor": 0.1,
+}
+# A two-level AutoencoderTiny (TAESD layout, narrower).
+TINY_TAESD_CONFIG = {
+    "encoder_block_out_channels": [8, 8],
+    "decoder_block_out_channels": [8, 8],
+    "num_encoder_blocks": [1, 1],
+    "num_decoder_blocks": [1, 1],
+    "latent_channels": 4,
+}
+
+
+def make_tiny_kl(seed: int = 0, **overrides):
+    import torch
+    from diffusers import AutoencoderKL
+
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(seed)
+        return AutoencoderKL(**{**TINY_KL_CONFIG, **overrides}).eval()
+
+
+def make_tiny_taesd(seed: int = 0):
+    import torch
+    from diffusers import AutoencoderTiny
+
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(seed)
+        return AutoencoderTiny(**TINY_TAESD_CONFIG).eval()
+
+
+def smooth_image(height: int, width: int, seed: int = 0) -> np.ndarray:
+    """A photo-like uint8 HWC image: bilinear-upsampled seeded colour noise plus a little texture."""
+    rng = np.random.default_rng(seed)
+    coarse = rng.uniform(0, 255, size=(4, 4, 3))
+    ys = np.linspace(0, 3, height)[:, None]
+    xs = np.linspace(0, 3, width)[None, :]
+    y0, x0 = np.floor(ys).astype(int).clip(0, 2), np.floor(xs).astype(int).clip(0, 2)
+    fy, fx = (ys - y0)[..., None], (xs - x0)[..., None]
+    top = coarse[y0, x0] * (1 - fx) + coarse[y0, x0 + 1] * fx
+    bottom = coarse[y0 + 1, x0] * (1 - fx) + coarse[y0 + 1, x0 + 1] * fx
+    image = top * (1 - fy) + bottom * fy + rng.normal(0, 4, size=(height, width, 3))
+    return np.clip(np.rint(image), 0, 255).astype(np.uint8)
+
+
+@pytest.fixture
+def tiny_kl():
+    return make_tiny_kl()
+
+
+@pytest.fixture
+def tiny_codec():
+    from latentd.vae import Codec
+
+    return Codec(make_tiny_kl(), name="tiny")
+
+
+@pytest.fixture
+def tiny_model_dir(tmp_path):
+    """A diffusers model folder (config.json + safetensors) of the tiny KL model."""
+    from latentd.vae import save_model
+
+    return save_model(make_tiny_kl(), tmp_path / "tiny-vae")
+
+
+@pytest.fixture
+def image():
+    return smooth_image(48, 64)

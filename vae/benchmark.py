@@ -1,0 +1,198 @@
+"""Benchmarks that time latentd against plain diffusers on the same weights in the same run."""
+
+from __future__ import annotations
+
+import copy
+import statistics
+import time
+from dataclasses import dataclass, field
+from typing import Callable
+
+import numpy as np
+import torch
+
+from .codec import Codec, CodecOptions
+from .convert import tensor_to_uint8
+from .loading import load_model
+from .metrics import psnr
+
+# Agreement required between latentd's and diffusers' outputs (relative L2 error).
+AGREEMENT_TOLERANCE = 1e-4
+
+
+@dataclass(frozen=True)
+class Timing:
+    """Median milliseconds per image of one operation, baseline and latentd."""
+
+    operation: str
+    baseline_ms: float
+    latentd_ms: float
+
+    @property
+    def speedup(self) -> float:
+        return self.baseline_ms / self.latentd_ms
+
+
+@dataclass
+class CodecBenchResult:
+    model: str
+    size: int
+    batch: int
+    device: str
+    dtype: str
+    threads: int
+    runs: int
+    timings: list[Timing]
+    latent_rel_error: float
+    image_rel_error: float
+    profile: str | None = None
+
+    @property
+    def agrees(self) -> bool:
+        return max(self.latent_rel_error, self.image_rel_error) < AGREEMENT_TOLERANCE
+
+
+def relative_error(a: torch.Tensor, b: torch.Tensor) -> float:
+    return float((a.double() - b.double()).norm() / b.double().norm().clamp_min(1e-30))
+
+
+def _timed(fn: Callable[[], torch.Tensor]) -> tuple[float, torch.Tensor]:
+    started = time.perf_counter()
+    result = fn()
+    if torch.cuda.is_available():
+        torch.cuda.synchronize()
+    return time.perf_counter() - started, result
+
+
+def bench_codec(
+    model: str = "sd",
+    *,
+    size: int = 512,
+    batch: int = 1,
+    runs: int = 3,
+    warmup: int = 1,
+    seed: int = 0,
+    device: str | None = None,
+    dtype: str | None = None,
+    profile: bool = False,
+) -> CodecBenchResult:
+    """Time diffusers' `encode(x).latent_dist.mode()` / `decode(z).sample` (fp32, default memory
+    format, no_grad) against latentd's `Codec.encode` / `Codec.decode` on copies of one model.
+
+    `model` is anything `load_model` accepts; registered architectures without weights here get
+    seeded random weights, which time the same as trained ones.
+    """
+    baseline = _load_for_bench(model, seed)
+    codec = Codec(copy.deepcopy(baseline), name=model, device=device, dtype=dtype,
+                  options=CodecOptions(max_batch_pixels=max(batch * size * size, 1)))
+    baseline = baseline.to(codec.placement.device)
+    generator = torch.Generator().manual_seed(seed)
+    images = torch.rand(batch, 3, size, size, generator=generator) * 2 - 1
+    samples: dict[str, list[tuple[float, float]]] = {"encode": [], "decode": []}
+    latents_base = latents_ours = decoded_base = decoded_ours = None
+    for run in range(warmup + runs):
+        with torch.no_grad():
+            t_base, latents_base = _timed(
+                lambda: baseline.encode(images.to(codec.placement.device)).latent_dist.mode().cpu())
+        t_ours, latents_ours = _timed(lambda: codec.encode(images, scaled=False))
+        if run >= warmup:
+            samples["encode"].append((t_base, t_ours))
+        with torch.no_grad():
+            t_base, decoded_base = _timed(lambda: baseline.decode(latents_base.to(codec.placement.device)).sample.cpu())
+        t_ours, decoded_ours = _timed(lambda: codec.decode(latents_base, scaled=False, output="tensor"))
+        if run >= warmup:
+            samples["decode"].append((t_base, t_ours))
+    timings = [
+        Timing(op, statistics.median(b for b, _ in pairs) * 1e3 / batch, statistics.median(o for _, o in pairs) * 1e3 / batch)
+        for op, pairs in samples.items()
+    ]
+    return CodecBenchResult(
+        model=model,
+        size=size,
+        batch=batch,
+        device=str(codec.placement.device),
+        dtype=str(codec.placement.dtype).removeprefix("torch."),
+        threads=torch.get_num_threads(),
+        runs=runs,
+        timings=timings,
+        latent_rel_error=relative_error(latents_ours, latents_base),
+        image_rel_error=relative_error(decoded_ours, decoded_base),
+        profile=_profile_decode(codec, latents_base) if profile else None,
+    )
+
+
+def _load_for_bench(model: str, seed: int) -> torch.nn.Module:
+    from .registry import get_spec, is_registered
+
+    if is_registered(model) and get_spec(model).packaged_path() is None:
+        return load_model(model, random_seed=seed).model
+    return load_model(model).model
+
+
+def _profile_decode(codec: Codec, latents: torch.Tensor, rows: int = 12) -> str:
+    """The profiler's table of where one latentd decode spends its time, by operator."""
+    from torch.profiler import ProfilerActivity, profile
+
+    activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if codec.placement.device.type == "cuda" else [])
+    with profile(activities=activities) as prof:
+        codec.decode(latents, scaled=False, output="tensor")
+    sort_by = "self_cuda_time_total" if codec.placement.device.type == "cuda" else "self_cpu_time_total"
+    return prof.key_averages().table(sort_by=sort_by, row_limit=rows)
+
+
+@dataclass
+class TilingBenchResult:
+    model: str
+    size: int
+    tile_size: int
+    tile_overlap: int
+    psnr_tiled_vs_untiled: float | None
+    tiled_ms: float
+    untiled_ms: float | None
+    tiles: int
+    notes: list[str] = field(default_factory=list)
+
+
+def bench_tiling(
+    model: str = "default",
+    *,
+    size: int = 1024,
+    tile_size: int = 512,
+    tile_overlap: int = 128,
+    image: str | None = None,
+    untiled: bool = True,
+    seed: int = 0,
+    device: str | None = None,
+    dtype: str | None = None,
+) -> TilingBenchResult:
+    """Encode an image once, decode its latents tiled and untiled, and compare the two (PSNR)."""
+    from .imageio import open_image
+    from .tiling import tile_spans
+
+    loaded = _load_for_bench(model, seed)
+    options = CodecOptions(tile_size=tile_size, tile_overlap=tile_overlap, max_batch_pixels=size * size)
+    codec = Codec(loaded, name=model, device=device, dtype=dtype, options=options)
+    pixels = _bench_image(open_image(image) if image else None, size, seed)
+    latents = codec.encode(pixels, tiling="on")
+    t_tiled, tiled = _timed(lambda: codec.decode(latents, tiling="on"))
+    grid = latents.shape[-1]
+    unit, overlap = tile_size // codec.factor, tile_overlap // codec.factor
+    tiles = len(tile_spans(latents.shape[-2], unit, overlap)) * len(tile_spans(grid, unit, overlap))
+    result = TilingBenchResult(model, size, tile_size, tile_overlap, None, t_tiled * 1e3, None, tiles)
+    if untiled:
+        t_untiled, full = _timed(lambda: codec.decode(latents, tiling="off"))
+        result.untiled_ms = t_untiled * 1e3
+        result.psnr_tiled_vs_untiled = psnr(tiled, full)
+    return result
+
+
+def _bench_image(image, size: int, seed: int) -> np.ndarray:
+    """A size x size test image: the given photo resized, or smooth seeded colour gradients."""
+    if image is not None:
+        from PIL import Image
+
+        return np.asarray(image.resize((size, size), Image.Resampling.LANCZOS))
+    generator = torch.Generator().manual_seed(seed)
+    coarse = torch.rand(1, 3, 8, 8, generator=generator) * 2 - 1
+    smooth = torch.nn.functional.interpolate(coarse, size=(size, size), mode="bicubic", align_corners=False)
+    return tensor_to_uint8(smooth[0])

@@ -1,0 +1,382 @@
+"""`Codec`: images to latents and back with any diffusers AutoencoderKL or AutoencoderTiny."""
+
+from __future__ import annotations
+
+import copy
+import logging
+import os
+import secrets
+import threading
+from dataclasses import dataclass
+from typing import Any, Callable, Literal, Mapping, Sequence
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from .convert import (
+    OutputKind,
+    format_images,
+    format_latents,
+    images_to_tensors,
+    latents_to_tensors,
+    tensor_to_uint8,
+)
+from .devices import Placement, resolve_placement
+from .errors import InvalidInputError, NumericalError
+from .fast_inference import optimize_for_inference
+from .imageio import DEFAULT_BACKGROUND, DEFAULT_MAX_PIXELS
+from .latent_ops import gaussian_like, interpolation_path
+from .loading import load_model
+from .metrics import mse, psnr
+from .model_info import ModelInfo, describe_model
+from .tiling import tiled_map
+
+logger = logging.getLogger(__name__)
+
+Tiling = Literal["auto", "on", "off"]
+TILING_MODES: tuple[str, ...] = ("auto", "on", "off")
+
+
+@dataclass(frozen=True)
+class CodecOptions:
+    """Limits and tiling policy of a codec; all sizes in pixels."""
+
+    max_pixels: int = DEFAULT_MAX_PIXELS
+    background: tuple[int, int, int] = DEFAULT_BACKGROUND
+    # Pixels per forward pass (images x H x W): bounds activation memory; larger groups are split.
+    max_batch_pixels: int = 4 * 512 * 512
+    tile_size: int = 512
+    tile_overlap: int = 128
+    # With tiling="auto", images with a side above this many pixels are tiled.
+    tile_threshold: int = 1024
+    optimize: bool = True
+
+    def validate(self, factor: int) -> None:
+        for name in ("max_pixels", "max_batch_pixels", "tile_size", "tile_threshold"):
+            if getattr(self, name) <= 0:
+                raise InvalidInputError(f"{name} must be positive", field=name)
+        if self.tile_size % factor or self.tile_overlap % factor:
+            raise InvalidInputError(f"tile_size and tile_overlap must be multiples of the model's factor {factor}",
+                                    field="tile_size")
+        if not 0 <= self.tile_overlap < self.tile_size:
+            raise InvalidInputError("tile_overlap must be in [0, tile_size)", field="tile_overlap")
+
+
+@dataclass(frozen=True)
+class AnomalyScore:
+    """Reconstruction error of one image on 8-bit RGB: high MSE / low PSNR flags an unusual image."""
+
+    mse: float
+    psnr: float
+
+
+class Codec:
+    """Encode images to latents and decode latents to images, on CPU or GPU, deterministically.
+
+    Example:
+        >>> codec = load_codec("sd", random_seed=0)          # doctest: +SKIP
+        >>> latents = codec.encode(pil_image)                 # [4, h/8, w/8], scaled  # doctest: +SKIP
+        >>> image = codec.decode(latents, output="pil")       # doctest: +SKIP
+    """
+
+    def __init__(
+        self,
+        model: nn.Module,
+        *,
+        name: str = "model",
+        device: str | torch.device | None = None,
+        dtype: str | torch.dtype | None = None,
+        options: CodecOptions | None = None,
+    ):
+        self.options = options or CodecOptions()
+        self.placement: Placement = resolve_placement(device, dtype)
+        model = model.eval().requires_grad_(False)
+        if self.options.optimize:
+            optimize_for_inference(model)
+        # The float32 retry runs the weights as loaded, not an upcast of their rounded copy; it
+        # stays on the CPU until a non-finite half-precision output first needs it.
+        self._fp32_model: nn.Module | None = copy.deepcopy(model).float() if self.placement.low_precision else None
+        self._fp32_ready = False
+        # nn.Module.to rather than diffusers' override, which warns on every dtype cast (even with
+        # no fp32-only modules); the VAEs handled here have none.
+        self._model = nn.Module.to(model, device=self.placement.device, dtype=self.placement.dtype,
+                                   memory_format=torch.channels_last)
+        self._lock = threading.Lock()
+        self.info: ModelInfo = describe_model(self._model, name)
+        self.options.validate(self.info.downsampling_factor)
+
+    @property
+    def model(self) -> nn.Module:
+        """The underlying diffusers model (in the codec's device and dtype)."""
+        return self._model
+
+    @property
+    def factor(self) -> int:
+        return self.info.downsampling_factor
+
+    # ---- public API -------------------------------------------------------------------------
+
+    def encode(
+        self,
+        images: Any,
+        *,
+        sample: bool = False,
+        seed: int | None = None,
+        scaled: bool = True,
+        tiling: Tiling = "auto",
+    ) -> torch.Tensor | list[torch.Tensor]:
+        """Images -> latents (float32 CPU tensors [C, ceil(H/8), ceil(W/8)] in the caller's form).
+
+        Latents are `(z - shift_factor) * scaling_factor` unless `scaled=False`. `z` is the
+        posterior mean, or with `sample=True` a draw from the posterior seeded per image by
+        `seed` (same seed, same latents; no seed: a fresh random one).
+        """
+        items = images_to_tensors(images, max_pixels=self.options.max_pixels, background=self.options.background)
+        if sample and not self.info.has_posterior:
+            raise InvalidInputError(f"{self.info.model_class} {self.info.name!r} is deterministic: it has no "
+                                    "posterior to sample from", field="sample")
+        if sample and seed is None:
+            seed = secrets.randbits(63)
+        moments = self._encode_moments(items.tensors, tiling)
+        channels = self.info.latent_channels
+        latents = []
+        for index, moment in enumerate(moments):
+            z = moment[:channels]
+            if sample:
+                std = torch.exp(0.5 * moment[channels:])
+                z = z + std * gaussian_like(tuple(z.shape), seed, index)
+            latents.append(self.scale(z) if scaled else z)
+        return format_latents(latents, items.form)
+
+    def decode(
+        self,
+        latents: Any,
+        *,
+        scaled: bool = True,
+        sizes: tuple[int, int] | Sequence[tuple[int, int]] | None = None,
+        output: OutputKind = "numpy",
+        tiling: Tiling = "auto",
+    ) -> Any:
+        """Latents -> images: uint8 HWC arrays (default), PIL images, or float tensors in [-1, 1].
+
+        `sizes` gives the original (height, width) to crop each decoded image back to, one pair
+        for all items or one per item; without it images keep the latent grid size x 8.
+        """
+        items = latents_to_tensors(latents, self.info.latent_channels)
+        raw = [self.unscale(z) if scaled else z for z in items.tensors]
+        crops = self._crop_sizes(sizes, raw)
+        decoded = self._decode_tensors(raw, tiling)
+        cropped = [image[:, :height, :width] for image, (height, width) in zip(decoded, crops)]
+        return format_images(cropped, items.form, output)
+
+    def roundtrip(self, images: Any, *, output: OutputKind = "numpy", tiling: Tiling = "auto") -> Any:
+        """Encode then decode, cropping back to each image's original size."""
+        items = images_to_tensors(images, max_pixels=self.options.max_pixels, background=self.options.background)
+        reconstructed = self._roundtrip_tensors(items.tensors, tiling)
+        return format_images(reconstructed, items.form, output)
+
+    def scale(self, z: torch.Tensor) -> torch.Tensor:
+        """Raw latents -> the diffusion model's convention `(z - shift) * scale`."""
+        return (z - self.info.shift_factor) * self.info.scaling_factor
+
+    def unscale(self, latents: torch.Tensor) -> torch.Tensor:
+        return latents / self.info.scaling_factor + self.info.shift_factor
+
+    def interpolate(self, image_a: Any, image_b: Any, steps: int = 8, method: str = "slerp", *,
+                    output: OutputKind = "numpy") -> list:
+        """Decode `steps` points on the lerp or slerp path between the posterior means of two images."""
+        items = images_to_tensors([image_a, image_b], max_pixels=self.options.max_pixels,
+                                  background=self.options.background)
+        if items.tensors[0].shape != items.tensors[1].shape:
+            raise InvalidInputError(f"interpolation needs two images of one size, got "
+                                    f"{tuple(items.tensors[0].shape[1:])} and {tuple(items.tensors[1].shape[1:])}",
+                                    field="images")
+        moments = self._encode_moments(items.tensors, "auto")
+        channels = self.info.latent_channels
+        path = interpolation_path(moments[0][:channels], moments[1][:channels], steps, method)
+        height, width = items.tensors[0].shape[1:]
+        decoded = self._decode_tensors(list(path.unbind(0)), "auto")
+        return format_images([image[:, :height, :width] for image in decoded], "list", output)
+
+    def sample_prior(self, n: int, height: int, width: int, seed: int = 0, *, output: OutputKind = "numpy") -> list:
+        """Decode `n` draws z ~ N(0, I) of the raw latent space into height x width images."""
+        if n < 1 or height < 1 or width < 1:
+            raise InvalidInputError("n, height and width must be positive", field="n")
+        if height * width > self.options.max_pixels:
+            raise InvalidInputError(f"{height}x{width} exceeds the limit of {self.options.max_pixels} pixels",
+                                    field="height")
+        shape = (self.info.latent_channels, -(-height // self.factor), -(-width // self.factor))
+        latents = [gaussian_like(shape, seed, index) for index in range(n)]
+        decoded = self._decode_tensors(latents, "auto")
+        return format_images([image[:, :height, :width] for image in decoded], "list", output)
+
+    def anomaly_score(self, images: Any) -> list[AnomalyScore]:
+        """Per-image reconstruction error (MSE and PSNR on 8-bit RGB)."""
+        items = images_to_tensors(images, max_pixels=self.options.max_pixels, background=self.options.background)
+        reconstructed = self._roundtrip_tensors(items.tensors, "auto")
+        scores = []
+        for original, reconstruction in zip(items.tensors, reconstructed):
+            a, b = tensor_to_uint8(original), tensor_to_uint8(reconstruction)
+            scores.append(AnomalyScore(mse=mse(a, b), psnr=psnr(a, b)))
+        return scores
+
+    # ---- batching, padding, tiling ---------------------------------------------------------
+
+    def _roundtrip_tensors(self, tensors: list[torch.Tensor], tiling: Tiling) -> list[torch.Tensor]:
+        channels = self.info.latent_channels
+        moments = self._encode_moments(tensors, tiling)
+        decoded = self._decode_tensors([moment[:channels] for moment in moments], tiling)
+        return [image[:, : t.shape[1], : t.shape[2]] for image, t in zip(decoded, tensors)]
+
+    def _encode_moments(self, images: list[torch.Tensor], tiling: Tiling) -> list[torch.Tensor]:
+        """[3, H, W] images -> per-image [C or 2C, h, w] posterior mean (and log-variance)."""
+        f = self.factor
+        opts = self.options
+        return _map_grouped(
+            images,
+            lambda batch: self._run(self._encode_batch, _pad_to_multiple(batch, f)),
+            lambda image: _tiled(image, lambda tiles: self._run(self._encode_batch, tiles), f, opts, pad=True),
+            per_batch=lambda h, w: opts.max_batch_pixels // (h * w),
+            tile=self._tiling_predicate(tiling, 1),
+        )
+
+    def _decode_tensors(self, latents: list[torch.Tensor], tiling: Tiling) -> list[torch.Tensor]:
+        f = self.factor
+        opts = self.options
+        return _map_grouped(
+            latents,
+            lambda batch: self._run(self._decode_batch, batch),
+            lambda latent: _tiled(latent, lambda tiles: self._run(self._decode_batch, tiles), f, opts, pad=False),
+            per_batch=lambda h, w: opts.max_batch_pixels // (h * w * f * f),
+            tile=self._tiling_predicate(tiling, f),
+        )
+
+    def _tiling_predicate(self, tiling: Tiling, pixels_per_unit: int) -> Callable[[int, int], bool]:
+        if tiling not in TILING_MODES:
+            raise InvalidInputError(f"tiling must be one of {', '.join(TILING_MODES)}, got {tiling!r}", field="tiling")
+        threshold = self.options.tile_threshold
+        return lambda h, w: tiling == "on" or (
+            tiling == "auto" and max(h, w) * pixels_per_unit > threshold
+        )
+
+    def _crop_sizes(self, sizes: Any, latents: list[torch.Tensor]) -> list[tuple[int, int]]:
+        full = [(z.shape[-2] * self.factor, z.shape[-1] * self.factor) for z in latents]
+        if sizes is None:
+            return full
+        pairs = list(sizes)
+        if len(pairs) == 2 and all(isinstance(v, int) for v in pairs):
+            pairs = [tuple(pairs)] * len(latents)
+        if len(pairs) != len(latents):
+            raise InvalidInputError(f"sizes has {len(pairs)} entries for {len(latents)} latents", field="sizes")
+        for index, ((height, width), (max_h, max_w)) in enumerate(zip(pairs, full)):
+            if not (0 < height <= max_h and 0 < width <= max_w):
+                raise InvalidInputError(f"sizes[{index}] = {height}x{width} does not fit the decoded "
+                                        f"{max_h}x{max_w}", field="sizes")
+        return [(int(h), int(w)) for h, w in pairs]
+
+    # ---- model calls ----------------------------------------------------------------------
+
+    def _encode_batch(self, x: torch.Tensor, model: nn.Module | None = None) -> torch.Tensor:
+        model = model or self._model
+        output = model.encode(self._to_device(x, model))
+        if hasattr(output, "latent_dist"):
+            dist = output.latent_dist
+            return torch.cat([dist.mean, dist.logvar], dim=1)
+        return output.latents
+
+    def _decode_batch(self, z: torch.Tensor, model: nn.Module | None = None) -> torch.Tensor:
+        model = model or self._model
+        return model.decode(self._to_device(z, model)).sample
+
+    def _to_device(self, x: torch.Tensor, model: nn.Module) -> torch.Tensor:
+        dtype = next(model.parameters()).dtype
+        return x.to(device=self.placement.device, dtype=dtype).contiguous(memory_format=torch.channels_last)
+
+    def _run(self, fn: Callable[..., torch.Tensor], batch: torch.Tensor) -> torch.Tensor:
+        """Run `fn` on one batch; on NaN/inf in half precision, run it again in float32."""
+        with self._lock, torch.inference_mode():
+            result = fn(batch).float()
+            if not torch.isfinite(result).all() and self.placement.low_precision:
+                logger.warning("%s: non-finite output in %s; retrying the batch in float32",
+                               self.info.name, self.placement.dtype)
+                result = fn(batch, self._float32_model()).float()
+            if not torch.isfinite(result).all():
+                raise NumericalError(f"model {self.info.name!r} produced NaN or infinite values")
+            return result.cpu()
+
+    def _float32_model(self) -> nn.Module:
+        assert self._fp32_model is not None  # kept whenever the codec runs in low precision
+        if not self._fp32_ready:
+            with torch.inference_mode(False):  # ordinary parameters, not inference tensors
+                nn.Module.to(self._fp32_model, device=self.placement.device, memory_format=torch.channels_last)
+            self._fp32_ready = True
+        return self._fp32_model
+
+
+def _pad_to_multiple(batch: torch.Tensor, factor: int) -> torch.Tensor:
+    """Pad the bottom and right edges to a multiple of `factor`: reflect, or replicate when the
+    image is too small to reflect."""
+    height, width = batch.shape[-2:]
+    pad_h, pad_w = -height % factor, -width % factor
+    if not pad_h and not pad_w:
+        return batch
+    mode = "reflect" if pad_h < height and pad_w < width else "replicate"
+    return F.pad(batch, (0, pad_w, 0, pad_h), mode=mode)
+
+
+def _tiled(x: torch.Tensor, batch_fn: Callable, factor: int, opts: CodecOptions, *, pad: bool) -> torch.Tensor:
+    source = _pad_to_multiple(x[None], factor)[0] if pad else x
+    return tiled_map(
+        source,
+        batch_fn,
+        tile=opts.tile_size // factor,
+        overlap=opts.tile_overlap // factor,
+        in_scale=factor if pad else 1,
+        out_scale=1 if pad else factor,
+    )
+
+
+def _map_grouped(
+    items: list[torch.Tensor],
+    batch_fn: Callable[[torch.Tensor], torch.Tensor],
+    tiled_fn: Callable[[torch.Tensor], torch.Tensor],
+    *,
+    per_batch: Callable[[int, int], int],
+    tile: Callable[[int, int], bool],
+) -> list[torch.Tensor]:
+    """Group items by shape, run each group in memory-bounded batches (or tile by tile), and return
+    the results in input order."""
+    groups: dict[tuple[int, ...], list[int]] = {}
+    for index, item in enumerate(items):
+        groups.setdefault(tuple(item.shape), []).append(index)
+    results: list[torch.Tensor | None] = [None] * len(items)
+    for shape, indices in groups.items():
+        height, width = shape[-2:]
+        if tile(height, width):
+            for index in indices:
+                results[index] = tiled_fn(items[index])
+            continue
+        size = max(1, per_batch(height, width))
+        for first in range(0, len(indices), size):
+            chunk = indices[first : first + size]
+            outputs = batch_fn(torch.stack([items[i] for i in chunk]))
+            if outputs.shape[0] != len(chunk):
+                raise RuntimeError(f"model returned {outputs.shape[0]} outputs for {len(chunk)} inputs")
+            for index, output in zip(chunk, outputs):
+                results[index] = output
+    return results  # type: ignore[return-value]
+
+
+def load_codec(
+    name_or_path: str | os.PathLike,
+    *,
+    device: str | torch.device | None = None,
+    dtype: str | torch.dtype | None = None,
+    options: CodecOptions | None = None,
+    config: str | os.PathLike | Mapping[str, Any] | None = None,
+    random_seed: int | None = None,
+) -> Codec:
+    """Load a model (see `load_model` for what `name_or_path` may be) and wrap it in a `Codec`."""
+    loaded = load_model(name_or_path, config=config, random_seed=random_seed)
+    return Codec(loaded.model, name=loaded.name, device=device, dtype=dtype, options=options)

@@ -1,0 +1,123 @@
+"""Safe image decoding: EXIF orientation, every Pillow mode to RGB, a pixel limit, one error type."""
+
+from __future__ import annotations
+
+import io
+import os
+import warnings
+from pathlib import Path
+from typing import BinaryIO, Union
+
+import numpy as np
+from PIL import Image, ImageOps, UnidentifiedImageError
+
+from .errors import ImageTooLargeError, InvalidImageError
+
+# 8192 x 8192: four times a 4096x4096 image, a tenth of Pillow's own decompression-bomb error limit.
+DEFAULT_MAX_PIXELS = 8192 * 8192
+DEFAULT_BACKGROUND = (255, 255, 255)
+
+ImageSource = Union[str, os.PathLike, bytes, bytearray, memoryview, BinaryIO, Image.Image]
+_TRANSPARENT_MODES = ("RGBA", "LA", "PA", "RGBa", "La")
+_HIGH_BIT_DEPTH_MODES = ("I;16", "I;16B", "I;16L", "I;16N", "I", "F")
+
+
+def describe_source(source: object) -> str:
+    """A short name for an input, used in error messages."""
+    if isinstance(source, (str, os.PathLike)):
+        return os.fspath(source)
+    if isinstance(source, (bytes, bytearray, memoryview)):
+        return f"<{len(source)} bytes>"
+    if isinstance(source, Image.Image):
+        return f"<PIL image {source.mode} {source.width}x{source.height}>"
+    return f"<{type(source).__name__}>"
+
+
+def open_image(
+    source: ImageSource,
+    *,
+    name: str | None = None,
+    max_pixels: int = DEFAULT_MAX_PIXELS,
+    background: tuple[int, int, int] = DEFAULT_BACKGROUND,
+) -> Image.Image:
+    """Decode `source` (path, bytes, file object or PIL image) into an upright RGB image.
+
+    Raises `ImageTooLargeError` above `max_pixels` before any pixel is decoded, and
+    `InvalidImageError` (naming the input) for empty, corrupt, truncated or non-image data.
+    """
+    label = name or describe_source(source)
+    if isinstance(source, Image.Image):
+        image = source
+        check_pixel_limit(image.width, image.height, max_pixels, label)
+    else:
+        image = _decode(source, label, max_pixels)
+    try:
+        image = ImageOps.exif_transpose(image)
+    except Exception:  # a broken EXIF block must not lose an otherwise good image
+        pass
+    return to_rgb(image, background)
+
+
+def check_pixel_limit(width: int, height: int, max_pixels: int, label: str) -> None:
+    if width <= 0 or height <= 0:
+        raise InvalidImageError(label, f"empty image ({width}x{height})")
+    if width * height > max_pixels:
+        raise ImageTooLargeError(label, f"{width}x{height} = {width * height} pixels exceeds the limit of {max_pixels}")
+
+
+def _decode(source: ImageSource, label: str, max_pixels: int) -> Image.Image:
+    if isinstance(source, (bytes, bytearray, memoryview)):
+        if len(source) == 0:
+            raise InvalidImageError(label, "empty data")
+        stream: BinaryIO | str = io.BytesIO(bytes(source))
+    elif isinstance(source, (str, os.PathLike)):
+        path = Path(source)
+        if not path.is_file():
+            raise InvalidImageError(label, "no such file")
+        if path.stat().st_size == 0:
+            raise InvalidImageError(label, "empty file")
+        stream = str(path)
+    else:
+        stream = source
+    try:
+        with warnings.catch_warnings():
+            # Our own limit replaces Pillow's global one; its warning would only be noise.
+            warnings.simplefilter("ignore", Image.DecompressionBombWarning)
+            image = Image.open(stream)
+            check_pixel_limit(image.width, image.height, max_pixels, label)
+            image.load()
+    except InvalidImageError:
+        raise
+    except Image.DecompressionBombError as exc:
+        raise ImageTooLargeError(label, str(exc)) from exc
+    except UnidentifiedImageError as exc:
+        raise InvalidImageError(label, "not a recognised image format") from exc
+    except (OSError, ValueError, SyntaxError, EOFError) as exc:
+        raise InvalidImageError(label, f"corrupt or truncated image ({exc})") from exc
+    return image
+
+
+def to_rgb(image: Image.Image, background: tuple[int, int, int] = DEFAULT_BACKGROUND) -> Image.Image:
+    """Convert any Pillow mode to 8-bit RGB; transparency is composited on `background`."""
+    mode = image.mode
+    if mode == "RGB":
+        return image
+    if mode == "P":
+        image = image.convert("RGBA" if "transparency" in image.info else "RGB")
+        mode = image.mode
+    if mode in _TRANSPARENT_MODES:
+        rgba = image.convert("RGBA")
+        canvas = Image.new("RGBA", rgba.size, (*background, 255))
+        return Image.alpha_composite(canvas, rgba).convert("RGB")
+    if mode in _HIGH_BIT_DEPTH_MODES:
+        return Image.fromarray(_to_uint8(np.asarray(image), mode)).convert("RGB")
+    return image.convert("RGB")
+
+
+def _to_uint8(values: np.ndarray, mode: str) -> np.ndarray:
+    """Scale 16-bit, 32-bit integer and float (0..255) samples to 8 bits."""
+    scaled = values.astype(np.float64)
+    # 16-bit data spans 0..65535; "I" holds 16-bit PNG samples, or 8-bit ones after a conversion.
+    if mode.startswith("I;16") or (mode == "I" and scaled.size and scaled.max() > 255):
+        scaled /= 257.0
+    return np.clip(np.rint(scaled), 0, 255).astype(np.uint8)

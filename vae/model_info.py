@@ -1,0 +1,50 @@
+"""What every loaded model reports about itself: latent layout, scaling conventions and dtype."""
+
+from __future__ import annotations
+
+from dataclasses import asdict, dataclass
+
+from torch import nn
+
+SUPPORTED_CLASSES = ("AutoencoderKL", "AutoencoderTiny")
+
+
+@dataclass(frozen=True)
+class ModelInfo:
+    """Describes a VAE in the terms its callers need (diffusers conventions)."""
+
+    name: str
+    model_class: str
+    latent_channels: int
+    downsampling_factor: int
+    scaling_factor: float
+    shift_factor: float
+    dtype: str
+    parameters: int
+    # AutoencoderKL has a Gaussian posterior to sample from; AutoencoderTiny is deterministic.
+    has_posterior: bool
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+
+def describe_model(model: nn.Module, name: str) -> ModelInfo:
+    """Read a `ModelInfo` off a diffusers `AutoencoderKL` or `AutoencoderTiny`."""
+    config = model.config
+    model_class = type(model).__name__
+    # Subclasses (such as the inference rewrites) report the diffusers class they extend.
+    for base in type(model).__mro__:
+        if base.__name__ in SUPPORTED_CLASSES:
+            model_class = base.__name__
+            break
+    return ModelInfo(
+        name=name,
+        model_class=model_class,
+        latent_channels=int(config.latent_channels),
+        downsampling_factor=2 ** (len(config.block_out_channels) - 1),
+        scaling_factor=float(getattr(config, "scaling_factor", 1.0) or 1.0),
+        shift_factor=float(getattr(config, "shift_factor", None) or 0.0),
+        dtype=str(next(model.parameters()).dtype).removeprefix("torch."),
+        parameters=sum(p.numel() for p in model.parameters()),
+        has_posterior=model_class == "AutoencoderKL",
+    )
