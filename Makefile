@@ -11,9 +11,10 @@ STAMP := $(VENV)/.latentd-installed
 DATASETS ?= ../shared/datasets
 DEMO_MODEL ?= default
 DEMO_OUT ?= out/demo
+EVAL_MODEL ?= default
 PYTEST_ARGS ?=
 
-.PHONY: install test test-fast demo bench clean
+.PHONY: install test test-fast demo eval bench clean
 
 install: $(STAMP)
 
@@ -37,6 +38,9 @@ test-fast: $(STAMP)
 
 demo: $(STAMP)
 	$(BIN)/latentd roundtrip $(DATASETS)/kodak/*.png -o $(DEMO_OUT) --model $(DEMO_MODEL)
+
+eval: $(STAMP)
+	$(BIN)/latentd eval --model $(EVAL_MODEL) --images $(DATASETS)/kodak --grid out/eval-$(EVAL_MODEL)-kodak.png
 
 bench: $(STAMP)
 	$(BIN)/latentd bench codec --model sd --size 512 --batch 1

@@ -138,16 +138,25 @@ class Codec:
                                     "posterior to sample from", field="sample")
         if sample and seed is None:
             seed = secrets.randbits(63)
-        moments = self._encode_moments(items.tensors, tiling)
-        channels = self.info.latent_channels
         latents = []
-        for index, moment in enumerate(moments):
-            z = moment[:channels]
+        for index, (z, logvar) in enumerate(self._posteriors(items.tensors, tiling)):
             if sample:
-                std = torch.exp(0.5 * moment[channels:])
-                z = z + std * gaussian_like(tuple(z.shape), seed, index)
+                z = z + torch.exp(0.5 * logvar) * gaussian_like(tuple(z.shape), seed, index)
             latents.append(self.scale(z) if scaled else z)
         return format_latents(latents, items.form)
+
+    def posterior(self, images: Any, *, tiling: Tiling = "auto") -> list[tuple[torch.Tensor, torch.Tensor | None]]:
+        """Raw posterior (mean, log-variance) per image, each [C, h, w]; log-variance is None for
+        deterministic models. Always a list, whatever form `images` has."""
+        items = images_to_tensors(images, max_pixels=self.options.max_pixels, background=self.options.background)
+        return self._posteriors(items.tensors, tiling)
+
+    def _posteriors(self, tensors: list[torch.Tensor], tiling: Tiling) -> list[tuple[torch.Tensor, torch.Tensor | None]]:
+        channels = self.info.latent_channels
+        return [
+            (moment[:channels], moment[channels:] if self.info.has_posterior else None)
+            for moment in self._encode_moments(tensors, tiling)
+        ]
 
     def decode(
         self,
@@ -192,9 +201,8 @@ class Codec:
             raise InvalidInputError(f"interpolation needs two images of one size, got "
                                     f"{tuple(items.tensors[0].shape[1:])} and {tuple(items.tensors[1].shape[1:])}",
                                     field="images")
-        moments = self._encode_moments(items.tensors, "auto")
-        channels = self.info.latent_channels
-        path = interpolation_path(moments[0][:channels], moments[1][:channels], steps, method)
+        (a, _), (b, _) = self._posteriors(items.tensors, "auto")
+        path = interpolation_path(a, b, steps, method)
         height, width = items.tensors[0].shape[1:]
         decoded = self._decode_tensors(list(path.unbind(0)), "auto")
         return format_images([image[:, :height, :width] for image in decoded], "list", output)
@@ -224,9 +232,8 @@ class Codec:
     # ---- batching, padding, tiling ---------------------------------------------------------
 
     def _roundtrip_tensors(self, tensors: list[torch.Tensor], tiling: Tiling) -> list[torch.Tensor]:
-        channels = self.info.latent_channels
-        moments = self._encode_moments(tensors, tiling)
-        decoded = self._decode_tensors([moment[:channels] for moment in moments], tiling)
+        means = [mean for mean, _ in self._posteriors(tensors, tiling)]
+        decoded = self._decode_tensors(means, tiling)
         return [image[:, : t.shape[1], : t.shape[2]] for image, t in zip(decoded, tensors)]
 
     def _encode_moments(self, images: list[torch.Tensor], tiling: Tiling) -> list[torch.Tensor]:

@@ -92,7 +92,8 @@ def _array_to_tensor(array: np.ndarray, label: str, max_pixels: int, background:
         array = _composite(array, background)
     elif channels != 3:
         raise InvalidInputError(f"{label}: expected 1, 3 or 4 channels last, got shape {array.shape}", field="images")
-    tensor = torch.from_numpy(np.ascontiguousarray(array))
+    array = np.ascontiguousarray(array)
+    tensor = torch.from_numpy(array if array.flags.writeable else array.copy())
     return _uint8_hwc_to_tensor(tensor)
 
 

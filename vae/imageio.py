@@ -18,6 +18,7 @@ DEFAULT_MAX_PIXELS = 8192 * 8192
 DEFAULT_BACKGROUND = (255, 255, 255)
 
 ImageSource = Union[str, os.PathLike, bytes, bytearray, memoryview, BinaryIO, Image.Image]
+IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png", ".webp", ".bmp", ".tif", ".tiff")
 _TRANSPARENT_MODES = ("RGBA", "LA", "PA", "RGBa", "La")
 _HIGH_BIT_DEPTH_MODES = ("I;16", "I;16B", "I;16L", "I;16N", "I", "F")
 
@@ -31,6 +32,17 @@ def describe_source(source: object) -> str:
     if isinstance(source, Image.Image):
         return f"<PIL image {source.mode} {source.width}x{source.height}>"
     return f"<{type(source).__name__}>"
+
+
+def find_image_files(paths: "list[str | os.PathLike]", suffixes: tuple[str, ...] = IMAGE_SUFFIXES) -> list[Path]:
+    """Image files among `paths`: files as given, folders searched recursively (sorted)."""
+    found: list[Path] = []
+    for entry in map(Path, paths):
+        if entry.is_dir():
+            found += sorted(p for p in entry.rglob("*") if p.suffix.lower() in suffixes and p.is_file())
+        else:
+            found.append(entry)
+    return found
 
 
 def open_image(

@@ -194,7 +194,23 @@ def _split_hub_id(text: str) -> tuple[str, str | None]:
 
 
 def save_model(model: nn.Module, directory: str | os.PathLike) -> Path:
-    """Write `model` in diffusers format (config.json + safetensors) so `load_model` rebuilds it."""
+    """Write `model` in diffusers format (config.json + safetensors) so `load_model` rebuilds it.
+
+    The folder is written beside its target and renamed into place, so an interrupted save never
+    leaves a folder that looks like a complete model (or half-overwrites an existing one).
+    """
+    import shutil
+
     directory = Path(directory)
-    model.save_pretrained(str(directory), safe_serialization=True)
+    temp = directory.with_name(f".{directory.name}.tmp-{os.getpid()}")
+    old = directory.with_name(f".{directory.name}.old-{os.getpid()}")
+    shutil.rmtree(temp, ignore_errors=True)
+    try:
+        model.save_pretrained(str(temp), safe_serialization=True)
+        if directory.exists():
+            directory.rename(old)
+        temp.rename(directory)
+    finally:
+        shutil.rmtree(temp, ignore_errors=True)
+        shutil.rmtree(old, ignore_errors=True)
     return directory

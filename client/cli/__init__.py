@@ -8,11 +8,11 @@ import traceback
 from importlib import metadata
 from typing import Sequence
 
-from . import bench, info, roundtrip
+from . import bench, evaluate, info, roundtrip, train
 from .common import EXIT_FAILED, EXIT_USAGE, CommandError, one_line
 
 # Each module adds its own parser with `add_parser(subparsers)`; order is the order of `--help`.
-COMMANDS = (info, roundtrip, bench)
+COMMANDS = (info, roundtrip, evaluate, train, bench)
 
 
 def _version() -> str:
@@ -39,9 +39,12 @@ def main(argv: Sequence[str] | None = None) -> int:
     """Run the CLI with `argv` (default: sys.argv[1:]) and return the process exit code."""
     parser = build_parser()
     try:
-        args = parser.parse_args(argv)
+        args, extra = parser.parse_known_args(argv)
+        if extra and not getattr(args, "accepts_overrides", False):
+            parser.error(f"unrecognized arguments: {' '.join(extra)}")
     except SystemExit as exit_:  # --help, --version and usage errors
         return exit_.code if isinstance(exit_.code, int) else EXIT_USAGE
+    args.extra = extra
     if not getattr(args, "run", None):
         parser.print_help(sys.stderr)
         return EXIT_USAGE

@@ -1,11 +1,8 @@
-"""Pieces the subcommands share: exit codes, model options, one-line errors, atomic file writes."""
+"""Pieces the subcommands share: exit codes, model options, one-line errors."""
 
 from __future__ import annotations
 
 import argparse
-import os
-import tempfile
-from pathlib import Path
 from typing import TYPE_CHECKING
 
 if TYPE_CHECKING:
@@ -52,17 +49,3 @@ def load_codec_from_args(args: argparse.Namespace) -> "Codec":
     options = CodecOptions() if args.max_pixels is None else CodecOptions(max_pixels=args.max_pixels)
     return load_codec(args.model, device=args.device, dtype=args.dtype, options=options, config=args.config,
                       random_seed=args.random_weights)
-
-
-def write_atomic(path: Path, data: bytes) -> None:
-    """Write `data` to `path` through a temporary file in the same folder and a rename, so a crash
-    never leaves a half-written file under the final name."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, temp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    try:
-        with os.fdopen(fd, "wb") as handle:
-            handle.write(data)
-        os.replace(temp, path)
-    except BaseException:
-        Path(temp).unlink(missing_ok=True)
-        raise

@@ -17,7 +17,7 @@ def test_help_and_usage(capsys):
     assert "roundtrip" in capsys.readouterr().out
     assert main([]) == 2
     assert main(["no-such-command"]) == 2
-    for command in (["info"], ["roundtrip"], ["bench", "codec"], ["bench", "tiling"]):
+    for command in (["info"], ["roundtrip"], ["eval"], ["train"], ["export"], ["bench", "codec"], ["bench", "tiling"]):
         assert main([*command, "--help"]) == 0
 
 
@@ -122,3 +122,40 @@ def test_bench_tiling(tiny_model_dir, capsys):
 def test_bench_rejects_bad_numbers(tiny_model_dir, args, capsys):
     assert main(["bench", "codec", "--model", str(tiny_model_dir), *args]) == 2
     assert "must be at least 1" in capsys.readouterr().err
+
+
+def test_eval_reports_quality_rate_and_time_and_writes_a_grid(tmp_path, tiny_model_dir, capsys):
+    folder = tmp_path / "set"
+    _write_images(folder)
+    (folder / "broken.png").write_bytes(b"\x89PNG\r\n\x1a\n not really")
+    grid = tmp_path / "grid.png"
+    code = main(["eval", "--model", str(tiny_model_dir), "--images", str(folder), "--grid", str(grid),
+                 "--warmup", "0", "--json"])
+    assert code == 1  # the broken file fails, the others are measured
+    report = json.loads(capsys.readouterr().out)
+    assert report["summary"]["images"] == 3 and report["summary"]["failed"] == 1
+    rows = {row["source"].rsplit("/", 1)[-1]: row for row in report["images"]}
+    assert "broken.png" in rows["broken.png"]["error"]
+    # tiny model: factor 2, 4 channels; fp16 latents of ceil(h/2) x ceil(w/2) over h x w pixels
+    assert rows["img0.png"]["bpp"] == pytest.approx(4 * 20 * 28 * 16 / (40 * 56))
+    assert rows["img1.png"]["bpp"] == pytest.approx(4 * 17 * 9 * 16 / (33 * 17))
+    assert report["summary"]["mean_psnr"] == pytest.approx((rows["img0.png"]["psnr"] + rows["img1.png"]["psnr"]) / 2)
+    width, height = Image.open(grid).size
+    assert height >= 2 * 33 and width >= 56  # originals above reconstructions
+
+
+def test_eval_float32_latents_cost_twice_the_bits(tmp_path, tiny_model_dir, capsys):
+    folder = tmp_path / "set"
+    _write_images(folder)
+    rates = []
+    for dtype in ("float16", "float32"):
+        assert main(["eval", "--model", str(tiny_model_dir), "--images", str(folder), "--latent-dtype", dtype,
+                     "--warmup", "0", "--json"]) == 0
+        rates.append(json.loads(capsys.readouterr().out)["summary"]["mean_bpp"])
+    assert rates[1] == pytest.approx(2 * rates[0])
+
+
+def test_eval_without_images_is_a_usage_error(tmp_path, tiny_model_dir, capsys):
+    (tmp_path / "empty").mkdir()
+    assert main(["eval", "--model", str(tiny_model_dir), "--images", str(tmp_path / "empty")]) == 2
+    assert "no images found" in capsys.readouterr().err

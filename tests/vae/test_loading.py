@@ -48,9 +48,9 @@ def test_random_weights_follow_the_seed():
     assert not all(torch.equal(x, y) for x, y in zip(a.state_dict().values(), c.state_dict().values()))
 
 
-def test_default_model_without_weights_says_so():
-    if get_spec("default").packaged_path() is not None:
-        pytest.skip("the default model's weights are installed")
+def test_default_model_without_weights_says_so(monkeypatch):
+    # An installation whose packaged weights are missing (a stripped wheel, a broken checkout).
+    monkeypatch.setattr(type(get_spec("default")), "packaged_path", lambda self: None)
     with pytest.raises(ModelNotFoundError, match="no weights installed"):
         load_model("default")
 
@@ -62,6 +62,21 @@ def test_save_and_load_gives_identical_outputs(tmp_path):
     loaded = load_model(folder)
     assert loaded.name == "saved" and "folder" in loaded.source
     _same_outputs(make_tiny_kl(), loaded.model)
+
+
+def test_saving_over_a_model_replaces_it_whole_and_a_failed_save_keeps_it(tmp_path, monkeypatch):
+    target = save_model(make_tiny_kl(seed=1), tmp_path / "model")
+    save_model(make_tiny_kl(seed=2), target)
+    _same_outputs(make_tiny_kl(seed=2), load_model(target).model)
+
+    def broken(self, *args, **kwargs):
+        raise OSError("disk full")
+
+    monkeypatch.setattr(type(make_tiny_kl()), "save_pretrained", broken)
+    with pytest.raises(OSError, match="disk full"):
+        save_model(make_tiny_kl(seed=3), target)
+    _same_outputs(make_tiny_kl(seed=2), load_model(target).model)
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["model"]  # no temporary folders left
 
 
 def test_saving_an_optimized_codec_model_keeps_the_diffusers_format(tmp_path):
