@@ -1,0 +1,1 @@
+"""latentd.vae.train: configuration, data, losses, the accelerate training loop, checkpoints and export."""

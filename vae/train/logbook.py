@@ -1,0 +1,95 @@
+"""Training observability: a progress bar, metrics.csv and TensorBoard, fed one step at a time."""
+
+from __future__ import annotations
+
+import csv
+import time
+from pathlib import Path
+
+import torch
+
+from .losses import LossParts
+
+COLUMNS = (
+    "step", "loss", "reconstruction", "kl", "beta", "lr", "ms_ssim_loss", "lpips", "gan", "gan_weight", "d_loss",
+    "steps_per_s", "skipped_files", "bad_steps", "val_psnr", "val_ms_ssim", "val_active_units", "val_kl_per_channel",
+)
+
+
+def _number(value) -> float | None:
+    if value is None:
+        return None
+    return float(value.detach().float().mean()) if isinstance(value, torch.Tensor) else float(value)
+
+
+class Logbook:
+    """Writes on the main process only; other processes call the same methods and nothing happens."""
+
+    def __init__(self, run_dir: Path, accelerator, *, total: int, start: int, log_every: int = 1,
+                 progress: bool = True):
+        self.accelerator = accelerator
+        self.main = accelerator.is_main_process
+        self.log_every = max(1, log_every)
+        self._last_time = time.perf_counter()
+        self._last_step = start
+        self._rate = 0.0
+        self._bar = None
+        self._file = None
+        if not self.main:
+            return
+        run_dir.mkdir(parents=True, exist_ok=True)
+        path = run_dir / "metrics.csv"
+        new = not path.exists()
+        self._file = path.open("a", newline="")
+        self._writer = csv.DictWriter(self._file, fieldnames=COLUMNS)
+        if new:
+            self._writer.writeheader()
+        if progress:
+            from tqdm.auto import tqdm
+
+            self._bar = tqdm(total=total, initial=start, desc="train", unit="step", dynamic_ncols=True)
+
+    def step(self, state, parts: LossParts, d_loss, *, lr: float) -> None:
+        if not self.main:
+            return
+        if self._bar is not None:
+            self._bar.update(1)
+        if state.step % self.log_every:
+            return
+        now = time.perf_counter()
+        self._rate = (state.step - self._last_step) / max(now - self._last_time, 1e-9)
+        self._last_time, self._last_step = now, state.step
+        row = {
+            "step": state.step, "loss": _number(parts.total), "reconstruction": _number(parts.reconstruction),
+            "kl": _number(parts.kl), "beta": parts.beta, "lr": lr, "ms_ssim_loss": _number(parts.ms_ssim),
+            "lpips": _number(parts.lpips), "gan": _number(parts.gan), "gan_weight": _number(parts.gan_weight),
+            "d_loss": _number(d_loss), "steps_per_s": self._rate, "skipped_files": state.skipped_files,
+            "bad_steps": state.bad_steps_total,
+        }
+        self._write(row)
+        if self._bar is not None:
+            self._bar.set_postfix(loss=f"{row['loss']:.4f}", kl=f"{row['kl']:.1f}", it_s=f"{self._rate:.2f}")
+
+    def validation(self, step: int, result) -> None:
+        if not self.main:
+            return
+        row = {"step": step, "val_psnr": result.psnr, "val_ms_ssim": result.ms_ssim,
+               "val_active_units": result.active_units,
+               "val_kl_per_channel": " ".join(f"{v:.4g}" for v in result.kl_per_channel)}
+        self._write(row)
+        if self._bar is not None:
+            self._bar.write(f"step {step}: val PSNR {result.psnr:.2f} dB, MS-SSIM {result.ms_ssim or float('nan'):.4f}, "
+                            f"active units {result.active_units}/{len(result.kl_per_channel)}")
+
+    def _write(self, row: dict) -> None:
+        self._writer.writerow(row)
+        self._file.flush()
+        scalars = {k: v for k, v in row.items() if k != "step" and isinstance(v, (int, float)) and v is not None}
+        if self.accelerator.log_with and scalars:
+            self.accelerator.log(scalars, step=row["step"])
+
+    def close(self) -> None:
+        if self._bar is not None:
+            self._bar.close()
+        if self._file is not None:
+            self._file.close()

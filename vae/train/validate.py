@@ -1,0 +1,87 @@
+"""Validation during training: PSNR, MS-SSIM, KL per channel, active latent units and an image grid."""
+
+from __future__ import annotations
+
+import copy
+import io
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Sequence
+
+import numpy as np
+import torch
+from PIL import Image
+from torch import nn
+
+from ..codec import Codec
+from ..fileio import write_atomic
+from ..metrics import mean_of, ms_ssim, psnr
+from .losses import kl_per_element
+
+# Burda et al. (2016): a latent unit is active when Cov_x(E_q[z_u | x]) exceeds this.
+ACTIVE_UNIT_THRESHOLD = 0.01
+
+
+@dataclass
+class ValidationResult:
+    psnr: float | None
+    ms_ssim: float | None
+    kl_per_channel: list[float] = field(default_factory=list)
+    active_units: int = 0
+    grid: Image.Image | None = None
+
+
+def validate(model: nn.Module, images: Sequence[tuple[str, np.ndarray]], *, grid_images: int = 8) -> ValidationResult:
+    """Round-trip `images` at full size through a copy of `model` (posterior mean, float32)."""
+    if not images:
+        return ValidationResult(None, None)
+    codec = Codec(copy.deepcopy(model).float().cpu(), name="validation", device="cpu")
+    pixels = [image for _, image in images]
+    posteriors = codec.posterior(pixels)
+    reconstructions = codec.decode([mean for mean, _ in posteriors], sizes=[p.shape[:2] for p in pixels])
+    kl_sums = torch.zeros(codec.info.latent_channels, dtype=torch.float64)
+    kl_count = 0
+    means = []
+    for mean, logvar in posteriors:
+        kl_sums += kl_per_element(mean, logvar).double().sum(dim=(1, 2))
+        kl_count += mean.shape[1] * mean.shape[2]
+        means.append(mean.flatten(1).double())
+    # Variance across images and positions of each channel's posterior mean.
+    unit_variance = torch.cat(means, dim=1).var(dim=1)
+    return ValidationResult(
+        psnr=mean_of([psnr(a, b) for a, b in zip(pixels, reconstructions)]),
+        ms_ssim=mean_of([ms_ssim(a, b) for a, b in zip(pixels, reconstructions)]),
+        kl_per_channel=(kl_sums / kl_count).tolist(),
+        active_units=int((unit_variance > ACTIVE_UNIT_THRESHOLD).sum()),
+        grid=comparison_grid(pixels[:grid_images], reconstructions[:grid_images]),
+    )
+
+
+def comparison_grid(originals: Sequence[np.ndarray], reconstructions: Sequence[np.ndarray],
+                    height: int = 160) -> Image.Image:
+    """Originals on the top row, their reconstructions below, each scaled to `height` pixels."""
+    def thumb(image: np.ndarray) -> Image.Image:
+        h, w = image.shape[:2]
+        return Image.fromarray(image).resize((max(1, round(w * height / h)), height), Image.Resampling.LANCZOS)
+
+    tops = [thumb(image) for image in originals]
+    bottoms = [thumb(image) for image in reconstructions]
+    width = sum(t.width for t in tops) + 4 * (len(tops) - 1)
+    grid = Image.new("RGB", (max(1, width), 2 * height + 4), (255, 255, 255))
+    x = 0
+    for top, bottom in zip(tops, bottoms):
+        grid.paste(top, (x, 0))
+        grid.paste(bottom, (x, height + 4))
+        x += top.width + 4
+    return grid
+
+
+def png_bytes(image: Image.Image) -> bytes:
+    buffer = io.BytesIO()
+    image.save(buffer, format="PNG")
+    return buffer.getvalue()
+
+
+def write_grid(result: ValidationResult, path: Path) -> None:
+    if result.grid is not None:
+        write_atomic(path, png_bytes(result.grid))
