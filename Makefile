@@ -14,7 +14,7 @@ DEMO_OUT ?= out/demo
 EVAL_MODEL ?= default
 PYTEST_ARGS ?=
 
-.PHONY: install test test-fast demo eval bench clean
+.PHONY: install test test-fast serve demo eval bench protos clean
 
 install: $(STAMP)
 
@@ -36,11 +36,20 @@ test: $(STAMP)
 test-fast: $(STAMP)
 	$(BIN)/python -m pytest -m "not slow" $(PYTEST_ARGS)
 
+# The main job: the gRPC service on the default model at localhost:50051 (Ctrl-C or SIGTERM drains and stops).
+serve: $(STAMP)
+	$(BIN)/latentd serve --host 127.0.0.1 --port 50051 --model default=$(DEMO_MODEL)
+
 demo: $(STAMP)
 	$(BIN)/latentd roundtrip $(DATASETS)/kodak/*.png -o $(DEMO_OUT) --model $(DEMO_MODEL)
 
 eval: $(STAMP)
 	$(BIN)/latentd eval --model $(EVAL_MODEL) --images $(DATASETS)/kodak --grid out/eval-$(EVAL_MODEL)-kodak.png
+
+# The wire contract's Python code; tests/test_protos.py fails when it is out of date.
+protos: $(STAMP)
+	$(BIN)/python -m grpc_tools.protoc -I protos --python_out=protos --pyi_out=protos --grpc_python_out=protos \
+		protos/latentd/v1/latentd.proto
 
 bench: $(STAMP)
 	$(BIN)/latentd bench codec --model sd --size 512 --batch 1

@@ -10,7 +10,10 @@ from pathlib import Path
 import pytest
 
 REPO = Path(__file__).resolve().parents[1]
-IMPORT_ALL = "import latentd.vae, latentd.server, latentd.client, latentd.client.cli; print(latentd.vae.__file__)"
+IMPORT_ALL = (
+    "import latentd.vae, latentd.server.app, latentd.client, latentd.client.cli, latentd.client.tensors, latentd.v1; "
+    "print(latentd.vae.__file__)"
+)
 
 
 def _python(code: str, cwd: Path, **kwargs) -> subprocess.CompletedProcess:
@@ -26,10 +29,10 @@ def test_installed_package_imports_from_outside_the_repo(tmp_path):
 def test_client_and_cli_help_do_not_import_torch(tmp_path):
     code = (
         "import sys, contextlib, io\n"
-        "import latentd.client\n"
+        "import latentd.client, latentd.client.tensors\n"
         "from latentd.client.cli import main\n"
         "with contextlib.redirect_stdout(io.StringIO()):\n"
-        "    assert main(['--help']) == 0 and main(['roundtrip', '--help']) == 0\n"
+        "    assert main(['--help']) == 0 and main(['roundtrip', '--help']) == 0 and main(['serve', '--help']) == 0\n"
         "import latentd.vae.errors, latentd.vae.registry\n"
         "heavy = sorted(m for m in ('torch', 'diffusers') if m in sys.modules)\n"
         "assert not heavy, heavy\n"
@@ -52,10 +55,11 @@ def test_wheel_holds_every_package_and_imports_without_the_repo(tmp_path):
     assert built.returncode == 0, built.stderr
     wheel = next((tmp_path / "dist").glob("latentd-*.whl"))
     names = zipfile.ZipFile(wheel).namelist()
-    for folder, package in (("vae", "latentd/vae"), ("server", "latentd/server"), ("client", "latentd/client")):
+    for folder, package in (("vae", "latentd/vae"), ("server", "latentd/server"), ("client", "latentd/client"),
+                            ("protos/latentd/v1", "latentd/v1")):
         for source in (REPO / folder).rglob("*.py"):
             assert f"{package}/{source.relative_to(REPO / folder).as_posix()}" in names, source
-    assert "latentd/client/py.typed" in names
+    assert "latentd/client/py.typed" in names and "latentd/v1/latentd.proto" in names
     target = tmp_path / "site"
     installed = subprocess.run([sys.executable, "-m", "pip", "install", "--no-deps", "--target", str(target),
                                 str(wheel)], capture_output=True, text=True, timeout=600)

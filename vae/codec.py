@@ -138,12 +138,19 @@ class Codec:
                                     "posterior to sample from", field="sample")
         if sample and seed is None:
             seed = secrets.randbits(63)
-        latents = []
-        for index, (z, logvar) in enumerate(self._posteriors(items.tensors, tiling)):
-            if sample:
-                z = z + torch.exp(0.5 * logvar) * gaussian_like(tuple(z.shape), seed, index)
-            latents.append(self.scale(z) if scaled else z)
+        latents = [self.latents_from_posterior(mean, logvar, sample=sample, seed=seed, index=index, scaled=scaled)
+                   for index, (mean, logvar) in enumerate(self._posteriors(items.tensors, tiling))]
         return format_latents(latents, items.form)
+
+    def latents_from_posterior(self, mean: torch.Tensor, logvar: torch.Tensor | None, *, sample: bool = False,
+                               seed: int | None = None, index: int = 0, scaled: bool = True) -> torch.Tensor:
+        """What `encode` returns for the `index`-th image of a call, given its posterior: the mean or a
+        draw seeded by (seed, index), then scaled. Callers that batch images of several calls
+        together (the server) use it to give each call exactly its in-process result."""
+        z = mean
+        if sample:
+            z = mean + torch.exp(0.5 * logvar) * gaussian_like(tuple(mean.shape), seed, index)
+        return self.scale(z) if scaled else z
 
     def posterior(self, images: Any, *, tiling: Tiling = "auto") -> list[tuple[torch.Tensor, torch.Tensor | None]]:
         """Raw posterior (mean, log-variance) per image, each [C, h, w]; log-variance is None for

@@ -1,0 +1,336 @@
+"""Dynamic batcher: gathers concurrent requests with equal keys into one `predict` call on a worker thread."""
+
+from __future__ import annotations
+
+import concurrent.futures
+import logging
+import queue
+import threading
+import time
+from collections.abc import Callable, Hashable
+from dataclasses import dataclass
+from typing import Any
+
+__all__ = [
+    "BatchSizeMismatchError",
+    "BatchStats",
+    "Batcher",
+    "BatcherClosedError",
+    "DeadlineExpiredError",
+    "QueueFullError",
+    "WorkItem",
+    "gather_batch",
+    "group_by_key",
+]
+
+logger = logging.getLogger(__name__)
+
+Predict = Callable[[Hashable, list[Any]], list[Any]]
+
+# Marks "nothing came" in gather_batch, distinct from the None stop sentinel.
+_EMPTY: Any = object()
+
+
+class QueueFullError(Exception):
+    """submit() found queue_limit items already waiting."""
+
+
+class BatcherClosedError(Exception):
+    """submit() after stop() began, or the item was still queued when the batcher could not run it."""
+
+
+class DeadlineExpiredError(Exception):
+    """The item's deadline passed before its batch was computed."""
+
+
+class BatchSizeMismatchError(Exception):
+    """predict returned a different number of outputs than it was given inputs."""
+
+
+@dataclass
+class WorkItem:
+    key: Hashable
+    payload: Any
+    future: concurrent.futures.Future
+    deadline: float | None = None
+    enqueued: float = 0.0
+
+
+@dataclass(frozen=True)
+class BatchStats:
+    key: Hashable
+    size: int
+    queue_seconds: tuple[float, ...]
+    compute_seconds: float
+    failed: int
+
+
+def gather_batch(
+    source: queue.Queue[WorkItem | None],
+    max_items: int,
+    max_delay_s: float,
+    *,
+    poll_s: float = 0.1,
+    clock: Callable[[], float] = time.monotonic,
+) -> list[WorkItem] | None:
+    """Take up to max_items from source, waiting at most max_delay_s after the first; None means stop."""
+    try:
+        first = source.get(timeout=poll_s)
+    except queue.Empty:
+        return []
+    if first is None:
+        return None
+    batch = [first]
+    deadline = clock() + max_delay_s
+    while len(batch) < max_items:
+        item = _next_item(source, deadline - clock())
+        if item is _EMPTY:
+            break
+        if item is None:
+            # Put the sentinel back so the caller's next call returns None and the worker stops.
+            source.put(None)
+            break
+        batch.append(item)
+    return batch
+
+
+def _next_item(source: queue.Queue[WorkItem | None], remaining_s: float) -> Any:
+    """The next queued entry, waiting up to remaining_s; _EMPTY if none came."""
+    try:
+        if remaining_s > 0:
+            return source.get(timeout=remaining_s)
+        # Past the deadline we no longer wait, but items already queued still join the batch for free.
+        return source.get_nowait()
+    except queue.Empty:
+        return _EMPTY
+
+
+def group_by_key(items: list[WorkItem]) -> list[list[WorkItem]]:
+    """Split a gathered batch into groups of equal key, in order of first appearance (stable)."""
+    groups: dict[Hashable, list[WorkItem]] = {}
+    for item in items:
+        groups.setdefault(item.key, []).append(item)
+    return list(groups.values())
+
+
+def _claim(future: concurrent.futures.Future) -> bool:
+    """Mark a future running; False if its caller cancelled it (or it is already complete)."""
+    try:
+        return future.set_running_or_notify_cancel()
+    except RuntimeError:  # already running or finished: somebody else owns its outcome
+        return False
+
+
+def _settle(future: concurrent.futures.Future, *, result: Any = None, error: BaseException | None = None) -> None:
+    """Set a future's outcome, tolerating one that somebody else already completed."""
+    try:
+        if error is not None:
+            future.set_exception(error)
+        else:
+            future.set_result(result)
+    except concurrent.futures.InvalidStateError:
+        pass
+
+
+class Batcher:
+    """One worker thread that calls predict(key, payloads) on batches of submitted items with equal keys."""
+
+    def __init__(
+        self,
+        name: str,
+        predict: Predict,
+        *,
+        max_batch_size: int = 8,
+        max_delay_s: float = 0.005,
+        queue_limit: int = 256,
+        on_batch: Callable[[BatchStats], None] | None = None,
+        clock: Callable[[], float] = time.monotonic,
+    ) -> None:
+        _check_settings(max_batch_size, max_delay_s, queue_limit)
+        self.name = name
+        self._predict = predict
+        self._max_batch_size = max_batch_size
+        self._max_delay_s = max_delay_s
+        self._queue_limit = queue_limit
+        self._on_batch = on_batch
+        self._clock = clock
+        # Unbounded, with our own count: the stop sentinel must fit even when queue_limit items wait.
+        self._queue: queue.Queue[WorkItem | None] = queue.Queue()
+        self._lock = threading.Lock()
+        self._waiting = 0
+        self._closed = False
+        self._thread: threading.Thread | None = None
+
+    @property
+    def depth(self) -> int:
+        """Items submitted and not yet taken by the worker."""
+        with self._lock:
+            return self._waiting
+
+    @property
+    def running(self) -> bool:
+        return self._thread is not None and self._thread.is_alive()
+
+    def start(self) -> None:
+        with self._lock:
+            if self._closed:
+                raise RuntimeError(f"batcher {self.name!r} is stopped and cannot be restarted")
+            if self._thread is not None:
+                return
+            self._thread = threading.Thread(target=self._run, name=f"batcher-{self.name}", daemon=True)
+        self._thread.start()
+
+    def submit(self, key: Hashable, payload: Any, *, deadline: float | None = None) -> concurrent.futures.Future:
+        hash(key)  # an unhashable key is the caller's error, raised here rather than in the worker
+        future: concurrent.futures.Future = concurrent.futures.Future()
+        item = WorkItem(key, payload, future, deadline, self._clock())
+        # Check and put under one lock so nothing can land behind the stop sentinel.
+        with self._lock:
+            if self._closed:
+                raise BatcherClosedError(f"batcher {self.name!r} is stopped")
+            if self._waiting >= self._queue_limit:
+                raise QueueFullError(f"batcher {self.name!r} has {self._waiting} items waiting (queue_limit)")
+            self._waiting += 1
+            self._queue.put(item)
+        return future
+
+    def stop(self, timeout: float | None = None) -> None:
+        """Refuse new items, let the worker compute what is queued, then join it (up to timeout)."""
+        with self._lock:
+            if not self._closed:
+                self._closed = True
+                self._queue.put(None)
+            thread = self._thread
+        if thread is None:
+            self._fail_leftovers()  # never started: nobody will compute these
+        elif thread is not threading.current_thread():  # stop() from inside predict must not join itself
+            thread.join(timeout)
+
+    # -- worker -----------------------------------------------------------------------------------
+
+    def _run(self) -> None:
+        while True:
+            try:
+                batch = gather_batch(self._queue, self._max_batch_size, self._max_delay_s, clock=self._clock)
+            except Exception:  # gather over a plain queue should not fail, but the worker must not die
+                logger.exception("batcher %s: gathering failed", self.name)
+                continue
+            if batch is None:
+                break
+            self._taken(len(batch))
+            for group in self._groups(batch):
+                self._run_group(group)
+        self._fail_leftovers()
+
+    def _groups(self, batch: list[WorkItem]) -> list[list[WorkItem]]:
+        try:
+            return group_by_key(batch)
+        except Exception:  # a key whose __eq__/__hash__ raises: run each item alone rather than die
+            logger.exception("batcher %s: grouping failed", self.name)
+            return [[item] for item in batch]
+
+    def _taken(self, count: int) -> None:
+        with self._lock:
+            self._waiting -= count
+
+    def _run_group(self, group: list[WorkItem]) -> None:
+        try:
+            live = self._admit(group)
+            if live:
+                self._compute(group[0].key, live)
+        except Exception as exc:  # a bug here fails this group only; the loop goes on
+            logger.exception("batcher %s: unexpected error", self.name)
+            for item in group:
+                if not item.future.done():
+                    _settle(item.future, error=exc)
+
+    def _admit(self, group: list[WorkItem]) -> list[WorkItem]:
+        """Drop cancelled items and fail expired ones, so predict never spends time on them."""
+        now = self._clock()
+        live = []
+        for item in group:
+            if not _claim(item.future):
+                continue
+            if item.deadline is not None and item.deadline < now:
+                _settle(item.future, error=DeadlineExpiredError(f"deadline passed {now - item.deadline:.3f}s ago"))
+                continue
+            live.append(item)
+        return live
+
+    def _compute(self, key: Hashable, items: list[WorkItem]) -> None:
+        """predict on items; if it raises for several, retry each half so a bad item fails alone."""
+        start = self._clock()
+        try:
+            outputs = self._predict(key, [item.payload for item in items])
+        except Exception as exc:
+            if len(items) == 1:
+                _settle(items[0].future, error=exc)
+                self._report(key, items, start, failed=1)
+                return
+            # failed=0: these items are not finished; the retries report how each of them ends.
+            self._report(key, items, start, failed=0)
+            middle = len(items) // 2
+            self._compute(key, items[:middle])
+            self._compute(key, items[middle:])
+            return
+        self._report(key, items, start, failed=self._deliver(items, outputs))
+
+    def _deliver(self, items: list[WorkItem], outputs: Any) -> int:
+        """Hand each item its output; returns how many items ended with an exception."""
+        if not isinstance(outputs, (list, tuple)):
+            error: Exception = TypeError(f"predict must return a list, got {type(outputs).__name__}")
+            return self._fail_all(items, error)
+        if len(outputs) != len(items):
+            error = BatchSizeMismatchError(f"predict returned {len(outputs)} outputs for {len(items)} inputs")
+            return self._fail_all(items, error)
+        failed = 0
+        for item, output in zip(items, outputs):
+            if isinstance(output, Exception):
+                _settle(item.future, error=output)
+                failed += 1
+            else:
+                _settle(item.future, result=output)
+        return failed
+
+    @staticmethod
+    def _fail_all(items: list[WorkItem], error: Exception) -> int:
+        for item in items:
+            _settle(item.future, error=error)
+        return len(items)
+
+    def _report(self, key: Hashable, items: list[WorkItem], start: float, *, failed: int) -> None:
+        if self._on_batch is None:
+            return
+        stats = BatchStats(
+            key=key,
+            size=len(items),
+            queue_seconds=tuple(start - item.enqueued for item in items),
+            compute_seconds=self._clock() - start,
+            failed=failed,
+        )
+        try:
+            self._on_batch(stats)
+        except Exception:  # metrics must never take the service down
+            logger.exception("batcher %s: on_batch callback failed", self.name)
+
+    def _fail_leftovers(self) -> None:
+        """Fail anything still queued once no worker will run it (the worker drains first, so normally none)."""
+        while True:
+            try:
+                item = self._queue.get_nowait()
+            except queue.Empty:
+                return
+            if item is None:
+                continue
+            self._taken(1)
+            if _claim(item.future):
+                _settle(item.future, error=BatcherClosedError(f"batcher {self.name!r} stopped"))
+
+
+def _check_settings(max_batch_size: int, max_delay_s: float, queue_limit: int) -> None:
+    if max_batch_size < 1:
+        raise ValueError(f"max_batch_size must be >= 1, got {max_batch_size}")
+    if not max_delay_s >= 0:  # `not >=` also rejects NaN
+        raise ValueError(f"max_delay_s must be >= 0, got {max_delay_s}")
+    if queue_limit < 1:
+        raise ValueError(f"queue_limit must be >= 1, got {queue_limit}")

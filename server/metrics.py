@@ -1,0 +1,57 @@
+"""Prometheus metrics of one server: requests, queue and compute time, batch sizes, items, queue depth, load time."""
+
+from __future__ import annotations
+
+from typing import Callable
+
+from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
+
+from .batcher import BatchStats
+
+_SECONDS = (0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0)
+
+
+class ServerMetrics:
+    """One registry per server, so that several servers in one process (tests) keep separate counts."""
+
+    def __init__(self) -> None:
+        self.registry = CollectorRegistry()
+        r = self.registry
+        self.requests = Counter("latentd_requests", "RPCs answered, by method and status code",
+                                ["rpc", "code"], registry=r)
+        self.request_seconds = Histogram("latentd_request_seconds", "RPC wall time", ["rpc"], buckets=_SECONDS,
+                                         registry=r)
+        self.items = Counter("latentd_items", "Images or latents processed, by model and operation",
+                             ["model", "op"], registry=r)
+        self.queue_seconds = Histogram("latentd_queue_seconds", "Time an item waited for its batch", ["model"],
+                                       buckets=_SECONDS, registry=r)
+        self.compute_seconds = Histogram("latentd_compute_seconds", "Model time per batch", ["model", "op"],
+                                         buckets=_SECONDS, registry=r)
+        self.batch_size = Histogram("latentd_batch_size", "Items per model call", ["model", "op"],
+                                    buckets=(1, 2, 4, 8, 16, 32, 64), registry=r)
+        self.queue_depth = Gauge("latentd_queue_depth", "Items waiting for a batch", ["model"], registry=r)
+        self.model_load_seconds = Gauge("latentd_model_load_seconds", "Time to load and warm up a model",
+                                        ["model"], registry=r)
+
+    def observe_batch(self, model: str, stats: BatchStats) -> None:
+        op = stats.key[0] if isinstance(stats.key, tuple) and stats.key else "unknown"
+        self.batch_size.labels(model, op).observe(stats.size)
+        self.compute_seconds.labels(model, op).observe(stats.compute_seconds)
+        self.items.labels(model, op).inc(stats.size - stats.failed)
+        for seconds in stats.queue_seconds:
+            self.queue_seconds.labels(model).observe(seconds)
+
+    def track_depth(self, model: str, depth: Callable[[], int]) -> None:
+        self.queue_depth.labels(model).set_function(depth)
+
+    def request_done(self, rpc: str, code: str, seconds: float) -> None:
+        self.requests.labels(rpc, code).inc()
+        self.request_seconds.labels(rpc).observe(seconds)
+
+
+def start_metrics_http(metrics: ServerMetrics, host: str, port: int):
+    """Serve /metrics; returns (http server, thread) so shutdown can close it, and the bound port."""
+    from prometheus_client import start_http_server
+
+    server, thread = start_http_server(port, addr=host, registry=metrics.registry)
+    return server, thread, server.server_port

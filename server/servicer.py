@@ -1,0 +1,283 @@
+"""The Latentd gRPC servicer: validate requests, submit their items to the model's batcher, answer."""
+
+from __future__ import annotations
+
+import asyncio
+import concurrent.futures
+import dataclasses
+import logging
+import secrets
+import time
+import uuid
+from typing import Any, AsyncIterator, Awaitable, Callable
+
+from latentd.v1 import latentd_pb2 as pb
+from latentd.v1 import latentd_pb2_grpc as pb_grpc
+from latentd.vae.errors import InvalidInputError
+
+from . import wire
+from .metrics import ServerMetrics
+from .models import DECODE, ENCODE, DecodeItem, Job, ModelPool, ServedModel
+from .settings import ServerSettings
+from .status import status_for
+
+logger = logging.getLogger("latentd.server.requests")
+
+
+@dataclasses.dataclass
+class RequestLog:
+    """What the one log line per request says."""
+
+    rpc: str
+    id: str
+    model: str = ""
+    items: int = 0
+    sizes: str = ""
+    queue_ms: float = 0.0
+    compute_ms: float = 0.0
+
+    def note_jobs(self, jobs: list[Job], submitted: float) -> None:
+        if jobs:
+            self.queue_ms = max(job.started - submitted for job in jobs) * 1e3
+            self.compute_ms = sum({(job.started, job.finished): job.finished - job.started for job in jobs}.values()) * 1e3
+
+
+def _deadline(context) -> float | None:
+    remaining = context.time_remaining() if context is not None else None
+    return None if remaining is None else time.monotonic() + remaining
+
+
+def _sizes(shapes: list[tuple[int, int]]) -> str:
+    unique = sorted(set(shapes))
+    return ",".join(f"{h}x{w}" for h, w in unique[:4]) + ("..." if len(unique) > 4 else "")
+
+
+class LatentdServicer(pb_grpc.LatentdServicer):
+    def __init__(self, pool: ModelPool, settings: ServerSettings, metrics: ServerMetrics) -> None:
+        self.pool = pool
+        self.settings = settings
+        self.metrics = metrics
+
+    # ---- shared machinery ----------------------------------------------------------------------
+
+    async def _run(self, served: ServedModel, key_of: Callable[[Any], tuple], data: list[Any],
+                   deadline: float | None, log: RequestLog) -> list[Any]:
+        """Submit one job per item and wait for all; on failure or cancellation the rest are cancelled."""
+        jobs = [Job(item) for item in data]
+        futures: list[concurrent.futures.Future] = []
+        submitted = time.monotonic()
+        try:
+            for job in jobs:
+                futures.append(served.batcher.submit(key_of(job.data), job, deadline=deadline))
+            return await asyncio.gather(*(asyncio.wrap_future(f) for f in futures))
+        finally:
+            for future in futures:
+                future.cancel()  # no-op for finished ones; frees the batch of work nobody waits for
+            log.note_jobs([job for job in jobs if job.finished], submitted)
+
+    async def _observed(self, rpc: str, request_id: str, handle: Callable[[RequestLog], Awaitable[Any]]) -> Any:
+        """Run a handler with its metrics and its one log line, whatever the outcome."""
+        log = RequestLog(rpc, request_id or uuid.uuid4().hex[:12])
+        started = time.perf_counter()
+        code = "OK"
+        try:
+            return await handle(log)
+        except asyncio.CancelledError:
+            code = "CANCELLED"
+            raise
+        except BaseException as exc:
+            code = status_for(exc)[0].name
+            raise
+        finally:
+            seconds = time.perf_counter() - started
+            self.metrics.request_done(rpc, code, seconds)
+            if self.settings.log_requests:
+                logger.info("id=%s rpc=%s model=%s items=%d sizes=%s code=%s queue_ms=%.1f compute_ms=%.1f "
+                            "total_ms=%.1f", log.id, rpc, log.model, log.items, log.sizes or "-", code,
+                            log.queue_ms, log.compute_ms, seconds * 1e3)
+
+    # ---- encode / decode -----------------------------------------------------------------------
+
+    async def _encode(self, request: pb.EncodeRequest, deadline: float | None, log: RequestLog) -> pb.EncodeResponse:
+        served = self.pool.get(request.model)
+        log.model = served.name
+        options = request.options
+        tiling = wire.tiling(options.tiling, "options.tiling")
+        dtype = wire.latent_dtype(options.latent_dtype, "options.latent_dtype")
+        if not request.images:
+            raise InvalidInputError("images is empty", field="images")
+        if options.sample and not served.codec.info.has_posterior:
+            raise InvalidInputError(f"options.sample: model {served.name!r} is deterministic", field="options.sample")
+        images = await asyncio.to_thread(
+            lambda: [wire.read_image(image, f"images[{i}]", self.settings.max_pixels)
+                     for i, image in enumerate(request.images)])
+        log.items, log.sizes = len(images), _sizes([image.shape[:2] for image in images])
+        posteriors = await self._run(served, lambda image: (ENCODE, *image.shape[:2], tiling), images, deadline, log)
+        seed = options.seed if options.HasField("seed") else secrets.randbits(63)
+        codec = served.codec
+        items = []
+        for index, ((mean, logvar), image) in enumerate(zip(posteriors, images)):
+            latents = codec.latents_from_posterior(mean, logvar, sample=options.sample, seed=seed, index=index,
+                                                   scaled=not options.raw)
+            items.append(pb.EncodedImage(latents=wire.latents_message(latents, dtype), height=image.shape[0],
+                                         width=image.shape[1]))
+        return pb.EncodeResponse(id=request.id, model=served.name, items=items)
+
+    async def _decode(self, request: pb.DecodeRequest, deadline: float | None, log: RequestLog) -> pb.DecodeResponse:
+        served = self.pool.get(request.model)
+        log.model = served.name
+        options = request.options
+        tiling = wire.tiling(options.tiling, "options.tiling")
+        output = wire.OutputFormat.parse(options.format, options.quality)
+        if not request.items:
+            raise InvalidInputError("items is empty", field="items")
+        codec = served.codec
+        items = [wire.read_latents(item, f"items[{i}]", codec.info, self.settings.max_pixels)
+                 for i, item in enumerate(request.items)]
+        if not options.raw:
+            items = [DecodeItem(codec.unscale(item.latents), item.size) for item in items]
+        log.items, log.sizes = len(items), _sizes([item.size for item in items])
+        images = await self._run(served, lambda item: (DECODE, *item.latents.shape, tiling), items, deadline, log)
+        encoded = await asyncio.to_thread(lambda: [wire.image_message(image, output) for image in images])
+        return pb.DecodeResponse(id=request.id, model=served.name, images=encoded)
+
+    async def Encode(self, request, context):
+        return await self._observed("Encode", request.id,
+                                    lambda log: self._encode(request, _deadline(context), log))
+
+    async def Decode(self, request, context):
+        return await self._observed("Decode", request.id,
+                                    lambda log: self._decode(request, _deadline(context), log))
+
+    async def EncodeStream(self, request_iterator, context):
+        async for response in self._stream("EncodeStream", request_iterator, context, self._encode,
+                                           pb.EncodeResponse):
+            yield response
+
+    async def DecodeStream(self, request_iterator, context):
+        async for response in self._stream("DecodeStream", request_iterator, context, self._decode,
+                                           pb.DecodeResponse):
+            yield response
+
+    async def _stream(self, rpc: str, requests: AsyncIterator, context, handle, response_type) -> AsyncIterator:
+        """Up to `stream_window` requests of one stream in flight; each answers with its own id as soon
+        as it is done (possibly out of order), a failed one with `error` set, and the stream goes on."""
+        window = asyncio.Semaphore(self.settings.stream_window)
+        results: asyncio.Queue = asyncio.Queue()
+        tasks: set[asyncio.Task] = set()
+        deadline = _deadline(context)
+
+        async def one(request) -> None:
+            try:
+                response = await self._observed(rpc, request.id, lambda log: handle(request, deadline, log))
+            except Exception as exc:  # noqa: BLE001 - reported in the response; the stream goes on
+                code, message = status_for(exc)
+                response = response_type(id=request.id, model=request.model,
+                                         error=pb.Error(code=code.name, message=message))
+            await results.put(response)
+
+        async def feed() -> None:
+            try:
+                async for request in requests:
+                    await window.acquire()  # flow control: stop reading while the window is full
+                    task = asyncio.create_task(one(request))
+                    tasks.add(task)
+                    task.add_done_callback(tasks.discard)
+                if tasks:
+                    await asyncio.gather(*list(tasks))
+                await results.put(None)
+            except Exception as exc:  # noqa: BLE001 - the reader re-raises it
+                await results.put(exc)
+
+        feeder = asyncio.create_task(feed())
+        try:
+            while True:
+                response = await results.get()
+                if response is None:
+                    return
+                if isinstance(response, Exception):
+                    raise response
+                window.release()
+                yield response
+        finally:
+            feeder.cancel()
+            for task in list(tasks):
+                task.cancel()
+
+    # ---- models --------------------------------------------------------------------------------
+
+    def _model_info(self, served: ServedModel) -> pb.ModelInfo:
+        info = dataclasses.replace(served.codec.info, name=served.name)
+        return wire.model_message(info, device=str(served.codec.placement.device),
+                                  max_pixels=self.settings.max_pixels, max_batch_size=self.settings.max_batch_size)
+
+    async def ListModels(self, request, context):
+        async def handle(log: RequestLog):
+            return pb.ListModelsResponse(models=[self._model_info(self.pool.get(name)) for name in self.pool.names],
+                                         default_model=self.settings.default_model)
+        return await self._observed("ListModels", "", handle)
+
+    async def GetModel(self, request, context):
+        async def handle(log: RequestLog):
+            log.model = request.name
+            return self._model_info(self.pool.get(request.name))
+        return await self._observed("GetModel", "", handle)
+
+    # ---- latent-space operations (not batched: one call each, serialised by the codec's lock) --
+
+    async def Interpolate(self, request, context):
+        async def handle(log: RequestLog):
+            served = self.pool.get(request.model)
+            log.model, log.items = served.name, request.steps or 8
+            output = wire.OutputFormat.parse(request.format, request.quality, prefix="")
+            if not 2 <= (request.steps or 8) <= 64:
+                raise InvalidInputError(f"steps must be 2-64, got {request.steps}", field="steps")
+            method = request.method or "slerp"
+            if method not in ("slerp", "lerp"):
+                raise InvalidInputError(f"method must be slerp or lerp, got {method!r}", field="method")
+
+            def work():
+                a = wire.read_image(request.image_a, "image_a", self.settings.max_pixels)
+                b = wire.read_image(request.image_b, "image_b", self.settings.max_pixels)
+                frames = served.codec.interpolate(a, b, steps=request.steps or 8, method=method, output="tensor")
+                return [wire.image_message(frame, output) for frame in frames]
+            return pb.ImagesResponse(model=served.name, images=await asyncio.to_thread(work))
+        return await self._observed("Interpolate", "", handle)
+
+    async def SamplePrior(self, request, context):
+        async def handle(log: RequestLog):
+            served = self.pool.get(request.model)
+            log.model, log.items = served.name, request.count
+            output = wire.OutputFormat.parse(request.format, request.quality, prefix="")
+            if not 1 <= request.count <= 64:
+                raise InvalidInputError(f"count must be 1-64, got {request.count}", field="count")
+            for name in ("height", "width"):
+                if getattr(request, name) < 1:
+                    raise InvalidInputError(f"{name} must be positive", field=name)
+            if request.height * request.width > self.settings.max_pixels:
+                raise InvalidInputError(f"height x width exceeds max_pixels {self.settings.max_pixels}",
+                                        field="height")
+
+            def work():
+                images = served.codec.sample_prior(request.count, request.height, request.width, request.seed,
+                                                   output="tensor")
+                return [wire.image_message(image, output) for image in images]
+            return pb.ImagesResponse(model=served.name, images=await asyncio.to_thread(work))
+        return await self._observed("SamplePrior", "", handle)
+
+    async def AnomalyScore(self, request, context):
+        async def handle(log: RequestLog):
+            served = self.pool.get(request.model)
+            log.model, log.items = served.name, len(request.images)
+            if not request.images:
+                raise InvalidInputError("images is empty", field="images")
+
+            def work():
+                images = [wire.read_image(image, f"images[{i}]", self.settings.max_pixels)
+                          for i, image in enumerate(request.images)]
+                return served.codec.anomaly_score(images)
+            scores = await asyncio.to_thread(work)
+            return pb.AnomalyScoreResponse(model=served.name,
+                                           scores=[pb.Score(mse=s.mse, psnr=s.psnr) for s in scores])
+        return await self._observed("AnomalyScore", "", handle)
+

@@ -1,0 +1,156 @@
+"""The server's one typed settings object, filled from a file, then LATENTD_* environment variables, then flags."""
+
+from __future__ import annotations
+
+import json
+import os
+from dataclasses import dataclass, field, fields, replace
+from pathlib import Path
+from typing import Any, Mapping
+
+from latentd.vae.errors import InvalidInputError
+
+ENV_PREFIX = "LATENTD_"
+
+
+@dataclass(frozen=True)
+class ServerSettings:
+    host: str = "127.0.0.1"  # loopback unless asked: the server has no auth by default
+    port: int = 50051  # 0: any free port (tests)
+    # Served models, name -> registry name, model folder, checkpoint file or Hub id. The first is the default.
+    models: Mapping[str, str] = field(default_factory=lambda: {"default": "default"})
+    device: str | None = None  # None: CUDA if available, else CPU
+    dtype: str | None = None  # None: bf16/fp16 on GPU, fp32 on CPU
+    max_batch_size: int = 8  # images per model call
+    max_batch_delay_ms: float = 5.0  # how long the first item of a batch waits for company
+    queue_limit: int = 256  # images waiting per model; beyond it RESOURCE_EXHAUSTED
+    stream_window: int = 16  # requests of one stream in flight (or answered but not yet read by the client)
+    max_message_mb: int = 64  # gRPC send/receive message size limit
+    max_pixels: int = 4096 * 4096  # per image, in and out
+    tls_cert: str | None = None
+    tls_key: str | None = None
+    tls_client_ca: str | None = None  # set: clients must present a certificate signed by it (mutual TLS)
+    auth_tokens: tuple[str, ...] = ()  # non-empty: every call needs `authorization: Bearer <token>`
+    metrics_port: int | None = None  # Prometheus /metrics over HTTP; None: off
+    metrics_host: str = "127.0.0.1"
+    grace_s: float = 10.0  # SIGTERM: in-flight requests get this long to finish
+    warmup: bool = True  # one encode/decode per model before health turns SERVING
+    log_requests: bool = True
+
+    def __post_init__(self) -> None:
+        checks = [
+            ("port", 0 <= self.port <= 65535, "must be 0-65535"),
+            ("models", bool(self.models), "needs at least one model"),
+            ("max_batch_size", self.max_batch_size >= 1, "must be at least 1"),
+            ("max_batch_delay_ms", self.max_batch_delay_ms >= 0, "must be >= 0"),
+            ("queue_limit", self.queue_limit >= 1, "must be at least 1"),
+            ("stream_window", self.stream_window >= 1, "must be at least 1"),
+            ("max_message_mb", self.max_message_mb >= 1, "must be at least 1"),
+            ("max_pixels", self.max_pixels >= 64, "must be at least 64"),
+            ("grace_s", self.grace_s >= 0, "must be >= 0"),
+            ("tls_key", (self.tls_cert is None) == (self.tls_key is None), "tls_cert and tls_key go together"),
+            ("tls_client_ca", self.tls_client_ca is None or self.tls_cert is not None, "mutual TLS needs tls_cert"),
+            ("auth_tokens", all(token.strip() for token in self.auth_tokens), "tokens must not be empty"),
+        ]
+        for name, ok, message in checks:
+            if not ok:
+                raise InvalidInputError(f"setting {name}: {message}", field=name)
+
+    @property
+    def default_model(self) -> str:
+        return next(iter(self.models))
+
+    @property
+    def address(self) -> str:
+        return f"{self.host}:{self.port}"
+
+    def redacted(self) -> dict[str, Any]:
+        """The settings for logs: tokens are counted, never shown."""
+        shown = {f.name: getattr(self, f.name) for f in fields(self)}
+        shown["auth_tokens"] = f"{len(self.auth_tokens)} token(s)"
+        shown["models"] = dict(self.models)
+        return shown
+
+
+def parse_models(items: list[str] | str) -> dict[str, str]:
+    """`NAME=SOURCE` items (or one comma-separated string); a bare `SOURCE` is named after itself."""
+    if isinstance(items, str):
+        items = [item for item in items.split(",") if item.strip()]
+    models: dict[str, str] = {}
+    for item in items:
+        name, sep, source = item.partition("=")
+        name, source = (name.strip(), source.strip()) if sep else (Path(item.strip()).name, item.strip())
+        if not name or not source:
+            raise InvalidInputError(f"--model {item!r}: expected NAME=PATH_OR_REGISTRY_NAME", field="models")
+        models[name] = source
+    return models
+
+
+def _coerce(name: str, value: Any) -> Any:
+    """A value from a file, the environment (always a string) or a flag, as the field's type."""
+    default = {f.name: f for f in fields(ServerSettings)}[name]
+    kind = str(default.type)
+    if value is None:
+        return None
+    try:
+        if name == "models":
+            return parse_models(value) if isinstance(value, (str, list)) else {str(k): str(v) for k, v in value.items()}
+        if name == "auth_tokens":
+            return tuple(t.strip() for t in value.split(",") if t.strip()) if isinstance(value, str) else tuple(value)
+        if kind.startswith("bool"):
+            if isinstance(value, str):
+                if value.lower() not in ("1", "0", "true", "false", "yes", "no", "on", "off"):
+                    raise ValueError(value)
+                return value.lower() in ("1", "true", "yes", "on")
+            return bool(value)
+        if kind.startswith("int"):
+            return int(value)
+        if kind.startswith("float"):
+            return float(value)
+        return str(value)
+    except (TypeError, ValueError) as exc:
+        raise InvalidInputError(f"setting {name}: cannot read {value!r} as {kind}", field=name) from exc
+
+
+def read_settings_file(path: str | os.PathLike) -> dict[str, Any]:
+    """A TOML, YAML or JSON file of settings (top level, or under a `server` table)."""
+    path = Path(path)
+    try:
+        text = path.read_text()
+        if path.suffix == ".toml":
+            import tomllib
+
+            data = tomllib.loads(text)
+        elif path.suffix in (".yaml", ".yml"):
+            import yaml
+
+            data = yaml.safe_load(text) or {}
+        else:
+            data = json.loads(text)
+    except (OSError, ValueError) as exc:
+        raise InvalidInputError(f"settings file {path}: {exc}", field="config") from exc
+    except ImportError as exc:
+        raise InvalidInputError(f"settings file {path}: {exc}; install PyYAML or use TOML/JSON", field="config") from exc
+    data = data.get("server", data) if isinstance(data, dict) else None
+    if not isinstance(data, dict):
+        raise InvalidInputError(f"settings file {path}: expected a table of settings", field="config")
+    return data
+
+
+def load_settings(flags: Mapping[str, Any] | None = None, *, environ: Mapping[str, str] | None = None,
+                  file: str | os.PathLike | None = None) -> ServerSettings:
+    """File < environment < flags; flags and file entries that are None are not set."""
+    known = {f.name for f in fields(ServerSettings)}
+    values: dict[str, Any] = {}
+    layers = [
+        read_settings_file(file) if file else {},
+        {key[len(ENV_PREFIX):].lower(): value for key, value in (os.environ if environ is None else environ).items()
+         if key.startswith(ENV_PREFIX) and key[len(ENV_PREFIX):].lower() in known},
+        {key: value for key, value in (flags or {}).items() if value is not None},
+    ]
+    for layer in layers:
+        for key, value in layer.items():
+            if key not in known:
+                raise InvalidInputError(f"unknown setting {key!r} (known: {', '.join(sorted(known))})", field=key)
+            values[key] = _coerce(key, value)
+    return replace(ServerSettings(), **values)

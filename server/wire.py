@@ -1,0 +1,133 @@
+"""Request messages -> validated codec inputs, codec outputs -> response messages; errors name the field."""
+
+from __future__ import annotations
+
+import io
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+
+from latentd.client.tensors import TensorError, from_tensor, to_tensor
+from latentd.v1 import latentd_pb2 as pb
+from latentd.vae.convert import tensor_to_uint8
+from latentd.vae.errors import InvalidInputError
+from latentd.vae.imageio import check_pixel_limit, open_image
+from latentd.vae.model_info import ModelInfo
+
+from .models import DecodeItem
+
+TILING = {pb.TILING_AUTO: "auto", pb.TILING_ON: "on", pb.TILING_OFF: "off"}
+LATENT_DTYPES = {pb.DTYPE_UNSPECIFIED: "float32", pb.FLOAT32: "float32", pb.FLOAT16: "float16",
+                 pb.BFLOAT16: "bfloat16"}
+# Encoded output formats: (Pillow format name, takes a quality).
+ENCODED_FORMATS = {pb.IMAGE_FORMAT_UNSPECIFIED: ("PNG", False), pb.PNG: ("PNG", False), pb.JPEG: ("JPEG", True),
+                   pb.WEBP: ("WEBP", True)}
+DEFAULT_QUALITY = 90
+
+
+def _tensor(message: pb.Tensor, field: str) -> np.ndarray:
+    try:
+        return from_tensor(message, field)
+    except TensorError as exc:
+        raise InvalidInputError(str(exc), field=exc.field) from None
+
+
+def tiling(value: int, field: str) -> str:
+    if value not in TILING:
+        raise InvalidInputError(f"{field} {value} is not a Tiling value", field=field)
+    return TILING[value]
+
+
+def latent_dtype(value: int, field: str) -> str:
+    if value not in LATENT_DTYPES:
+        raise InvalidInputError(f"{field} must be FLOAT32, FLOAT16 or BFLOAT16", field=field)
+    return LATENT_DTYPES[value]
+
+
+@dataclass(frozen=True)
+class OutputFormat:
+    format: int
+    quality: int
+
+    @classmethod
+    def parse(cls, format: int, quality: int, prefix: str = "options.") -> "OutputFormat":
+        if format not in ENCODED_FORMATS and format not in (pb.RAW_UINT8, pb.RAW_FLOAT):
+            raise InvalidInputError(f"{prefix}format {format} is not an ImageFormat value", field=f"{prefix}format")
+        if not 0 <= quality <= 100:
+            raise InvalidInputError(f"{prefix}quality must be 1-100 (0: {DEFAULT_QUALITY}), got {quality}",
+                                    field=f"{prefix}quality")
+        return cls(format, quality or DEFAULT_QUALITY)
+
+
+def read_image(message: pb.Image, field: str, max_pixels: int) -> np.ndarray:
+    """An Image message as a uint8 RGB [H, W, 3] array."""
+    kind = message.WhichOneof("content")
+    if kind == "encoded":
+        if not message.encoded:
+            raise InvalidInputError(f"{field}.encoded is empty", field=f"{field}.encoded")
+        return np.asarray(open_image(message.encoded, name=field, max_pixels=max_pixels))
+    if kind == "pixels":
+        pixels = _tensor(message.pixels, f"{field}.pixels")
+        if pixels.dtype != np.uint8 or pixels.ndim != 3 or pixels.shape[2] != 3:
+            raise InvalidInputError(f"{field}.pixels must be uint8 [H, W, 3], got {pixels.dtype.name} "
+                                    f"{list(pixels.shape)}", field=f"{field}.pixels")
+        check_pixel_limit(pixels.shape[1], pixels.shape[0], max_pixels, field)
+        return pixels
+    raise InvalidInputError(f"{field} has neither encoded bytes nor pixels", field=field)
+
+
+def read_latents(message: pb.Latents, field: str, info: ModelInfo, max_pixels: int) -> DecodeItem:
+    """A Latents message as raw-or-scaled float32 latents [C, h, w] plus the size to crop to."""
+    array = _tensor(message.latents, f"{field}.latents")
+    label = f"{field}.latents"
+    if array.dtype not in (np.float32, np.float16):
+        raise InvalidInputError(f"{label}.dtype must be FLOAT32, FLOAT16 or BFLOAT16, got {array.dtype.name}",
+                                field=f"{label}.dtype")
+    if array.ndim != 3 or array.shape[0] != info.latent_channels:
+        raise InvalidInputError(f"{label}.shape must be [{info.latent_channels}, h, w] for model {info.name!r}, "
+                                f"got {list(array.shape)}", field=f"{label}.shape")
+    channels, h, w = array.shape
+    if h == 0 or w == 0:
+        raise InvalidInputError(f"{label}.shape {list(array.shape)} is empty", field=f"{label}.shape")
+    if not np.isfinite(array).all():
+        raise InvalidInputError(f"{label} holds NaN or infinite values", field=label)
+    full = (h * info.downsampling_factor, w * info.downsampling_factor)
+    height, width = message.height or full[0], message.width or full[1]
+    for name, value, limit in (("height", height, full[0]), ("width", width, full[1])):
+        if not 0 < value <= limit:
+            raise InvalidInputError(f"{field}.{name} must be 1-{limit} for these latents, got {value}",
+                                    field=f"{field}.{name}")
+    check_pixel_limit(full[1], full[0], max_pixels, label)
+    return DecodeItem(torch.from_numpy(array.astype(np.float32)), (height, width))
+
+
+def latents_message(latents: torch.Tensor, dtype: str) -> pb.Tensor:
+    return to_tensor(latents.detach().cpu().float().numpy(), dtype)
+
+
+def image_message(image: torch.Tensor, output: OutputFormat) -> pb.Image:
+    """A decoded float [3, H, W] image in [-1, 1] in the requested format."""
+    if output.format == pb.RAW_FLOAT:
+        return pb.Image(pixels=to_tensor(image.float().numpy(), "float32"))
+    pixels = tensor_to_uint8(image)
+    if output.format == pb.RAW_UINT8:
+        return pb.Image(pixels=to_tensor(pixels, "uint8"))
+    return pb.Image(encoded=encode_file(pixels, output))
+
+
+def encode_file(pixels: np.ndarray, output: OutputFormat) -> bytes:
+    from PIL import Image
+
+    name, lossy = ENCODED_FORMATS[output.format]
+    buffer = io.BytesIO()
+    Image.fromarray(pixels).save(buffer, format=name, **({"quality": output.quality} if lossy else {}))
+    return buffer.getvalue()
+
+
+def model_message(info: ModelInfo, *, device: str, max_pixels: int, max_batch_size: int) -> pb.ModelInfo:
+    return pb.ModelInfo(
+        name=info.name, model_class=info.model_class, latent_channels=info.latent_channels,
+        downsampling_factor=info.downsampling_factor, scaling_factor=info.scaling_factor,
+        shift_factor=info.shift_factor, dtype=info.dtype, device=device, parameters=info.parameters,
+        has_posterior=info.has_posterior, max_pixels=max_pixels, max_batch_size=max_batch_size)

@@ -1,0 +1,76 @@
+"""Server settings: one typed object, file < environment < flags, bad values named."""
+
+from __future__ import annotations
+
+import pytest
+
+from latentd.client.cli import build_parser
+from latentd.client.cli.serve import settings_from_args
+from latentd.server.settings import ServerSettings, load_settings, parse_models
+from latentd.vae.errors import InvalidInputError
+
+
+def test_defaults_are_safe():
+    settings = load_settings(environ={})
+    assert settings.host == "127.0.0.1" and settings.port == 50051
+    assert settings.models == {"default": "default"} and settings.default_model == "default"
+    assert settings.auth_tokens == () and settings.metrics_port is None
+
+
+def test_file_then_environment_then_flags(tmp_path):
+    path = tmp_path / "serve.toml"
+    path.write_text('[server]\nport = 6000\nmax_batch_size = 4\nqueue_limit = 9\nmodels = {a = "sd"}\n')
+    environ = {"LATENTD_MAX_BATCH_SIZE": "16", "LATENTD_WARMUP": "false", "LATENTD_AUTH_TOKENS": "tok-1, tok-2",
+               "LATENTD_UNRELATED": "ignored"}
+    settings = load_settings({"port": 7000, "queue_limit": None}, environ=environ, file=path)
+    assert settings.port == 7000  # flag
+    assert settings.max_batch_size == 16 and settings.warmup is False  # environment over file
+    assert settings.queue_limit == 9 and settings.models == {"a": "sd"}  # file; a None flag is "not given"
+    assert settings.auth_tokens == ("tok-1", "tok-2") and "tok-" not in str(settings.redacted())
+
+
+def test_yaml_and_json_files(tmp_path):
+    (tmp_path / "s.yaml").write_text("max_batch_delay_ms: 2.5\nmodels: [fast=taesd, sd]\n")
+    (tmp_path / "s.json").write_text('{"grace_s": 3}')
+    assert load_settings(environ={}, file=tmp_path / "s.yaml").models == {"fast": "taesd", "sd": "sd"}
+    assert load_settings(environ={}, file=tmp_path / "s.json").grace_s == 3.0
+
+
+@pytest.mark.parametrize("values, field", [
+    ({"port": 70000}, "port"),
+    ({"max_batch_size": 0}, "max_batch_size"),
+    ({"queue_limit": "many"}, "queue_limit"),
+    ({"warmup": "perhaps"}, "warmup"),
+    ({"tls_cert": "c.pem"}, "tls_key"),
+    ({"tls_client_ca": "ca.pem"}, "tls_client_ca"),
+    ({"models": ["=x"]}, "models"),
+    ({"no_such_setting": 1}, "no_such_setting"),
+])
+def test_bad_values_name_the_setting(values, field):
+    with pytest.raises(InvalidInputError) as raised:
+        load_settings(values, environ={})
+    assert raised.value.field == field and field in str(raised.value)
+
+
+def test_bad_files(tmp_path):
+    with pytest.raises(InvalidInputError, match="settings file"):
+        load_settings(environ={}, file=tmp_path / "missing.toml")
+    (tmp_path / "list.json").write_text("[1, 2]")
+    with pytest.raises(InvalidInputError, match="expected a table"):
+        load_settings(environ={}, file=tmp_path / "list.json")
+
+
+def test_model_items():
+    assert parse_models(["a=sd", "/x/my-vae"]) == {"a": "sd", "my-vae": "/x/my-vae"}
+    assert parse_models("a=sd,b=taesd") == {"a": "sd", "b": "taesd"}
+    assert ServerSettings(models={"b": "taesd", "a": "sd"}).default_model == "b"
+
+
+def test_cli_flags_and_token_file(tmp_path):
+    tokens = tmp_path / "tokens"
+    tokens.write_text("# comment\nalpha\n\nbeta\n")
+    args = build_parser().parse_args(["serve", "--port", "0", "--model", "x=taesd", "--model", "y=sd",
+                                      "--auth-tokens-file", str(tokens), "--no-warmup"])
+    settings = settings_from_args(args, environ={})
+    assert settings.port == 0 and settings.models == {"x": "taesd", "y": "sd"}
+    assert settings.auth_tokens == ("alpha", "beta") and settings.warmup is False
