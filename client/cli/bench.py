@@ -46,6 +46,25 @@ def add_parser(subparsers: argparse._SubParsersAction) -> None:
     _add_common(tiling)
     tiling.set_defaults(run=run_tiling)
 
+    serve = kinds.add_parser(
+        "serve", help="the gRPC service under concurrent load vs the in-process codec",
+        description="Start `latentd serve` (or use --target) and drive it with concurrent clients sending one "
+                    "image per request (raw pixels in and out); report throughput, p50/p95/p99 latency, mean "
+                    "batch size and errors, and in the same run the in-process codec at its best batch size, "
+                    "the server with batching off, and one client's overhead over an in-process call.")
+    serve.add_argument("--model", default="default", help="model to serve and compare with (default: default)")
+    serve.add_argument("--sizes", type=int, nargs="+", default=[64, 256, 512], help="image sides (default: 64 256 512)")
+    serve.add_argument("--ops", nargs="+", choices=("encode", "decode"), default=["encode", "decode"])
+    serve.add_argument("--clients", type=int, default=16, help="concurrent clients (default: 16)")
+    serve.add_argument("--requests", type=int, default=64,
+                       help="requests per phase at 256x256, scaled by pixel count for other sizes (default: 64)")
+    serve.add_argument("--max-batch-size", type=int, default=8, help="the server's batch size (default: 8)")
+    serve.add_argument("--target", metavar="HOST:PORT", help="measure a running server instead of starting one "
+                                                             "(no batching-off phase, no batch sizes)")
+    serve.add_argument("--device", help="cpu, cuda, ... (default: auto)")
+    serve.add_argument("--json", action="store_true", help="print one JSON object")
+    serve.set_defaults(run=run_serve)
+
 
 def _add_common(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--device", help="cpu, cuda, ... (default: auto)")
@@ -103,3 +122,56 @@ def run_tiling(args: argparse.Namespace) -> int:
         f", untiled decode {result.untiled_ms:.0f} ms, PSNR tiled vs untiled {result.psnr_tiled_vs_untiled:.2f} dB"
         if result.untiled_ms is not None else ""))
     return EXIT_OK
+
+
+def _pct(value: float | None) -> str:
+    return "-" if value is None else f"{value * 100:.0f}%"
+
+
+def _num(value: float | None, spec: str) -> str:
+    return "-" if value is None else format(value, spec)
+
+
+def run_serve(args: argparse.Namespace) -> int:
+    import sys
+
+    from latentd.server.loadtest import TARGET_CONCURRENT_SHARE, TARGET_SINGLE_OVERHEAD, bench_serve
+
+    _positive(args, "clients", "requests", "max_batch_size")
+    if any(size < 8 for size in args.sizes):
+        raise CommandError("--sizes must be at least 8 pixels", EXIT_USAGE)
+    rows = bench_serve(args.model, sizes=tuple(args.sizes), ops=tuple(args.ops), clients=args.clients,
+                       requests=args.requests, max_batch_size=args.max_batch_size, target=args.target,
+                       device=args.device, progress=lambda message: print(f"  {message}", file=sys.stderr))
+    failed = sum((row.batched.errors if row.batched else 0) + (row.single.errors if row.single else 0)
+                 + (row.unbatched.errors if row.unbatched else 0) for row in rows)
+    if args.json:
+        print(json.dumps({"model": args.model, "clients": args.clients, "rows": [row.to_dict() for row in rows]},
+                         indent=2))
+        return EXIT_OK if not failed else EXIT_FAILED
+    print(f"bench serve: model {args.model}, {args.clients} clients, server max batch {args.max_batch_size}; "
+          f"images/s and ms per request")
+    print(f"{'op':<7}{'size':>5} {'in-proc':>8} {'(batch)':>7} {'server':>8} {'share':>6} {'p50':>7} {'p95':>7} "
+          f"{'p99':>7} {'batch':>6} {'no-batch':>9} {'gain':>6} {'1-client':>9} {'in-proc':>8} {'overhead':>9} "
+          f"{'errors':>6}")
+    for row in rows:
+        b, u, s1 = row.batched, row.unbatched, row.single
+        print(f"{row.op:<7}{row.size:>5} {row.in_process_images_per_s:>8.2f} {row.in_process_batch:>7} "
+              f"{_num(b and b.images_per_s, '8.2f'):>8} {_pct(row.concurrent_share):>6} "
+              f"{_num(b and b.percentile(50), '7.0f'):>7} {_num(b and b.percentile(95), '7.0f'):>7} "
+              f"{_num(b and b.percentile(99), '7.0f'):>7} {_num(b and b.mean_batch, '6.2f'):>6} "
+              f"{_num(u and u.images_per_s, '9.2f'):>9} {_num(row.batching_gain, '5.2f'):>5}x "
+              f"{_num(s1 and s1.percentile(50), '9.1f'):>9} {row.in_process_single_ms:>8.1f} "
+              f"{_pct(row.single_overhead):>9} {(b.errors if b else 0):>6}")
+    print(f"targets: share >= {TARGET_CONCURRENT_SHARE:.0%} of in-process batched throughput at {args.clients} "
+          f"clients; one client's overhead <= {TARGET_SINGLE_OVERHEAD:.0%} at 512x512; gain > 1x (batching on vs off)")
+    for row in rows:
+        verdicts = []
+        if row.concurrent_share is not None:
+            verdicts.append(f"share {'met' if row.concurrent_share >= TARGET_CONCURRENT_SHARE else 'MISSED'}")
+        if row.size == 512 and row.single_overhead is not None:
+            verdicts.append(f"overhead {'met' if row.single_overhead <= TARGET_SINGLE_OVERHEAD else 'MISSED'}")
+        if row.batching_gain is not None:
+            verdicts.append(f"gain {'met' if row.batching_gain > 1 else 'MISSED'}")
+        print(f"  {row.op} {row.size}: {', '.join(verdicts) or '-'}")
+    return EXIT_OK if not failed else EXIT_FAILED

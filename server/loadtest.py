@@ -1,0 +1,293 @@
+"""`latentd bench serve`: drive a real server with concurrent clients and compare with the in-process codec."""
+
+from __future__ import annotations
+
+import os
+import re
+import statistics
+import subprocess
+import sys
+import threading
+import time
+import urllib.request
+from dataclasses import dataclass, field
+from typing import Callable
+
+import grpc
+import numpy as np
+
+from latentd.client.tensors import to_tensor
+from latentd.v1 import latentd_pb2 as pb
+from latentd.v1 import latentd_pb2_grpc as pb_grpc
+
+OPERATIONS = ("encode", "decode")
+
+
+@dataclass
+class Phase:
+    """One measured workload: `requests` single-image calls spread over `clients` threads."""
+
+    name: str
+    op: str
+    size: int
+    clients: int
+    requests: int
+    seconds: float = 0.0
+    latencies_ms: list[float] = field(default_factory=list)
+    errors: int = 0
+    mean_batch: float | None = None
+
+    @property
+    def images_per_s(self) -> float:
+        return (self.requests - self.errors) / self.seconds if self.seconds else 0.0
+
+    def percentile(self, q: float) -> float | None:
+        return float(np.percentile(self.latencies_ms, q)) if self.latencies_ms else None
+
+    def to_dict(self) -> dict:
+        return {"name": self.name, "op": self.op, "size": self.size, "clients": self.clients,
+                "requests": self.requests, "errors": self.errors, "images_per_s": self.images_per_s,
+                "p50_ms": self.percentile(50), "p95_ms": self.percentile(95), "p99_ms": self.percentile(99),
+                "mean_batch": self.mean_batch}
+
+
+@dataclass
+class Workload:
+    """The request messages of one operation and image size, and the same inputs for the codec."""
+
+    op: str
+    size: int
+    request: object
+    codec_input: object
+
+
+def make_workload(codec, op: str, size: int, model: str) -> Workload:
+    """A synthetic photo-like image (raw pixels in, raw pixels out: this measures serving, not PNG)."""
+    rng = np.random.default_rng(size)
+    ramp = np.linspace(0, 255, size, dtype=np.float32)
+    image = np.clip(ramp[None, :, None] * 0.6 + ramp[:, None, None] * 0.3 + rng.normal(0, 12, (size, size, 3)),
+                    0, 255).astype(np.uint8)
+    if op == "encode":
+        request = pb.EncodeRequest(model=model, images=[pb.Image(pixels=to_tensor(image))])
+        return Workload(op, size, request, image)
+    latents = codec.encode(image)
+    request = pb.DecodeRequest(model=model, items=[pb.Latents(latents=to_tensor(latents.numpy()))],
+                               options=pb.DecodeOptions(format=pb.RAW_UINT8))
+    return Workload(op, size, request, latents)
+
+
+def in_process_throughput(codec, workload: Workload, batch_sizes: tuple[int, ...], images: int) -> tuple[int, float]:
+    """(best batch size, images/s) of the codec called directly with batches of the workload's input."""
+    call = codec.encode if workload.op == "encode" else codec.decode
+    best = (1, 0.0)
+    for batch in batch_sizes:
+        inputs = [workload.codec_input] * batch
+        call(inputs)  # warm-up at this shape
+        calls = max(1, images // batch)
+        started = time.perf_counter()
+        for _ in range(calls):
+            call(inputs)
+        rate = calls * batch / (time.perf_counter() - started)
+        best = max(best, (batch, rate), key=lambda pair: pair[1])
+    return best
+
+
+def single_call_ms(codec, workload: Workload, runs: int) -> float:
+    call = codec.encode if workload.op == "encode" else codec.decode
+    call(workload.codec_input)
+    times = []
+    for _ in range(runs):
+        started = time.perf_counter()
+        call(workload.codec_input)
+        times.append((time.perf_counter() - started) * 1e3)
+    return statistics.median(times)
+
+
+def drive(target: str, workload: Workload, clients: int, requests: int, name: str,
+          batch_stats: Callable[[], tuple[float, float]] | None = None, timeout: float = 600) -> Phase:
+    """`requests` calls from `clients` threads (each with its own channel), after one warm-up call each."""
+    phase = Phase(name, workload.op, workload.size, clients, requests)
+    rpc = "Encode" if workload.op == "encode" else "Decode"
+    channels = [grpc.insecure_channel(target, options=[("grpc.max_receive_message_length", 256 << 20)])
+                for _ in range(clients)]
+    stubs = [getattr(pb_grpc.LatentdStub(channel), rpc) for channel in channels]
+    for stub in stubs:
+        stub(workload.request, timeout=timeout)
+    counter = iter(range(requests))
+    lock = threading.Lock()
+    start = threading.Barrier(clients + 1)
+
+    def client(stub) -> None:
+        start.wait()
+        while True:
+            with lock:
+                if next(counter, None) is None:
+                    return
+            began = time.perf_counter()
+            try:
+                stub(workload.request, timeout=timeout)
+                elapsed = (time.perf_counter() - began) * 1e3
+                with lock:
+                    phase.latencies_ms.append(elapsed)
+            except grpc.RpcError:
+                with lock:
+                    phase.errors += 1
+
+    threads = [threading.Thread(target=client, args=(stub,), daemon=True) for stub in stubs]
+    for thread in threads:
+        thread.start()
+    before = batch_stats() if batch_stats else None
+    start.wait()
+    began = time.perf_counter()
+    for thread in threads:
+        thread.join()
+    phase.seconds = time.perf_counter() - began
+    if batch_stats:
+        after = batch_stats()
+        calls = after[1] - before[1]
+        phase.mean_batch = (after[0] - before[0]) / calls if calls else None
+    for channel in channels:
+        channel.close()
+    return phase
+
+
+class ServerProcess:
+    """`latentd serve` in a subprocess on a free port, with metrics, stopped with SIGTERM."""
+
+    def __init__(self, model: str, source: str, max_batch_size: int, extra: tuple[str, ...] = ()) -> None:
+        self.args = [sys.executable, "-m", "latentd.client.cli", "serve", "--port", "0", "--metrics-port", "0",
+                     "--model", f"{model}={source}", "--max-batch-size", str(max_batch_size), *extra]
+        self.process: subprocess.Popen | None = None
+        self.port = self.metrics_port = 0
+
+    def __enter__(self) -> "ServerProcess":
+        # The start-up lines give the ports; the per-request lines would only cost time here.
+        env = {**os.environ, "LATENTD_LOG_REQUESTS": "false"}
+        self.process = subprocess.Popen(self.args, stderr=subprocess.PIPE, text=True, env=env)
+        lines = []
+        deadline = time.monotonic() + 600
+        while time.monotonic() < deadline:
+            line = self.process.stderr.readline()
+            if not line and self.process.poll() is not None:
+                raise RuntimeError("server exited during start-up: " + "".join(lines[-5:]))
+            lines.append(line)
+            listening = re.search(r"listening on [^:]+:(\d+), metrics on :(\d+)", line)
+            if listening:
+                self.port, self.metrics_port = int(listening.group(1)), int(listening.group(2))
+            if line and "serving " in line:
+                break
+        threading.Thread(target=self.process.stderr.read, daemon=True).start()  # keep the pipe drained
+        return self
+
+    @property
+    def target(self) -> str:
+        return f"127.0.0.1:{self.port}"
+
+    def batch_stats(self, op: str) -> Callable[[], tuple[float, float]]:
+        def read() -> tuple[float, float]:
+            text = urllib.request.urlopen(f"http://127.0.0.1:{self.metrics_port}/metrics", timeout=10).read().decode()
+            values = {}
+            for suffix in ("sum", "count"):
+                found = re.search(rf'latentd_batch_size_{suffix}\{{[^}}]*op="{op}"[^}}]*\}} ([0-9.e+]+)', text)
+                values[suffix] = float(found.group(1)) if found else 0.0
+            return values["sum"], values["count"]
+        return read
+
+    def __exit__(self, *exc) -> None:
+        if self.process and self.process.poll() is None:
+            self.process.terminate()
+            try:
+                self.process.wait(60)
+            except subprocess.TimeoutExpired:
+                self.process.kill()
+
+
+# Targets of the service issue, printed next to the figures (never asserted).
+TARGET_CONCURRENT_SHARE = 0.90  # server at 16 clients vs in-process batched throughput
+TARGET_SINGLE_OVERHEAD = 0.10  # one client's round trip over the in-process call, at 512x512
+
+
+@dataclass
+class Row:
+    """Everything measured for one operation and image size."""
+
+    op: str
+    size: int
+    in_process_batch: int = 0
+    in_process_images_per_s: float = 0.0
+    in_process_single_ms: float = 0.0
+    batched: Phase | None = None
+    unbatched: Phase | None = None
+    single: Phase | None = None
+
+    @property
+    def concurrent_share(self) -> float | None:
+        if not self.batched or not self.in_process_images_per_s:
+            return None
+        return self.batched.images_per_s / self.in_process_images_per_s
+
+    @property
+    def batching_gain(self) -> float | None:
+        if not self.batched or not self.unbatched or not self.unbatched.images_per_s:
+            return None
+        return self.batched.images_per_s / self.unbatched.images_per_s
+
+    @property
+    def single_overhead(self) -> float | None:
+        if not self.single or not self.single.latencies_ms or not self.in_process_single_ms:
+            return None
+        return statistics.median(self.single.latencies_ms) / self.in_process_single_ms - 1.0
+
+    def to_dict(self) -> dict:
+        return {"op": self.op, "size": self.size, "in_process_batch": self.in_process_batch,
+                "in_process_images_per_s": self.in_process_images_per_s,
+                "in_process_single_ms": self.in_process_single_ms,
+                "batched": self.batched.to_dict() if self.batched else None,
+                "unbatched": self.unbatched.to_dict() if self.unbatched else None,
+                "single": self.single.to_dict() if self.single else None,
+                "concurrent_share": self.concurrent_share, "batching_gain": self.batching_gain,
+                "single_overhead": self.single_overhead}
+
+
+def requests_for(size: int, base: int, clients: int) -> int:
+    """`base` requests at 256x256, scaled by pixel count so every size takes comparable time, and at
+    least two per client so that every client is busy throughout."""
+    return max(2 * clients, int(base * (256 / size) ** 2))
+
+
+def bench_serve(model: str = "default", *, sizes: tuple[int, ...] = (64, 256, 512), ops: tuple[str, ...] = OPERATIONS,
+                clients: int = 16, requests: int = 64, max_batch_size: int = 8, target: str | None = None,
+                device: str | None = None, progress: Callable[[str], None] = lambda message: None) -> list[Row]:
+    """Measure every (op, size): the server batched (C clients and 1 client), the server with
+    batching off (C clients), and the in-process codec (best batch size, and single calls)."""
+    from latentd.vae.codec import load_codec
+
+    codec = load_codec(model, device=device)
+    workloads = {(op, size): make_workload(codec, op, size, "" if target is None else model)
+                 for op in ops for size in sizes}
+    rows = {key: Row(*key) for key in workloads}
+    extra = ("--device", device) if device else ()
+    servers = [("batched", max_batch_size)] + ([("unbatched", 1)] if target is None else [])
+    for label, batch in servers:
+        server = None if target is not None else ServerProcess("bench", model, batch, extra).__enter__()
+        try:
+            address = target or server.target
+            for key, workload in workloads.items():
+                n = requests_for(workload.size, requests, clients)
+                stats = server.batch_stats(workload.op) if server else None
+                progress(f"{label}: {workload.op} {workload.size}px, {clients} clients, {n} requests")
+                setattr(rows[key], label, drive(address, workload, clients, n, label, stats))
+                if label == "batched":
+                    progress(f"single client: {workload.op} {workload.size}px")
+                    rows[key].single = drive(address, workload, 1, max(4, n // 4), "single", stats)
+        finally:
+            if server is not None:
+                server.__exit__(None, None, None)
+    for key, workload in workloads.items():
+        progress(f"in-process: {workload.op} {workload.size}px")
+        n = requests_for(workload.size, requests, clients)
+        batches = tuple(sorted({1, max_batch_size}))
+        rows[key].in_process_batch, rows[key].in_process_images_per_s = in_process_throughput(
+            codec, workload, batches, n)
+        rows[key].in_process_single_ms = single_call_ms(codec, workload, runs=max(3, n // 8))
+    return list(rows.values())

@@ -1,0 +1,29 @@
+"""`latentd bench serve` end to end on a tiny model: real server processes, every phase measured."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+
+from latentd.client.cli import main
+
+
+@pytest.mark.slow
+def test_bench_serve_reports_every_phase(model_dirs, capsys):
+    code = main(["bench", "serve", "--model", model_dirs["tiny"], "--sizes", "256", "--clients", "2",
+                 "--requests", "2", "--max-batch-size", "4", "--json"])
+    report = json.loads(capsys.readouterr().out)
+    assert code == 0
+    assert [(row["op"], row["size"]) for row in report["rows"]] == [("encode", 256), ("decode", 256)]
+    for row in report["rows"]:
+        assert row["batched"]["errors"] == 0 and row["batched"]["images_per_s"] > 0
+        assert row["batched"]["mean_batch"] >= 1 and row["unbatched"]["mean_batch"] == 1
+        assert row["batched"]["requests"] == 4  # 2 at 256x256, but at least two per client
+        assert row["in_process_images_per_s"] > 0 and row["single_overhead"] is not None
+        assert row["batching_gain"] > 0 and row["concurrent_share"] > 0
+
+
+def test_bench_serve_rejects_bad_numbers(capsys):
+    assert main(["bench", "serve", "--clients", "0"]) == 2
+    assert "--clients" in capsys.readouterr().err
