@@ -99,6 +99,42 @@ def test_a_cancelled_request_is_not_computed(start_server):
     assert gate.images == 2
 
 
+def test_out_of_memory_splits_the_batch_and_fails_only_what_cannot_fit(start_server):
+    import torch
+
+    harness = start_server(max_batch_size=8, max_batch_delay_ms=200)
+    codec = harness.codec()
+    original = codec.posterior
+    seen = []
+
+    def tight_memory(images, **kwargs):
+        seen.append(len(images))
+        too_big = any(image.shape[0] > 40 for image in images)
+        if len(images) > 2 or too_big:  # as if a batch above 2 images, or one large image, did not fit
+            raise torch.OutOfMemoryError("CUDA out of memory. Tried to allocate 2.00 GiB")
+        return original(images, **kwargs)
+
+    codec.posterior = tight_memory
+    images = [smooth_image(32, 32, seed=s) for s in range(4)]
+    response = harness.stub.Encode(encode_request(images), timeout=30)
+    assert len(response.items) == 4 and seen[0] == 4 and max(seen[1:]) <= 2
+    with pytest.raises(grpc.RpcError) as raised:
+        harness.stub.Encode(encode_request([smooth_image(48, 48)]), timeout=30)
+    assert raised.value.code() == grpc.StatusCode.RESOURCE_EXHAUSTED
+    assert "out of memory" in raised.value.details() and "GiB" not in raised.value.details()
+
+
+def test_one_log_line_per_request(start_server, caplog):
+    harness = start_server(log_requests=True)
+    with caplog.at_level("INFO", logger="latentd.server.requests"):
+        harness.stub.Encode(pb.EncodeRequest(id="req-42", images=[pb.Image(encoded=encode_request(
+            [smooth_image(16, 24)]).images[0].encoded)] * 2), timeout=30)
+        _wait_until(lambda: any("req-42" in r.getMessage() for r in caplog.records))
+    line = next(r.getMessage() for r in caplog.records if "req-42" in r.getMessage())
+    for part in ("rpc=Encode", "model=tiny", "items=2", "sizes=16x24", "code=OK", "queue_ms=", "compute_ms="):
+        assert part in line, line
+
+
 def test_health_reflection_and_metrics(start_server):
     harness = start_server(metrics_port=0)
     health = health_pb2_grpc.HealthStub(harness.channel)
