@@ -17,7 +17,7 @@ from .settings import ServerSettings
 
 logger = logging.getLogger(__name__)
 
-# Batch keys: ("encode", height, width, tiling) and ("decode", channels, h, w, tiling). Items of one
+# Batch keys: ("encode", is_uint8, height, width, tiling) and ("decode", channels, h, w, tiling). Items of one
 # key have one shape, so a batch is one forward pass; the codec splits it further to bound memory.
 ENCODE, DECODE = "encode", "decode"
 

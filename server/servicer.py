@@ -11,6 +11,8 @@ import time
 import uuid
 from typing import Any, AsyncIterator, Awaitable, Callable
 
+import numpy as np
+
 from latentd.v1 import latentd_pb2 as pb
 from latentd.v1 import latentd_pb2_grpc as pb_grpc
 from latentd.vae.errors import InvalidInputError
@@ -111,16 +113,19 @@ class LatentdServicer(pb_grpc.LatentdServicer):
         images = await asyncio.to_thread(
             lambda: [wire.read_image(image, f"images[{i}]", self.settings.max_pixels)
                      for i, image in enumerate(request.images)])
-        log.items, log.sizes = len(images), _sizes([image.shape[:2] for image in images])
-        posteriors = await self._run(served, lambda image: (ENCODE, *image.shape[:2], tiling), images, deadline, log)
+        sizes = [wire.image_size(image) for image in images]
+        log.items, log.sizes = len(images), _sizes(sizes)
+        # uint8 and float inputs go through the codec separately (its conversion differs per kind).
+        posteriors = await self._run(
+            served, lambda image: (ENCODE, isinstance(image, np.ndarray), *wire.image_size(image), tiling), images,
+            deadline, log)
         seed = options.seed if options.HasField("seed") else secrets.randbits(63)
         codec = served.codec
         items = []
-        for index, ((mean, logvar), image) in enumerate(zip(posteriors, images)):
+        for index, ((mean, logvar), (height, width)) in enumerate(zip(posteriors, sizes)):
             latents = codec.latents_from_posterior(mean, logvar, sample=options.sample, seed=seed, index=index,
                                                    scaled=not options.raw)
-            items.append(pb.EncodedImage(latents=wire.latents_message(latents, dtype), height=image.shape[0],
-                                         width=image.shape[1]))
+            items.append(pb.EncodedImage(latents=wire.latents_message(latents, dtype), height=height, width=width))
         return pb.EncodeResponse(id=request.id, model=served.name, items=items)
 
     async def _decode(self, request: pb.DecodeRequest, deadline: float | None, log: RequestLog) -> pb.DecodeResponse:

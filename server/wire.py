@@ -60,8 +60,9 @@ class OutputFormat:
         return cls(format, quality or DEFAULT_QUALITY)
 
 
-def read_image(message: pb.Image, field: str, max_pixels: int) -> np.ndarray:
-    """An Image message as a uint8 RGB [H, W, 3] array."""
+def read_image(message: pb.Image, field: str, max_pixels: int) -> np.ndarray | torch.Tensor:
+    """An Image message as uint8 RGB [H, W, 3] (files, uint8 pixels) or float32 [3, H, W] in [-1, 1]
+    (float pixels, as diffusers pipelines hold images)."""
     kind = message.WhichOneof("content")
     if kind == "encoded":
         if not message.encoded:
@@ -69,12 +70,22 @@ def read_image(message: pb.Image, field: str, max_pixels: int) -> np.ndarray:
         return np.asarray(open_image(message.encoded, name=field, max_pixels=max_pixels))
     if kind == "pixels":
         pixels = _tensor(message.pixels, f"{field}.pixels")
-        if pixels.dtype != np.uint8 or pixels.ndim != 3 or pixels.shape[2] != 3:
-            raise InvalidInputError(f"{field}.pixels must be uint8 [H, W, 3], got {pixels.dtype.name} "
-                                    f"{list(pixels.shape)}", field=f"{field}.pixels")
-        check_pixel_limit(pixels.shape[1], pixels.shape[0], max_pixels, field)
-        return pixels
+        if pixels.dtype == np.uint8 and pixels.ndim == 3 and pixels.shape[2] == 3:
+            check_pixel_limit(pixels.shape[1], pixels.shape[0], max_pixels, field)
+            return pixels
+        if pixels.dtype in (np.float32, np.float16) and pixels.ndim == 3 and pixels.shape[0] == 3:
+            check_pixel_limit(pixels.shape[2], pixels.shape[1], max_pixels, field)
+            if not np.isfinite(pixels).all():
+                raise InvalidInputError(f"{field}.pixels holds NaN or infinite values", field=f"{field}.pixels")
+            return torch.from_numpy(pixels.astype(np.float32))
+        raise InvalidInputError(f"{field}.pixels must be uint8 [H, W, 3] or float [3, H, W], got "
+                                f"{pixels.dtype.name} {list(pixels.shape)}", field=f"{field}.pixels")
     raise InvalidInputError(f"{field} has neither encoded bytes nor pixels", field=field)
+
+
+def image_size(image: np.ndarray | torch.Tensor) -> tuple[int, int]:
+    """(height, width) of what `read_image` returns."""
+    return tuple(image.shape[-2:]) if isinstance(image, torch.Tensor) else tuple(image.shape[:2])
 
 
 def read_latents(message: pb.Latents, field: str, info: ModelInfo, max_pixels: int) -> DecodeItem:

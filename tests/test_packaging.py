@@ -30,6 +30,7 @@ def test_client_and_cli_help_do_not_import_torch(tmp_path):
     code = (
         "import sys, contextlib, io\n"
         "import latentd.client, latentd.client.tensors\n"
+        "from latentd.client import LatentClient, AsyncLatentClient, InvalidInputError\n"
         "from latentd.client.cli import main\n"
         "with contextlib.redirect_stdout(io.StringIO()):\n"
         "    assert main(['--help']) == 0 and main(['roundtrip', '--help']) == 0 and main(['serve', '--help']) == 0\n"

@@ -1,0 +1,96 @@
+"""Request building and reply parsing shared by the sync and async clients (no I/O here)."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any
+
+from latentd.v1 import latentd_pb2 as pb
+
+from .convert import (
+    Form,
+    check_output,
+    image_from_message,
+    images_output,
+    latents_output,
+    prepare_images,
+    prepare_latents,
+)
+from .errors import InvalidInputError
+from .tensors import from_tensor
+
+LATENT_DTYPES = {"float32": pb.FLOAT32, "float16": pb.FLOAT16, "bfloat16": pb.BFLOAT16}
+FILE_FORMATS = {"png": pb.PNG, "jpeg": pb.JPEG, "webp": pb.WEBP}
+TILING = {"auto": pb.TILING_AUTO, "on": pb.TILING_ON, "off": pb.TILING_OFF}
+
+
+def _choice(value: str, table: dict, name: str) -> Any:
+    if value not in table:
+        raise InvalidInputError(f"{name} must be one of {', '.join(table)}, got {value!r}")
+    return table[value]
+
+
+@dataclass(frozen=True)
+class Call:
+    """A built request plus what is needed to answer the caller in kind."""
+
+    request: Any
+    form: Form
+    output: str
+
+
+def encode_call(images: Any, *, model: str | None, sample: bool, seed: int | None, scaled: bool, dtype: str,
+                tiling: str, output: str) -> Call:
+    check_output(output, ("numpy", "torch"))
+    options = pb.EncodeOptions(raw=not scaled, sample=sample, latent_dtype=_choice(dtype, LATENT_DTYPES, "dtype"),
+                               tiling=_choice(tiling, TILING, "tiling"))
+    if seed is not None:
+        if not sample:
+            raise InvalidInputError("seed only applies with sample=True")
+        options.seed = int(seed)
+    prepared = prepare_images(images)
+    return Call(pb.EncodeRequest(model=model or "", images=prepared.messages, options=options), prepared.form, output)
+
+
+def encode_result(response: pb.EncodeResponse, call: Call) -> Any:
+    arrays = [from_tensor(item.latents, "latents") for item in response.items]
+    return latents_output(arrays, call.form, call.output)
+
+
+def decode_call(latents: Any, *, model: str | None, format: str, quality: int | None, sizes: Any, scaled: bool,
+                tiling: str, output: str) -> Call:
+    check_output(output)
+    if format == "raw":
+        wire = pb.RAW_FLOAT if output == "torch" else pb.RAW_UINT8
+    else:
+        wire = _choice(format, FILE_FORMATS, "format")
+    if quality is not None and not 1 <= quality <= 100:
+        raise InvalidInputError(f"quality must be 1-100, got {quality}")
+    prepared = prepare_latents(latents, sizes)
+    options = pb.DecodeOptions(raw=not scaled, format=wire, quality=quality or 0,
+                               tiling=_choice(tiling, TILING, "tiling"))
+    return Call(pb.DecodeRequest(model=model or "", items=prepared.messages, options=options), prepared.form, output)
+
+
+def decode_result(response: pb.DecodeResponse, call: Call) -> Any:
+    return images_output([image_from_message(image, call.output) for image in response.images], call.form,
+                         call.output)
+
+
+def images_result(response: pb.ImagesResponse, output: str) -> list[Any]:
+    return [image_from_message(image, output) for image in response.images]
+
+
+def image_format(format: str, output: str) -> int:
+    """The wire format for interpolate/sample replies."""
+    check_output(output)
+    if format == "raw":
+        return pb.RAW_FLOAT if output == "torch" else pb.RAW_UINT8
+    return _choice(format, FILE_FORMATS, "format")
+
+
+def single_image(image: Any, label: str) -> pb.Image:
+    prepared = prepare_images(image)
+    if len(prepared.messages) != 1:
+        raise InvalidInputError(f"{label}: expected one image, got {len(prepared.messages)}")
+    return prepared.messages[0]

@@ -1,0 +1,169 @@
+"""Caller inputs (paths, bytes, PIL, numpy, torch) -> Image/Latents messages, and replies -> the caller's kind."""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass
+from typing import Any, Literal, Sequence
+
+import numpy as np
+
+from latentd.v1 import latentd_pb2 as pb
+
+from .errors import InvalidInputError
+from .tensors import from_tensor, to_tensor
+
+Form = Literal["single", "list", "batch"]
+OutputKind = Literal["numpy", "pil", "torch"]
+OUTPUT_KINDS = ("numpy", "pil", "torch")
+
+
+@dataclass(frozen=True)
+class Prepared:
+    """Messages for the items of a call, and the form the caller gave them in (to answer in kind)."""
+
+    messages: list[Any]
+    form: Form
+
+
+def _is_torch(value: Any) -> bool:
+    return type(value).__module__.startswith("torch") and hasattr(value, "detach")
+
+
+def _numpy(value: Any) -> np.ndarray:
+    """torch tensors (any device) become numpy arrays without this module importing torch."""
+    if _is_torch(value):
+        value = value.detach().cpu()
+        if str(value.dtype) == "torch.bfloat16":
+            value = value.float()
+        return value.numpy()
+    return np.asarray(value)
+
+
+def _image_message(item: Any, label: str) -> pb.Image:
+    if isinstance(item, (bytes, bytearray, memoryview)):
+        if not len(item):
+            raise InvalidInputError(f"{label}: empty bytes")
+        return pb.Image(encoded=bytes(item))
+    if isinstance(item, (str, os.PathLike)):
+        try:
+            with open(item, "rb") as handle:
+                return pb.Image(encoded=handle.read())
+        except OSError as exc:
+            raise InvalidInputError(f"{label}: cannot read {os.fspath(item)!r}: {exc.strerror or exc}") from None
+    if type(item).__module__.startswith("PIL."):
+        return pb.Image(pixels=to_tensor(np.asarray(item.convert("RGB"))))
+    array = _numpy(item)
+    if array.dtype == np.uint8:
+        if array.ndim == 3 and array.shape[0] == 3 and array.shape[-1] != 3:
+            array = array.transpose(1, 2, 0)  # CHW -> HWC
+        if array.ndim != 3 or array.shape[-1] != 3:
+            raise InvalidInputError(f"{label}: uint8 images must be HWC (or CHW) RGB, got shape {array.shape}")
+        return pb.Image(pixels=to_tensor(array))
+    if np.issubdtype(array.dtype, np.floating):
+        if array.ndim != 3 or array.shape[0] != 3:
+            raise InvalidInputError(f"{label}: float images must be CHW RGB in [-1, 1], got shape {array.shape}")
+        return pb.Image(pixels=to_tensor(array.astype(np.float32)))
+    raise InvalidInputError(f"{label}: unsupported image {type(item).__name__} of dtype {array.dtype}")
+
+
+def _split_batch(array: np.ndarray) -> list[np.ndarray] | None:
+    """NHWC uint8 or NCHW (uint8 or float) batches as a list of images; None if not a batch."""
+    if array.ndim != 4:
+        return None
+    if array.dtype == np.uint8 and array.shape[-1] != 3 and array.shape[1] == 3:
+        array = array.transpose(0, 2, 3, 1)
+    return list(array)
+
+
+def prepare_images(images: Any) -> Prepared:
+    """One image, a list of images, or a 4-D batch (NHWC uint8, NCHW uint8 or float in [-1, 1])."""
+    if isinstance(images, (list, tuple)):
+        if not images:
+            raise InvalidInputError("images: empty list")
+        return Prepared([_image_message(item, f"images[{i}]") for i, item in enumerate(images)], "list")
+    if isinstance(images, np.ndarray) or _is_torch(images):
+        array = _numpy(images)
+        batch = _split_batch(array)
+        if batch is not None:
+            if not batch:
+                raise InvalidInputError("images: empty batch")
+            return Prepared([_image_message(item, f"images[{i}]") for i, item in enumerate(batch)], "batch")
+        return Prepared([_image_message(array, "images")], "single")
+    return Prepared([_image_message(images, "images")], "single")
+
+
+def prepare_latents(latents: Any, sizes: Any = None) -> Prepared:
+    """[C, h, w] or [N, C, h, w] float arrays/tensors, or a list of [C, h, w]; optional crop sizes,
+    one (height, width) for all items or one per item."""
+    if isinstance(latents, (list, tuple)):
+        arrays, form = [_numpy(item) for item in latents], "list"
+    else:
+        array = _numpy(latents)
+        arrays, form = (list(array), "batch") if array.ndim == 4 else ([array], "single")
+    if not arrays:
+        raise InvalidInputError("latents: nothing to decode")
+    if sizes is None:
+        crop = [(0, 0)] * len(arrays)
+    elif len(sizes) == 2 and all(isinstance(v, (int, np.integer)) for v in sizes):
+        crop = [tuple(sizes)] * len(arrays)
+    else:
+        crop = [tuple(size) for size in sizes]
+        if len(crop) != len(arrays):
+            raise InvalidInputError(f"sizes: {len(crop)} sizes for {len(arrays)} latents")
+    messages = []
+    for index, (array, (height, width)) in enumerate(zip(arrays, crop)):
+        if not np.issubdtype(array.dtype, np.floating) or array.ndim != 3:
+            raise InvalidInputError(f"latents[{index}]: expected a float [C, h, w] array, got {array.dtype} "
+                                    f"{array.shape}")
+        wire = "float16" if array.dtype == np.float16 else "float32"
+        messages.append(pb.Latents(latents=to_tensor(array, wire), height=int(height), width=int(width)))
+    return Prepared(messages, form)
+
+
+def latents_output(arrays: list[np.ndarray], form: Form, output: str) -> Any:
+    if output not in ("numpy", "torch"):
+        raise InvalidInputError(f"output must be numpy or torch for latents, got {output!r}")
+    if output == "torch":
+        import torch
+
+        arrays = [torch.from_numpy(array) for array in arrays]
+    return _in_form(arrays, form, output)
+
+
+def image_from_message(image: pb.Image, output: str) -> Any:
+    """A decoded Image message as numpy uint8 HWC, PIL, torch float CHW in [-1, 1], or encoded bytes."""
+    if image.WhichOneof("content") == "encoded":
+        return image.encoded
+    array = from_tensor(image.pixels, "pixels")
+    if output == "pil":
+        from PIL import Image
+
+        return Image.fromarray(array)
+    if output == "torch":
+        import torch
+
+        return torch.from_numpy(array)
+    return array
+
+
+def images_output(images: list[Any], form: Form, output: str) -> Any:
+    return _in_form(images, form, output)
+
+
+def _in_form(items: list[Any], form: Form, output: str) -> Any:
+    if form == "single":
+        return items[0]
+    if form == "batch" and output != "pil" and not isinstance(items[0], bytes) \
+            and len({tuple(item.shape) for item in items}) == 1:
+        if output == "torch":
+            import torch
+
+            return torch.stack(items)
+        return np.stack(items)
+    return list(items)
+
+
+def check_output(output: str, allowed: Sequence[str] = OUTPUT_KINDS) -> None:
+    if output not in allowed:
+        raise InvalidInputError(f"output must be one of {', '.join(allowed)}, got {output!r}")
