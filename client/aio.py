@@ -72,6 +72,12 @@ class AsyncLatentClient:
                                  tiling=tiling, output=output)
         return calls.encode_result(await self._unary(self._stub.Encode, call.request, timeout), call)
 
+    async def posterior(self, images: Any, *, model: str | None = None, dtype: str = "float32",
+                        tiling: str = "auto", output: str = "numpy", timeout: float | None = None) -> tuple[Any, Any]:
+        """The raw posterior of each image: (mean, logvar), unscaled, in the caller's form (KL models)."""
+        call = calls.posterior_call(images, model=model, dtype=dtype, tiling=tiling, output=output)
+        return calls.posterior_result(await self._unary(self._stub.Encode, call.request, timeout), call)
+
     async def decode(self, latents: Any, *, model: str | None = None, format: str = "raw",
                      quality: int | None = None, sizes: Any = None, scaled: bool = True, tiling: str = "auto",
                      output: str = "numpy", timeout: float | None = None) -> Any:

@@ -52,6 +52,20 @@ def encode_call(images: Any, *, model: str | None, sample: bool, seed: int | Non
     return Call(pb.EncodeRequest(model=model or "", images=prepared.messages, options=options), prepared.form, output)
 
 
+def posterior_call(images: Any, *, model: str | None, dtype: str, tiling: str, output: str) -> Call:
+    call = encode_call(images, model=model, sample=False, seed=None, scaled=False, dtype=dtype, tiling=tiling,
+                       output=output)
+    call.request.options.posterior = True
+    return call
+
+
+def posterior_result(response: pb.EncodeResponse, call: Call) -> Any:
+    """(mean, logvar) pairs in the caller's form and kind."""
+    means = [from_tensor(item.latents, "latents") for item in response.items]
+    logvars = [from_tensor(item.logvar, "logvar") for item in response.items]
+    return latents_output(means, call.form, call.output), latents_output(logvars, call.form, call.output)
+
+
 def encode_result(response: pb.EncodeResponse, call: Call) -> Any:
     arrays = [from_tensor(item.latents, "latents") for item in response.items]
     return latents_output(arrays, call.form, call.output)

@@ -1,4 +1,4 @@
-"""Retries with exponential backoff and full jitter, for idempotent calls that failed UNAVAILABLE or RESOURCE_EXHAUSTED."""
+"""Retries with exponential backoff and full jitter for idempotent calls (UNAVAILABLE, RESOURCE_EXHAUSTED only)."""
 
 from __future__ import annotations
 

@@ -88,6 +88,12 @@ class LatentClient:
                                  tiling=tiling, output=output)
         return calls.encode_result(self._unary(self._stub.Encode, call.request, timeout), call)
 
+    def posterior(self, images: Any, *, model: str | None = None, dtype: str = "float32",
+                  tiling: str = "auto", output: str = "numpy", timeout: float | None = None) -> tuple[Any, Any]:
+        """The raw posterior of each image: (mean, logvar), unscaled, in the caller's form (KL models)."""
+        call = calls.posterior_call(images, model=model, dtype=dtype, tiling=tiling, output=output)
+        return calls.posterior_result(self._unary(self._stub.Encode, call.request, timeout), call)
+
     def decode(self, latents: Any, *, model: str | None = None, format: str = "raw", quality: int | None = None,
                sizes: Any = None, scaled: bool = True, tiling: str = "auto", output: str = "numpy",
                timeout: float | None = None) -> Any:

@@ -41,7 +41,8 @@ class RequestLog:
     def note_jobs(self, jobs: list[Job], submitted: float) -> None:
         if jobs:
             self.queue_ms = max(job.started - submitted for job in jobs) * 1e3
-            self.compute_ms = sum({(job.started, job.finished): job.finished - job.started for job in jobs}.values()) * 1e3
+            windows = {(job.started, job.finished) for job in jobs}  # jobs of one batch share a window
+            self.compute_ms = sum(finished - started for started, finished in windows) * 1e3
 
 
 def _deadline(context) -> float | None:
@@ -108,8 +109,10 @@ class LatentdServicer(pb_grpc.LatentdServicer):
         dtype = wire.latent_dtype(options.latent_dtype, "options.latent_dtype")
         if not request.images:
             raise InvalidInputError("images is empty", field="images")
-        if options.sample and not served.codec.info.has_posterior:
-            raise InvalidInputError(f"options.sample: model {served.name!r} is deterministic", field="options.sample")
+        for flag in ("sample", "posterior"):
+            if getattr(options, flag) and not served.codec.info.has_posterior:
+                raise InvalidInputError(f"options.{flag}: model {served.name!r} is deterministic",
+                                        field=f"options.{flag}")
         images = await asyncio.to_thread(
             lambda: [wire.read_image(image, f"images[{i}]", self.settings.max_pixels)
                      for i, image in enumerate(request.images)])
@@ -123,6 +126,10 @@ class LatentdServicer(pb_grpc.LatentdServicer):
         codec = served.codec
         items = []
         for index, ((mean, logvar), (height, width)) in enumerate(zip(posteriors, sizes)):
+            if options.posterior:
+                items.append(pb.EncodedImage(latents=wire.latents_message(mean, dtype), height=height, width=width,
+                                             logvar=wire.latents_message(logvar, dtype)))
+                continue
             latents = codec.latents_from_posterior(mean, logvar, sample=options.sample, seed=seed, index=index,
                                                    scaled=not options.raw)
             items.append(pb.EncodedImage(latents=wire.latents_message(latents, dtype), height=height, width=width))

@@ -130,7 +130,8 @@ def read_settings_file(path: str | os.PathLike) -> dict[str, Any]:
     except (OSError, ValueError) as exc:
         raise InvalidInputError(f"settings file {path}: {exc}", field="config") from exc
     except ImportError as exc:
-        raise InvalidInputError(f"settings file {path}: {exc}; install PyYAML or use TOML/JSON", field="config") from exc
+        raise InvalidInputError(f"settings file {path}: {exc}; install PyYAML or use TOML/JSON",
+                                field="config") from exc
     data = data.get("server", data) if isinstance(data, dict) else None
     if not isinstance(data, dict):
         raise InvalidInputError(f"settings file {path}: expected a table of settings", field="config")

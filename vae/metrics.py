@@ -1,4 +1,4 @@
-"""Image quality metrics as CompressAI reports them: PSNR on 8-bit RGB, SSIM and MS-SSIM (pytorch-msssim)."""
+"""Image quality metrics as CompressAI reports them: PSNR on 8-bit RGB (numpy), SSIM and MS-SSIM (pytorch-msssim)."""
 
 from __future__ import annotations
 
@@ -6,7 +6,6 @@ import math
 from typing import Sequence
 
 import numpy as np
-import torch
 
 # pytorch-msssim's MS-SSIM needs the smaller side above (win_size - 1) * 2**4 with its 11-pixel window.
 MS_SSIM_MIN_SIDE = 161
@@ -33,7 +32,9 @@ def psnr(a: np.ndarray, b: np.ndarray) -> float:
     return math.inf if error == 0 else 20 * math.log10(255.0) - 10 * math.log10(error)
 
 
-def _as_batch(image: np.ndarray) -> torch.Tensor:
+def _as_batch(image: np.ndarray):
+    import torch  # only SSIM needs it: PSNR works where torch is not installed (remote clients)
+
     return torch.from_numpy(np.ascontiguousarray(image)).permute(2, 0, 1)[None].double()
 
 

@@ -8,11 +8,11 @@ import traceback
 from importlib import metadata
 from typing import Sequence
 
-from . import bench, evaluate, info, roundtrip, serve, train
+from . import bench, evaluate, health, info, models, roundtrip, serve, train
 from .common import EXIT_FAILED, EXIT_USAGE, CommandError, one_line
 
 # Each module adds its own parser with `add_parser(subparsers)`; order is the order of `--help`.
-COMMANDS = (info, serve, roundtrip, evaluate, train, bench)
+COMMANDS = (info, serve, models, health, roundtrip, evaluate, train, bench)
 
 
 def _version() -> str:

@@ -49,3 +49,31 @@ def load_codec_from_args(args: argparse.Namespace) -> "Codec":
     options = CodecOptions() if args.max_pixels is None else CodecOptions(max_pixels=args.max_pixels)
     return load_codec(args.model, device=args.device, dtype=args.dtype, options=options, config=args.config,
                       random_seed=args.random_weights)
+
+
+def add_server_args(parser: argparse.ArgumentParser, required: bool = False) -> None:
+    import os
+
+    group = parser.add_argument_group("server (instead of the in-process model)")
+    group.add_argument("--server", metavar="HOST:PORT", required=required,
+                       help="use a latentd server" + ("" if required else " instead of loading the model here"))
+    group.add_argument("--token", default=os.environ.get("LATENTD_TOKEN"),
+                       help="bearer token (default: $LATENTD_TOKEN; prefer the variable, flags show in `ps`)")
+    group.add_argument("--tls-ca", metavar="PEM", help="use TLS, trusting this CA certificate")
+    group.add_argument("--timeout", type=float, default=300.0, help="seconds per call (default: 300)")
+
+
+def client_from_args(args: argparse.Namespace):
+    from latentd.client import LatentClient
+
+    return LatentClient(args.server, token=args.token, tls=args.tls_ca, timeout=args.timeout)
+
+
+def backend_from_args(args: argparse.Namespace):
+    """Where round trips run: a server with `--server`, else the model loaded in this process."""
+    from .measure import LocalBackend, RemoteBackend
+
+    if args.server:
+        model = None if args.model == "default" else args.model
+        return RemoteBackend(client_from_args(args), model)
+    return LocalBackend(load_codec_from_args(args))

@@ -7,7 +7,15 @@ import json
 from dataclasses import asdict
 from pathlib import Path
 
-from .common import EXIT_FAILED, EXIT_OK, EXIT_USAGE, CommandError, add_model_args, load_codec_from_args
+from .common import (
+    EXIT_FAILED,
+    EXIT_OK,
+    EXIT_USAGE,
+    CommandError,
+    add_model_args,
+    add_server_args,
+    backend_from_args,
+)
 from .measure import print_result, print_summary, roundtrip_all, summarize
 from .roundtrip import add_measure_args
 
@@ -26,6 +34,7 @@ def add_parser(subparsers: argparse._SubParsersAction) -> None:
                         help="untimed round trips of the first image before measuring (default: 1)")
     add_measure_args(parser)
     add_model_args(parser)
+    add_server_args(parser)
     parser.set_defaults(run=run)
 
 
@@ -36,11 +45,11 @@ def run(args: argparse.Namespace) -> int:
     sources = find_image_files(args.images)
     if not sources:
         raise CommandError(f"no images found in {' '.join(map(str, args.images))}", EXIT_USAGE)
-    codec = load_codec_from_args(args)
+    backend = backend_from_args(args)
     for _ in range(max(args.warmup, 0)):  # first calls pay for allocations and kernel selection
-        next(roundtrip_all(codec, sources[:1], latent_dtype=args.latent_dtype, tiling=args.tiling))
+        next(roundtrip_all(backend, sources[:1], latent_dtype=args.latent_dtype, tiling=args.tiling))
     results, originals, reconstructions = [], [], []
-    for result, original, reconstruction in roundtrip_all(codec, sources, latent_dtype=args.latent_dtype,
+    for result, original, reconstruction in roundtrip_all(backend, sources, latent_dtype=args.latent_dtype,
                                                           tiling=args.tiling):
         results.append(result)
         if reconstruction is not None and len(originals) < args.grid_images:
@@ -48,7 +57,7 @@ def run(args: argparse.Namespace) -> int:
             reconstructions.append(reconstruction)
         if not args.json:
             print_result(result)
-    summary = summarize(results, codec)
+    summary = summarize(results, backend)
     if args.grid and originals:
         from latentd.vae.train.validate import comparison_grid, png_bytes
 

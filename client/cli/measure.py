@@ -26,53 +26,94 @@ class ImageResult:
     error: str | None = None
 
 
-def roundtrip_image(codec, source: Path, *, latent_dtype: str, tiling: str):
-    """(ImageResult, original HWC uint8, reconstruction HWC uint8) for one file.
+class LocalBackend:
+    """Round trips through an in-process codec."""
 
-    The latents pass through `latent_dtype` between encode and decode, as they would in storage,
-    and bits per pixel count every latent value at that width over the original pixels.
-    """
+    def __init__(self, codec) -> None:
+        self.codec = codec
+        self.name = codec.info.name
+        self.where = str(codec.placement.device)
+        self.max_pixels = codec.options.max_pixels
+
+    def roundtrip(self, original, latent_dtype: str, tiling: str):
+        """(latent values, reconstruction, encode s, decode s); the latents pass through `latent_dtype`
+        between encode and decode, as they would in storage."""
+        from latentd.vae.devices import parse_dtype
+
+        started = time.perf_counter()
+        latents = self.codec.encode(original, tiling=tiling)
+        encoded = time.perf_counter()
+        stored = latents.to(parse_dtype(latent_dtype)).float()
+        reconstruction = self.codec.decode(stored, sizes=original.shape[:2], tiling=tiling)
+        return latents.numel(), reconstruction, encoded - started, time.perf_counter() - encoded
+
+
+class RemoteBackend:
+    """Round trips through a latentd server (`--server`); the latents travel at `latent_dtype`."""
+
+    def __init__(self, client, model: str | None) -> None:
+        info = client.model(model)
+        self.client = client
+        self.name = info.name
+        self.where = f"server {client.target}"
+        self.max_pixels = info.max_pixels
+
+    def roundtrip(self, original, latent_dtype: str, tiling: str):
+        started = time.perf_counter()
+        latents = self.client.encode(original, model=self.name, dtype=latent_dtype, tiling=tiling)
+        encoded = time.perf_counter()
+        reconstruction = self.client.decode(latents, model=self.name, sizes=original.shape[:2], tiling=tiling)
+        return latents.size, reconstruction, encoded - started, time.perf_counter() - encoded
+
+
+def _ms_ssim(original, reconstruction) -> float | None:
+    try:
+        from latentd.vae.metrics import ms_ssim
+
+        return ms_ssim(original, reconstruction)
+    except ImportError:  # a client machine without torch: PSNR only
+        return None
+
+
+def roundtrip_image(backend, source: Path, *, latent_dtype: str, tiling: str):
+    """(ImageResult, original HWC uint8, reconstruction HWC uint8) for one file; bits per pixel count
+    every latent value at `latent_dtype` over the original pixels."""
     import numpy as np
 
-    from latentd.vae import open_image
-    from latentd.vae.devices import parse_dtype
-    from latentd.vae.metrics import ms_ssim, psnr
+    from latentd.vae.imageio import open_image
+    from latentd.vae.metrics import psnr
 
-    original = np.array(open_image(source, max_pixels=codec.options.max_pixels, background=codec.options.background))
+    original = np.array(open_image(source, max_pixels=backend.max_pixels))
     height, width = original.shape[:2]
-    started = time.perf_counter()
-    latents = codec.encode(original, tiling=tiling)
-    encoded = time.perf_counter()
-    stored = latents.to(parse_dtype(latent_dtype)).float()
-    reconstruction = codec.decode(stored, sizes=(height, width), tiling=tiling)
-    decoded = time.perf_counter()
+    values, reconstruction, encode_s, decode_s = backend.roundtrip(original, latent_dtype, tiling)
     result = ImageResult(
         source=str(source), width=width, height=height,
-        psnr=psnr(original, reconstruction), ms_ssim=ms_ssim(original, reconstruction),
-        bpp=latents.numel() * LATENT_BITS[latent_dtype] / (height * width),
-        encode_ms=(encoded - started) * 1e3, decode_ms=(decoded - encoded) * 1e3,
+        psnr=psnr(original, reconstruction), ms_ssim=_ms_ssim(original, reconstruction),
+        bpp=values * LATENT_BITS[latent_dtype] / (height * width),
+        encode_ms=encode_s * 1e3, decode_ms=decode_s * 1e3,
     )
     return result, original, reconstruction
 
 
-def roundtrip_all(codec, sources: list[Path], *, latent_dtype: str, tiling: str):
+def roundtrip_all(backend, sources: list[Path], *, latent_dtype: str, tiling: str):
     """`roundtrip_image` for each source; a bad image yields a failed result and the rest go on."""
-    from latentd.vae import LatentdError
+    from latentd.client.errors import LatentdClientError
+    from latentd.vae.errors import LatentdError
 
     for source in sources:
         try:
-            yield roundtrip_image(codec, source, latent_dtype=latent_dtype, tiling=tiling)
-        except (LatentdError, OSError) as exc:
+            yield roundtrip_image(backend, source, latent_dtype=latent_dtype, tiling=tiling)
+        except (LatentdError, LatentdClientError, OSError) as exc:
             yield ImageResult(source=str(source), error=one_line(exc)), None, None
 
 
-def summarize(results: list[ImageResult], codec) -> dict:
+def summarize(results: list[ImageResult], backend) -> dict:
     from latentd.vae.metrics import mean_of
 
     good = [r for r in results if r.error is None]
     return {
-        "model": codec.info.name,
-        "device": str(codec.placement.device),
+        "model": backend.name,
+        "device": backend.where,
         "images": len(results),
         "failed": len(results) - len(good),
         **{f"mean_{key}": mean_of([getattr(r, key) for r in good])

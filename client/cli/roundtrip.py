@@ -8,19 +8,21 @@ import json
 from dataclasses import asdict
 from pathlib import Path
 
-from .common import EXIT_FAILED, EXIT_OK, add_model_args, load_codec_from_args
+from .common import EXIT_FAILED, EXIT_OK, add_model_args, add_server_args, backend_from_args
 from .measure import LATENT_BITS, print_result, print_summary, roundtrip_all, summarize
 
 
 def add_parser(subparsers: argparse._SubParsersAction) -> None:
     parser = subparsers.add_parser(
         "roundtrip", help="encode and decode images, write reconstructions, print PSNR/MS-SSIM",
-        description="Encode and decode each image in-process, write the reconstructions as PNG and print "
+        description="Encode and decode each image (in-process, or on a server with --server), write the "
+                    "reconstructions as PNG and print "
                     "PSNR (8-bit RGB), MS-SSIM, bits per pixel and timings per image and their means.")
     parser.add_argument("images", nargs="+", type=Path, metavar="IMAGE", help="image files")
     parser.add_argument("-o", "--output", required=True, type=Path, metavar="DIR", help="folder for the PNGs")
     add_measure_args(parser)
     add_model_args(parser)
+    add_server_args(parser)
     parser.set_defaults(run=run)
 
 
@@ -43,9 +45,9 @@ def run(args: argparse.Namespace) -> int:
 
     from latentd.vae.fileio import write_atomic
 
-    codec = load_codec_from_args(args)
+    backend = backend_from_args(args)
     results, taken = [], set()
-    for result, _, reconstruction in roundtrip_all(codec, args.images, latent_dtype=args.latent_dtype,
+    for result, _, reconstruction in roundtrip_all(backend, args.images, latent_dtype=args.latent_dtype,
                                                    tiling=args.tiling):
         if reconstruction is not None:
             buffer = io.BytesIO()
@@ -56,7 +58,7 @@ def run(args: argparse.Namespace) -> int:
         results.append(result)
         if not args.json:
             print_result(result)
-    summary = summarize(results, codec)
+    summary = summarize(results, backend)
     if args.json:
         print(json.dumps({"summary": summary, "images": [asdict(r) for r in results]}, indent=2))
     else:

@@ -63,18 +63,20 @@ class Image(_message.Message):
     def __init__(self, encoded: _Optional[bytes] = ..., pixels: _Optional[_Union[Tensor, _Mapping]] = ...) -> None: ...
 
 class EncodeOptions(_message.Message):
-    __slots__ = ("raw", "sample", "seed", "latent_dtype", "tiling")
+    __slots__ = ("raw", "sample", "seed", "latent_dtype", "tiling", "posterior")
     RAW_FIELD_NUMBER: _ClassVar[int]
     SAMPLE_FIELD_NUMBER: _ClassVar[int]
     SEED_FIELD_NUMBER: _ClassVar[int]
     LATENT_DTYPE_FIELD_NUMBER: _ClassVar[int]
     TILING_FIELD_NUMBER: _ClassVar[int]
+    POSTERIOR_FIELD_NUMBER: _ClassVar[int]
     raw: bool
     sample: bool
     seed: int
     latent_dtype: DType
     tiling: Tiling
-    def __init__(self, raw: _Optional[bool] = ..., sample: _Optional[bool] = ..., seed: _Optional[int] = ..., latent_dtype: _Optional[_Union[DType, str]] = ..., tiling: _Optional[_Union[Tiling, str]] = ...) -> None: ...
+    posterior: bool
+    def __init__(self, raw: _Optional[bool] = ..., sample: _Optional[bool] = ..., seed: _Optional[int] = ..., latent_dtype: _Optional[_Union[DType, str]] = ..., tiling: _Optional[_Union[Tiling, str]] = ..., posterior: _Optional[bool] = ...) -> None: ...
 
 class EncodeRequest(_message.Message):
     __slots__ = ("model", "images", "options", "id")
@@ -89,14 +91,16 @@ class EncodeRequest(_message.Message):
     def __init__(self, model: _Optional[str] = ..., images: _Optional[_Iterable[_Union[Image, _Mapping]]] = ..., options: _Optional[_Union[EncodeOptions, _Mapping]] = ..., id: _Optional[str] = ...) -> None: ...
 
 class EncodedImage(_message.Message):
-    __slots__ = ("latents", "height", "width")
+    __slots__ = ("latents", "height", "width", "logvar")
     LATENTS_FIELD_NUMBER: _ClassVar[int]
     HEIGHT_FIELD_NUMBER: _ClassVar[int]
     WIDTH_FIELD_NUMBER: _ClassVar[int]
+    LOGVAR_FIELD_NUMBER: _ClassVar[int]
     latents: Tensor
     height: int
     width: int
-    def __init__(self, latents: _Optional[_Union[Tensor, _Mapping]] = ..., height: _Optional[int] = ..., width: _Optional[int] = ...) -> None: ...
+    logvar: Tensor
+    def __init__(self, latents: _Optional[_Union[Tensor, _Mapping]] = ..., height: _Optional[int] = ..., width: _Optional[int] = ..., logvar: _Optional[_Union[Tensor, _Mapping]] = ...) -> None: ...
 
 class Error(_message.Message):
     __slots__ = ("code", "message")

@@ -1,0 +1,33 @@
+"""`latentd models --server HOST:PORT`: the models a server serves, with their latent conventions."""
+
+from __future__ import annotations
+
+import argparse
+import json
+
+from .common import EXIT_OK, add_server_args, client_from_args
+
+
+def add_parser(subparsers: argparse._SubParsersAction) -> None:
+    parser = subparsers.add_parser("models", help="list a server's models",
+                                   description="List the models a latentd server serves: latent channels, "
+                                               "downsampling factor, scaling and shift factors, dtype, device.")
+    add_server_args(parser, required=True)
+    parser.add_argument("--json", action="store_true", help="print one JSON object")
+    parser.set_defaults(run=run)
+
+
+def run(args: argparse.Namespace) -> int:
+    with client_from_args(args) as client:
+        models = client.models(timeout=args.timeout)
+    if args.json:
+        from google.protobuf.json_format import MessageToDict
+
+        print(json.dumps([MessageToDict(m, preserving_proto_field_name=True, always_print_fields_with_no_presence=True)
+                          for m in models], indent=2))
+        return EXIT_OK
+    print(f"{'name':<16} {'class':<16} {'latent':>7} {'factor':>6} {'scaling':>9} {'shift':>8} {'dtype':<9} device")
+    for m in models:
+        print(f"{m.name:<16} {m.model_class:<16} {m.latent_channels:>7} {m.downsampling_factor:>6} "
+              f"{m.scaling_factor:>9.5f} {m.shift_factor:>8.4f} {m.dtype:<9} {m.device}")
+    return EXIT_OK
