@@ -14,7 +14,7 @@ DEMO_OUT ?= out/demo
 EVAL_MODEL ?= default
 PYTEST_ARGS ?=
 
-.PHONY: install test test-fast serve demo eval bench protos clean
+.PHONY: install test test-fast serve demo eval eval-rd bench protos clean
 
 install: $(STAMP)
 
@@ -45,6 +45,10 @@ demo: $(STAMP)
 
 eval: $(STAMP)
 	$(BIN)/latentd eval --model $(EVAL_MODEL) --images $(DATASETS)/kodak --grid out/eval-$(EVAL_MODEL)-kodak.png
+
+# Rate-distortion of the latent formats vs JPEG/WebP/AVIF and CompressAI's published Kodak points (out/eval-rd).
+eval-rd: $(STAMP)
+	$(BIN)/latentd eval-rd --model $(EVAL_MODEL) --images $(DATASETS)/kodak -o out/eval-rd
 
 # The wire contract's Python code; tests/test_protos.py fails when it is out of date.
 protos: $(STAMP)

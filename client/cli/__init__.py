@@ -8,11 +8,11 @@ import traceback
 from importlib import metadata
 from typing import Sequence
 
-from . import bench, evaluate, health, info, models, roundtrip, serve, train
+from . import bench, decode, encode, eval_rd, evaluate, health, info, inspect, models, roundtrip, serve, train, verify
 from .common import EXIT_FAILED, EXIT_USAGE, CommandError, one_line
 
 # Each module adds its own parser with `add_parser(subparsers)`; order is the order of `--help`.
-COMMANDS = (info, serve, models, health, roundtrip, evaluate, train, bench)
+COMMANDS = (info, serve, models, health, encode, decode, inspect, verify, roundtrip, evaluate, eval_rd, train, bench)
 
 
 def _version() -> str:

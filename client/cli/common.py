@@ -71,9 +71,7 @@ def client_from_args(args: argparse.Namespace):
 
 def backend_from_args(args: argparse.Namespace):
     """Where round trips run: a server with `--server`, else the model loaded in this process."""
-    from .measure import LocalBackend, RemoteBackend
+    from latentd.client.backends import backend_for
 
-    if args.server:
-        model = None if args.model == "default" else args.model
-        return RemoteBackend(client_from_args(args), model)
-    return LocalBackend(load_codec_from_args(args))
+    options = dict(token=args.token, tls=args.tls_ca, timeout=args.timeout)
+    return backend_for(args.server, args.model, client_options=options, load_local=lambda: load_codec_from_args(args))

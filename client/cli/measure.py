@@ -1,9 +1,8 @@
-"""Round-trip one image through a codec and measure it: the core `roundtrip` and `eval` share."""
+"""Round-trip one image through a backend (in-process or server) and measure it: what `roundtrip` and `eval` share."""
 
 from __future__ import annotations
 
 import sys
-import time
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -24,46 +23,6 @@ class ImageResult:
     decode_ms: float | None = None
     output: str | None = None
     error: str | None = None
-
-
-class LocalBackend:
-    """Round trips through an in-process codec."""
-
-    def __init__(self, codec) -> None:
-        self.codec = codec
-        self.name = codec.info.name
-        self.where = str(codec.placement.device)
-        self.max_pixels = codec.options.max_pixels
-
-    def roundtrip(self, original, latent_dtype: str, tiling: str):
-        """(latent values, reconstruction, encode s, decode s); the latents pass through `latent_dtype`
-        between encode and decode, as they would in storage."""
-        from latentd.vae.devices import parse_dtype
-
-        started = time.perf_counter()
-        latents = self.codec.encode(original, tiling=tiling)
-        encoded = time.perf_counter()
-        stored = latents.to(parse_dtype(latent_dtype)).float()
-        reconstruction = self.codec.decode(stored, sizes=original.shape[:2], tiling=tiling)
-        return latents.numel(), reconstruction, encoded - started, time.perf_counter() - encoded
-
-
-class RemoteBackend:
-    """Round trips through a latentd server (`--server`); the latents travel at `latent_dtype`."""
-
-    def __init__(self, client, model: str | None) -> None:
-        info = client.model(model)
-        self.client = client
-        self.name = info.name
-        self.where = f"server {client.target}"
-        self.max_pixels = info.max_pixels
-
-    def roundtrip(self, original, latent_dtype: str, tiling: str):
-        started = time.perf_counter()
-        latents = self.client.encode(original, model=self.name, dtype=latent_dtype, tiling=tiling)
-        encoded = time.perf_counter()
-        reconstruction = self.client.decode(latents, model=self.name, sizes=original.shape[:2], tiling=tiling)
-        return latents.size, reconstruction, encoded - started, time.perf_counter() - encoded
 
 
 def _ms_ssim(original, reconstruction) -> float | None:

@@ -1,0 +1,1 @@
+"""latentd.client.archive: image collections as compact latent archives (sharded safetensors + SQLite manifest)."""

@@ -1,0 +1,139 @@
+"""The archive manifest: one SQLite file (what each image became, which shard holds it, which failed and why).
+
+SQLite rather than JSON lines: a shard's items are committed in one transaction after the shard file
+is renamed into place, so a crash or `kill -9` at any moment leaves a manifest that lists exactly the
+complete shards; resuming needs no repair of half-written lines, and lookups by key or hash are
+indexed. It ships with Python.
+"""
+
+from __future__ import annotations
+
+import json
+import sqlite3
+from dataclasses import asdict, dataclass, fields
+from pathlib import Path
+from typing import Any, Iterator
+
+MANIFEST = "manifest.sqlite"
+FORMAT_VERSION = "1"
+
+SCHEMA = """
+CREATE TABLE IF NOT EXISTS meta (key TEXT PRIMARY KEY, value TEXT NOT NULL);
+CREATE TABLE IF NOT EXISTS shards (
+    name TEXT PRIMARY KEY, sha256 TEXT NOT NULL, bytes INTEGER NOT NULL, items INTEGER NOT NULL);
+CREATE TABLE IF NOT EXISTS items (
+    key TEXT PRIMARY KEY, source TEXT NOT NULL, sha256 TEXT, status TEXT NOT NULL, reason TEXT,
+    width INTEGER, height INTEGER, encoded_width INTEGER, encoded_height INTEGER, latent_shape TEXT,
+    format TEXT, shard TEXT, tensor TEXT, offset INTEGER, nbytes INTEGER, bpp REAL,
+    model TEXT, scaling_factor REAL, shift_factor REAL, extra TEXT);
+CREATE INDEX IF NOT EXISTS items_sha256 ON items (sha256);
+"""
+
+
+@dataclass
+class ItemRecord:
+    """One row of `items`: an encoded image (status ok), a failure, or a skipped duplicate."""
+
+    key: str
+    source: str
+    status: str  # ok | failed | duplicate
+    sha256: str | None = None
+    reason: str | None = None
+    width: int | None = None  # the original image
+    height: int | None = None
+    encoded_width: int | None = None  # after the size policy: what decoding gives back
+    encoded_height: int | None = None
+    latent_shape: list[int] | None = None
+    format: str | None = None
+    shard: str | None = None
+    tensor: str | None = None  # name of the stored tensor in the shard
+    offset: int | None = None  # byte offset of that tensor's data in the shard file
+    nbytes: int | None = None  # stored bytes, per-channel quantization parameters included
+    bpp: float | None = None  # nbytes * 8 / original pixels
+    model: str | None = None
+    scaling_factor: float | None = None
+    shift_factor: float | None = None
+    extra: dict[str, Any] | None = None
+
+    def row(self) -> tuple:
+        values = asdict(self)
+        for name in ("latent_shape", "extra"):
+            values[name] = None if values[name] is None else json.dumps(values[name])
+        return tuple(values[f.name] for f in fields(self))
+
+    @classmethod
+    def from_row(cls, row: sqlite3.Row) -> "ItemRecord":
+        values = dict(row)
+        for name in ("latent_shape", "extra"):
+            values[name] = None if values[name] is None else json.loads(values[name])
+        return cls(**values)
+
+
+COLUMNS = tuple(f.name for f in fields(ItemRecord))
+
+
+class Manifest:
+    def __init__(self, folder: Path, *, create: bool = False) -> None:
+        path = Path(folder) / MANIFEST
+        if not create and not path.is_file():
+            raise FileNotFoundError(f"{folder}: not a latent archive (no {MANIFEST})")
+        self.connection = sqlite3.connect(path)
+        self.connection.row_factory = sqlite3.Row
+        self.connection.executescript(SCHEMA)
+
+    def close(self) -> None:
+        self.connection.close()
+
+    def meta(self) -> dict[str, str]:
+        return {row["key"]: row["value"] for row in self.connection.execute("SELECT key, value FROM meta")}
+
+    def set_meta(self, values: dict[str, Any]) -> None:
+        with self.connection:
+            self.connection.executemany("INSERT OR REPLACE INTO meta VALUES (?, ?)",
+                                        [(k, json.dumps(v) if not isinstance(v, str) else v) for k, v in values.items()])
+
+    def keys(self) -> set[str]:
+        return {row[0] for row in self.connection.execute("SELECT key FROM items")}
+
+    def hashes(self) -> dict[str, str]:
+        """sha256 -> key of every encoded image (for --dedupe)."""
+        rows = self.connection.execute("SELECT sha256, key FROM items WHERE status = 'ok' AND sha256 IS NOT NULL")
+        return {row[0]: row[1] for row in rows}
+
+    def shard_names(self) -> set[str]:
+        return {row[0] for row in self.connection.execute("SELECT name FROM shards")}
+
+    def shards(self) -> list[sqlite3.Row]:
+        return list(self.connection.execute("SELECT * FROM shards ORDER BY name"))
+
+    def commit_shard(self, name: str, sha256: str, size: int, records: list[ItemRecord]) -> None:
+        """The shard and its items in one transaction: either all of it is in the archive or none."""
+        placeholders = ", ".join("?" * len(COLUMNS))
+        with self.connection:
+            self.connection.execute("INSERT INTO shards VALUES (?, ?, ?, ?)", (name, sha256, size, len(records)))
+            self.connection.executemany(f"INSERT INTO items ({', '.join(COLUMNS)}) VALUES ({placeholders})",
+                                        [r.row() for r in records])
+
+    def add(self, records: list[ItemRecord]) -> None:
+        """Items without latents (failures, duplicates), committed at once."""
+        placeholders = ", ".join("?" * len(COLUMNS))
+        with self.connection:
+            self.connection.executemany(f"INSERT INTO items ({', '.join(COLUMNS)}) VALUES ({placeholders})",
+                                        [r.row() for r in records])
+
+    def items(self, status: str | None = None) -> Iterator[ItemRecord]:
+        query = "SELECT * FROM items" + (" WHERE status = ?" if status else "") + " ORDER BY rowid"
+        for row in self.connection.execute(query, (status,) if status else ()):
+            yield ItemRecord.from_row(row)
+
+    def item(self, key: str) -> ItemRecord | None:
+        row = self.connection.execute("SELECT * FROM items WHERE key = ?", (key,)).fetchone()
+        return ItemRecord.from_row(row) if row else None
+
+    def counts(self) -> dict[str, int]:
+        return {row[0]: row[1] for row in self.connection.execute("SELECT status, COUNT(*) FROM items GROUP BY status")}
+
+    def totals(self) -> dict[str, float]:
+        row = self.connection.execute(
+            "SELECT COUNT(*), SUM(nbytes), SUM(width * height), AVG(bpp) FROM items WHERE status = 'ok'").fetchone()
+        return {"images": row[0] or 0, "bytes": row[1] or 0, "pixels": row[2] or 0, "mean_bpp": row[3]}

@@ -1,0 +1,154 @@
+"""Writing an archive: shards of safetensors filled in memory, renamed into place, then committed to the manifest.
+
+Resume rule: an item is in the archive exactly when the manifest lists it. A shard file is renamed
+into place before its transaction commits, so after a crash there may be a complete shard file that
+the manifest does not know; it is removed on reopening and its items are encoded again.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import struct
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from .manifest import FORMAT_VERSION, ItemRecord, Manifest
+from .quantize import LatentFormat, store
+
+SHARD_PREFIX = "shard-"
+SHARD_SUFFIX = ".safetensors"
+
+
+def shard_name(index: int) -> str:
+    return f"{SHARD_PREFIX}{index:06d}{SHARD_SUFFIX}"
+
+
+def file_sha256(path: Path) -> str:
+    digest = hashlib.sha256()
+    with open(path, "rb") as handle:
+        for block in iter(lambda: handle.read(1 << 20), b""):
+            digest.update(block)
+    return digest.hexdigest()
+
+
+def tensor_offsets(path: Path) -> dict[str, int]:
+    """Byte offset of each tensor's data in a safetensors file (8-byte header size, JSON header, data)."""
+    with open(path, "rb") as handle:
+        (size,) = struct.unpack("<Q", handle.read(8))
+        header = json.loads(handle.read(size))
+    return {name: 8 + size + entry["data_offsets"][0] for name, entry in header.items() if name != "__metadata__"}
+
+
+@dataclass
+class ArchiveSettings:
+    """What every image of one archive shares; a resumed run must ask for the same."""
+
+    format: str
+    size_policy: str
+    model: str
+    scaling_factor: float
+    shift_factor: float
+    downsampling_factor: int
+
+    def as_meta(self) -> dict[str, Any]:
+        return {"format_version": FORMAT_VERSION, "format": self.format, "size_policy": self.size_policy,
+                "model": self.model, "scaling_factor": self.scaling_factor, "shift_factor": self.shift_factor,
+                "downsampling_factor": self.downsampling_factor}
+
+
+class ArchiveMismatchError(ValueError):
+    """Resuming an archive with different settings would mix incompatible latents."""
+
+
+@dataclass
+class _PendingShard:
+    tensors: dict[str, np.ndarray] = field(default_factory=dict)
+    records: list[ItemRecord] = field(default_factory=list)
+    nbytes: int = 0
+
+
+class ArchiveWriter:
+    def __init__(self, folder: str | os.PathLike, settings: ArchiveSettings, fmt: LatentFormat,
+                 shard_bytes: int = 256 << 20) -> None:
+        self.folder = Path(folder)
+        self.folder.mkdir(parents=True, exist_ok=True)
+        self.settings, self.fmt, self.shard_bytes = settings, fmt, shard_bytes
+        self.manifest = Manifest(self.folder, create=True)
+        self._check_settings()
+        known = self.manifest.shard_names()
+        for path in self.folder.glob(f"{SHARD_PREFIX}*"):
+            if path.name not in known:  # a temporary file, or a shard renamed just before a crash
+                path.unlink()
+        self.done = self.manifest.keys()
+        self.hashes = self.manifest.hashes()
+        self._next = max((int(name[len(SHARD_PREFIX):-len(SHARD_SUFFIX)]) for name in known), default=-1) + 1
+        self._pending = _PendingShard()
+
+    def _check_settings(self) -> None:
+        wanted = {k: json.dumps(v) if not isinstance(v, str) else v for k, v in self.settings.as_meta().items()}
+        found = self.manifest.meta()
+        if not found:
+            self.manifest.set_meta(self.settings.as_meta())
+            return
+        different = [k for k in wanted if found.get(k) != wanted[k]]
+        if different:
+            detail = ", ".join(f"{k}: archive has {found.get(k)}, asked {wanted[k]}" for k in different)
+            raise ArchiveMismatchError(f"{self.folder} was written with other settings ({detail}); "
+                                       "use another output folder")
+
+    def add(self, record: ItemRecord, latents: np.ndarray) -> None:
+        """Queue one encoded image; the shard is written when it reaches its size."""
+        stored = store(latents, self.fmt)
+        name = record.key
+        self._pending.tensors[f"{name}::data"] = stored.data
+        if stored.scale is not None:
+            self._pending.tensors[f"{name}::scale"] = stored.scale
+            self._pending.tensors[f"{name}::offset"] = stored.offset
+        record.tensor = f"{name}::data"
+        record.latent_shape = list(latents.shape)
+        record.format = self.fmt.name
+        record.nbytes = stored.nbytes
+        record.bpp = stored.nbytes * 8 / (record.width * record.height)
+        record.model = self.settings.model
+        record.scaling_factor, record.shift_factor = self.settings.scaling_factor, self.settings.shift_factor
+        self._pending.records.append(record)
+        self._pending.nbytes += stored.nbytes
+        self.done.add(record.key)
+        if record.sha256:
+            self.hashes.setdefault(record.sha256, record.key)
+        if self._pending.nbytes >= self.shard_bytes:
+            self.flush()
+
+    def add_without_latents(self, record: ItemRecord) -> None:
+        """A failure or a duplicate: committed at once (it needs no shard)."""
+        self.manifest.add([record])
+        self.done.add(record.key)
+
+    def flush(self) -> None:
+        """Write the pending shard under a temporary name, rename it, then commit its items."""
+        from safetensors.numpy import save_file
+
+        pending, self._pending = self._pending, _PendingShard()
+        if not pending.records:
+            return
+        name = shard_name(self._next)
+        final = self.folder / name
+        temp = final.with_name(final.name + ".tmp")
+        save_file(pending.tensors, str(temp), metadata={"format": self.fmt.name, "model": self.settings.model})
+        with open(temp, "rb+") as handle:
+            os.fsync(handle.fileno())
+        os.replace(temp, final)
+        offsets = tensor_offsets(final)
+        for record in pending.records:
+            record.shard, record.offset = name, offsets[record.tensor]
+        self.manifest.commit_shard(name, file_sha256(final), final.stat().st_size, pending.records)
+        self._next += 1
+
+    def close(self) -> None:
+        self.flush()
+        self.manifest.close()

@@ -1,0 +1,86 @@
+"""Where images become latents and back: the in-process codec (`LocalBackend`) or a server (`RemoteBackend`).
+
+Both speak numpy: images are uint8 HWC arrays, latents float32 [C, h, w] arrays (diffusers-scaled).
+"""
+
+from __future__ import annotations
+
+import time
+from typing import Any, Sequence
+
+import numpy as np
+
+
+class LocalBackend:
+    """The model loaded in this process (needs torch)."""
+
+    def __init__(self, codec) -> None:
+        self.codec = codec
+        self.name = codec.info.name
+        self.where = str(codec.placement.device)
+        self.max_pixels = codec.options.max_pixels
+        self.factor = codec.info.downsampling_factor
+        self.scaling_factor = codec.info.scaling_factor
+        self.shift_factor = codec.info.shift_factor
+
+    def encode(self, images: Sequence[np.ndarray], tiling: str = "auto") -> list[np.ndarray]:
+        # C-contiguous: the codec's tensors may be channels_last underneath.
+        return [np.ascontiguousarray(latents.numpy()) for latents in self.codec.encode(list(images), tiling=tiling)]
+
+    def decode(self, latents: Sequence[np.ndarray], sizes: Sequence[tuple[int, int]],
+               tiling: str = "auto") -> list[np.ndarray]:
+        import torch
+
+        return self.codec.decode([torch.from_numpy(np.ascontiguousarray(z, np.float32)) for z in latents],
+                                 sizes=list(sizes), tiling=tiling)
+
+    def roundtrip(self, original: np.ndarray, latent_dtype: str, tiling: str):
+        """(latent values, reconstruction, encode s, decode s); the latents pass through `latent_dtype`
+        between encode and decode, as they would in storage."""
+        from latentd.vae.devices import parse_dtype
+
+        started = time.perf_counter()
+        latents = self.codec.encode(original, tiling=tiling)
+        encoded = time.perf_counter()
+        stored = latents.to(parse_dtype(latent_dtype)).float()
+        reconstruction = self.codec.decode(stored, sizes=original.shape[:2], tiling=tiling)
+        return latents.numel(), reconstruction, encoded - started, time.perf_counter() - encoded
+
+
+class RemoteBackend:
+    """A latentd server through `LatentClient` (no torch needed)."""
+
+    def __init__(self, client, model: str | None) -> None:
+        info = client.model(model)
+        self.client = client
+        self.name = info.name
+        self.where = f"server {client.target}"
+        self.max_pixels = info.max_pixels
+        self.factor = info.downsampling_factor
+        self.scaling_factor = info.scaling_factor
+        self.shift_factor = info.shift_factor
+
+    def encode(self, images: Sequence[np.ndarray], tiling: str = "auto") -> list[np.ndarray]:
+        return self.client.encode(list(images), model=self.name, dtype="float32", tiling=tiling)
+
+    def decode(self, latents: Sequence[np.ndarray], sizes: Sequence[tuple[int, int]],
+               tiling: str = "auto") -> list[np.ndarray]:
+        return self.client.decode([np.asarray(z, np.float32) for z in latents], model=self.name, sizes=list(sizes),
+                                  tiling=tiling)
+
+    def roundtrip(self, original: np.ndarray, latent_dtype: str, tiling: str):
+        started = time.perf_counter()
+        latents = self.client.encode(original, model=self.name, dtype=latent_dtype, tiling=tiling)
+        encoded = time.perf_counter()
+        reconstruction = self.client.decode(latents, model=self.name, sizes=original.shape[:2], tiling=tiling)
+        return latents.size, reconstruction, encoded - started, time.perf_counter() - encoded
+
+
+def backend_for(server: str | None, model: str, *, client_options: dict[str, Any] | None = None,
+                load_local=None):
+    """A RemoteBackend for `server`, else a LocalBackend from `load_local()` (a codec factory)."""
+    if server:
+        from .sync import LatentClient
+
+        return RemoteBackend(LatentClient(server, **(client_options or {})), None if model == "default" else model)
+    return LocalBackend(load_local())

@@ -1,0 +1,102 @@
+"""`latentd encode SRC... -o ARCHIVE`: images (folders, lists, tar, zip, webdataset) into a resumable latent archive."""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from pathlib import Path
+
+from .common import EXIT_FAILED, EXIT_OK, EXIT_USAGE, CommandError, add_model_args, add_server_args, backend_from_args
+
+
+def add_parser(subparsers: argparse._SubParsersAction) -> None:
+    from latentd.client.archive.quantize import FORMAT_NAMES
+
+    parser = subparsers.add_parser(
+        "encode", help="encode an image collection into a latent archive (resumable)",
+        description="Encode every image of the sources into ARCHIVE (sharded safetensors + a SQLite manifest). "
+                    "Re-running the same command after a crash finishes the job with every image exactly once. "
+                    "Unreadable images are listed in the manifest with the reason; the exit code is 1 if any "
+                    "failed.")
+    parser.add_argument("sources", nargs="+", type=Path, metavar="SRC",
+                        help="folders (recursive), list files (.txt), tar/zip files, webdataset shards, images")
+    parser.add_argument("-o", "--output", required=True, type=Path, metavar="ARCHIVE", help="archive folder")
+    parser.add_argument("--format", choices=FORMAT_NAMES, default="float16",
+                        help="latent storage: float16, bfloat16, q8 (8-bit per channel), q8-zstd (default: float16)")
+    parser.add_argument("--size", default="native",
+                        help="native, resize:WxH, center-crop:S or buckets:S (default: native)")
+    parser.add_argument("--batch-size", type=int, default=8, help="images per model call (default: 8)")
+    parser.add_argument("--workers", type=int, default=4, help="image-decoding threads (default: 4)")
+    parser.add_argument("--shard-mb", type=float, default=256, help="shard size in MB (default: 256)")
+    parser.add_argument("--dedupe", action="store_true", help="skip images whose bytes were already encoded")
+    parser.add_argument("--no-progress", dest="progress", action="store_false", help="no progress bar")
+    add_model_args(parser)
+    add_server_args(parser)
+    parser.set_defaults(run=run)
+
+
+def run(args: argparse.Namespace) -> int:
+    from latentd.client.archive.encode import encode_sources
+    from latentd.client.archive.quantize import get_format
+    from latentd.client.archive.sizing import SizePolicy
+    from latentd.client.archive.sources import iter_sources
+    from latentd.client.archive.writer import ArchiveMismatchError, ArchiveSettings, ArchiveWriter
+
+    try:
+        policy = SizePolicy.parse(args.size)
+    except ValueError as exc:
+        raise CommandError(str(exc), EXIT_USAGE) from exc
+    if args.batch_size < 1 or args.workers < 1 or args.shard_mb <= 0:
+        raise CommandError("--batch-size and --workers must be at least 1, --shard-mb positive", EXIT_USAGE)
+    missing = [str(p) for p in args.sources if not p.exists()]
+    if missing:
+        raise CommandError(f"no such source: {', '.join(missing)}", EXIT_USAGE)
+    backend = backend_from_args(args)
+    settings = ArchiveSettings(args.format, str(policy), backend.name, backend.scaling_factor, backend.shift_factor,
+                               backend.factor)
+    try:
+        writer = ArchiveWriter(args.output, settings, get_format(args.format), int(args.shard_mb * (1 << 20)))
+    except ArchiveMismatchError as exc:
+        raise CommandError(str(exc), EXIT_USAGE) from exc
+    bar = _progress_bar(args.progress)
+    try:
+        summary = encode_sources(iter_sources(args.sources), writer, backend, policy, batch_size=args.batch_size,
+                                 workers=args.workers, dedupe=args.dedupe, progress=bar.update if bar else None)
+    finally:
+        writer.close()
+        if bar:
+            bar.close()
+    bpp = "-" if summary.bpp is None else f"{summary.bpp:.3f}"
+    print(f"encoded {summary.images} images ({summary.skipped} already in the archive, {summary.duplicates} "
+          f"duplicates, {summary.failed} failed); {summary.bytes_in / 1e6:.1f} MB in, "
+          f"{summary.bytes_out / 1e6:.2f} MB of latents out, {bpp} bpp, {summary.images_per_s:.2f} images/s "
+          f"-> {args.output}")
+    if summary.failed:
+        print(f"see the failures with: latentd inspect {args.output} --failures", file=sys.stderr)
+    return EXIT_FAILED if summary.failed else EXIT_OK
+
+
+class _Bar:
+    def __init__(self) -> None:
+        from tqdm import tqdm
+
+        self.bar = tqdm(unit="img", desc="encode", dynamic_ncols=True)
+        self.seen = 0
+
+    def update(self, summary) -> None:
+        done = summary.images + summary.failed + summary.duplicates
+        self.bar.update(done - self.seen)
+        self.seen = done
+        self.bar.set_postfix(failed=summary.failed, refresh=False)
+
+    def close(self) -> None:
+        self.bar.close()
+
+
+def _progress_bar(enabled: bool) -> _Bar | None:
+    if not enabled:
+        return None
+    try:
+        return _Bar()
+    except ImportError:  # tqdm is optional on client machines
+        return None

@@ -1,0 +1,112 @@
+"""`latentd eval-rd`: rate-distortion of latent storage formats against JPEG/WebP/AVIF and published results."""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from pathlib import Path
+
+from .common import EXIT_FAILED, EXIT_OK, EXIT_USAGE, CommandError, add_model_args, add_server_args, one_line
+
+DEFAULT_IMAGES = Path("../shared/datasets/kodak")  # relative to the repo root, where the Makefile runs
+DEFAULT_REFERENCE = Path("../shared/reference/compressai_kodak_rd.csv")
+DEFAULT_OUT = Path("out/eval-rd")
+
+
+def add_parser(subparsers: argparse._SubParsersAction) -> None:
+    from latentd.client.archive.quantize import FORMAT_NAMES
+    from latentd.client.archive.rd import CLASSIC_CODECS, DEFAULT_QUALITIES
+
+    parser = subparsers.add_parser(
+        "eval-rd", help="rate-distortion: latent formats vs JPEG/WebP/AVIF and published codecs",
+        description="Encode every image once, store the latents in each --formats format, decode and measure "
+                    "bits per pixel (stored bytes incl. scales), PSNR and MS-SSIM (means of per-image values, as "
+                    "CompressAI); do the same for Pillow's classic codecs at --qualities; add published points "
+                    "from --reference. Writes rd.csv, rd.md and rd.png to -o.")
+    parser.add_argument("--images", nargs="+", type=Path, default=[DEFAULT_IMAGES], metavar="PATH",
+                        help=f"image files or folders, searched recursively (default: {DEFAULT_IMAGES})")
+    parser.add_argument("-o", "--out", type=Path, default=DEFAULT_OUT, metavar="DIR",
+                        help=f"output folder (default: {DEFAULT_OUT})")
+    parser.add_argument("--formats", nargs="*", choices=FORMAT_NAMES, default=list(FORMAT_NAMES),
+                        help="latent storage formats; none skips the model (default: all)")
+    parser.add_argument("--classic", nargs="*", choices=tuple(CLASSIC_CODECS), default=list(CLASSIC_CODECS),
+                        help="Pillow codecs to compare; none skips them (default: all this Pillow can write)")
+    parser.add_argument("--qualities", nargs="+", type=int, default=list(DEFAULT_QUALITIES), metavar="Q",
+                        help="qualities for the classic codecs (default: %(default)s)")
+    parser.add_argument("--reference", type=Path, default=DEFAULT_REFERENCE, metavar="CSV",
+                        help=f"published points, file,name,bpp,psnr_rgb,ms_ssim_rgb (default: {DEFAULT_REFERENCE})")
+    parser.add_argument("--no-reference", action="store_true", help="leave the published points out")
+    add_model_args(parser)
+    add_server_args(parser)
+    parser.set_defaults(run=run)
+
+
+def load_images(sources: list[Path], max_pixels: int) -> tuple[list[Path], list, int]:
+    """(loaded paths, uint8 HWC arrays, failures); a bad file is reported on stderr and skipped."""
+    import numpy as np
+
+    from latentd.client.errors import LatentdClientError
+    from latentd.vae.errors import LatentdError
+    from latentd.vae.imageio import open_image
+
+    paths, images, failed = [], [], 0
+    for source in sources:
+        try:
+            images.append(np.array(open_image(source, max_pixels=max_pixels)))
+            paths.append(source)
+        except (LatentdError, LatentdClientError, OSError) as exc:
+            print(f"{source}: FAILED: {one_line(exc)}", file=sys.stderr)
+            failed += 1
+    return paths, images, failed
+
+
+def run(args: argparse.Namespace) -> int:
+    from latentd.client.archive.rd import classic_points, latent_points, reference_points, write_outputs
+    from latentd.vae.imageio import DEFAULT_MAX_PIXELS, find_image_files
+
+    sources = find_image_files(args.images)
+    if not sources:
+        raise CommandError(f"no images found in {' '.join(map(str, args.images))}", EXIT_USAGE)
+    # The model only when latent formats are asked for: a classic-only run needs neither torch nor a server.
+    backend = None
+    if args.formats:
+        from .common import backend_from_args
+
+        backend = backend_from_args(args)
+    paths, images, failed = load_images(sources, backend.max_pixels if backend else DEFAULT_MAX_PIXELS)
+    if not images:
+        raise CommandError(f"none of the {len(sources)} images could be read", EXIT_FAILED)
+
+    rejected: list[int] = []
+
+    def report(index: int, exc: Exception) -> None:
+        from latentd.client.errors import LatentdClientError
+        from latentd.vae.errors import LatentdError
+
+        if not isinstance(exc, (LatentdError, LatentdClientError, OSError)):
+            raise exc  # a bug, not a bad image
+        rejected.append(index)
+        print(f"{paths[index]}: FAILED: {one_line(exc)}", file=sys.stderr)
+
+    points, notes = [], []
+    if backend is not None:
+        points += latent_points(backend, images, args.formats, tiling=args.tiling, on_error=report)
+    # Every codec averages over the same images: those the model rejected are left out of the classic ones too.
+    images = [image for index, image in enumerate(images) if index not in rejected]
+    failed += len(rejected)
+    if not images:
+        raise CommandError(f"none of the {len(sources)} images could be measured", EXIT_FAILED)
+    classic = classic_points(images, args.classic, args.qualities)
+    points += classic.points
+    notes += classic.notes
+    if not args.no_reference:
+        reference = reference_points(args.reference)
+        points += reference.points
+        notes += reference.notes
+    outputs = write_outputs(points, args.out, notes)
+    print(outputs.markdown.read_text(), end="")
+    print(f"\nmeasured on {len(images)} of {len(sources)} images" + (f" ({failed} failed)" if failed else "")
+          + (f"; model {backend.name} on {backend.where}" if backend else ""))
+    written = [outputs.csv, outputs.markdown] + ([outputs.plot] if outputs.plot else [])
+    print("wrote " + ", ".join(map(str, written)))
+    return EXIT_OK if not failed else EXIT_FAILED

@@ -1,0 +1,50 @@
+"""`latentd inspect ARCHIVE`: what an archive holds (settings, counts, sizes, bpp) and which images failed."""
+
+from __future__ import annotations
+
+import argparse
+import json
+from dataclasses import asdict
+from pathlib import Path
+
+from .common import EXIT_OK
+
+
+def add_parser(subparsers: argparse._SubParsersAction) -> None:
+    parser = subparsers.add_parser("inspect", help="summarize a latent archive",
+                                   description="Print an archive's settings, image counts, bytes, bits per "
+                                               "pixel and shards; --failures lists the failed images and why.")
+    parser.add_argument("archive", type=Path)
+    parser.add_argument("--failures", action="store_true", help="list every failed image with its reason")
+    parser.add_argument("--json", action="store_true", help="print one JSON object")
+    parser.set_defaults(run=run)
+
+
+def run(args: argparse.Namespace) -> int:
+    from latentd.client.archive.reader import open_archive
+
+    with open_archive(args.archive) as archive:
+        counts = archive.manifest.counts()
+        totals = archive.manifest.totals()
+        shards = archive.manifest.shards()
+        failures = archive.failures()
+        report = {"archive": str(args.archive), "settings": archive.meta, "counts": counts, "latent_bytes": totals["bytes"],
+                  "pixels": totals["pixels"], "mean_bpp": totals["mean_bpp"],
+                  "bpp": totals["bytes"] * 8 / totals["pixels"] if totals["pixels"] else None,
+                  "shards": len(shards), "shard_bytes": sum(row["bytes"] for row in shards)}
+        if args.failures:
+            report["failures"] = [{"key": r.key, "source": r.source, "reason": r.reason} for r in failures]
+    if args.json:
+        print(json.dumps(report, indent=2))
+        return EXIT_OK
+    meta = report["settings"]
+    print(f"{args.archive}: model {meta.get('model')} (scaling {meta.get('scaling_factor')}, shift "
+          f"{meta.get('shift_factor')}), format {meta.get('format')}, size {meta.get('size_policy')}")
+    print(f"images: {counts.get('ok', 0)} encoded, {counts.get('failed', 0)} failed, "
+          f"{counts.get('duplicate', 0)} duplicates")
+    bpp = "-" if report["bpp"] is None else f"{report['bpp']:.4f}"
+    print(f"latents: {report['latent_bytes'] / 1e6:.2f} MB for {report['pixels'] / 1e6:.2f} Mpixels = {bpp} bpp; "
+          f"{report['shards']} shards, {report['shard_bytes'] / 1e6:.2f} MB on disk")
+    for failure in report.get("failures", []):
+        print(f"FAILED {failure['key']} ({failure['source']}): {failure['reason']}")
+    return EXIT_OK
