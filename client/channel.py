@@ -2,8 +2,10 @@
 
 from __future__ import annotations
 
+import ipaddress
 import os
-from typing import Any
+import socket
+from typing import Any, Sequence
 
 import grpc
 
@@ -18,6 +20,9 @@ CHANNEL_OPTIONS: tuple[tuple[str, Any], ...] = (
     ("grpc.http2.max_pings_without_data", 0),
     # Retries are the client's own (typed errors, jitter, idempotent calls only).
     ("grpc.enable_retries", 0),
+    # Spread calls over every address a target resolves to (replicas, a headless Service's records);
+    # a replica that dies drops out of the rotation and the client's retry lands on a live one.
+    ("grpc.lb_policy_name", "round_robin"),
 )
 
 TLS = bool | str | os.PathLike | bytes | grpc.ChannelCredentials | None
@@ -42,3 +47,33 @@ def auth_metadata(token: str | None) -> tuple[tuple[str, str], ...]:
     # Sent as plain metadata rather than call credentials, so it works on plaintext channels too
     # (loopback, a service mesh that terminates TLS).
     return (("authorization", f"Bearer {token}"),) if token else ()
+
+
+def channel_target(target: str | Sequence[str]) -> str:
+    """One gRPC target for one address or a list of replicas.
+
+    A string passes through (`host:port`, or `dns:///name:port` to follow a DNS name's records). A
+    list of `host:port` becomes an `ipv4:`/`ipv6:` address list; host names in it are resolved once,
+    here, to all their addresses.
+    """
+    if isinstance(target, str):
+        return target
+    if not target:
+        raise ValueError("no server addresses given")
+    v4, v6 = [], []
+    for entry in target:
+        host, sep, port = entry.rpartition(":")
+        if not sep or not port.isdigit():
+            raise ValueError(f"{entry!r}: expected HOST:PORT")
+        host = host.strip("[]")
+        try:
+            addresses = [ipaddress.ip_address(host)]
+        except ValueError:
+            addresses = sorted({ipaddress.ip_address(info[4][0]) for info in
+                                socket.getaddrinfo(host, int(port), type=socket.SOCK_STREAM)}, key=str)
+        for address in addresses:
+            (v4 if address.version == 4 else v6).append(
+                f"{address}:{port}" if address.version == 4 else f"[{address}]:{port}")
+    if v4 and v6:
+        raise ValueError("mix of IPv4 and IPv6 replicas: give one family")
+    return ("ipv4:" + ",".join(v4)) if v4 else ("ipv6:" + ",".join(v6))

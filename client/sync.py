@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import threading
 import time
-from typing import Any, Callable, Iterable, Iterator, Literal
+from typing import Any, Callable, Iterable, Iterator, Literal, Sequence
 
 import grpc
 
@@ -12,7 +12,7 @@ from latentd.v1 import latentd_pb2 as pb
 from latentd.v1 import latentd_pb2_grpc as pb_grpc
 
 from . import calls
-from .channel import CHANNEL_OPTIONS, TLS, auth_metadata, credentials
+from .channel import CHANNEL_OPTIONS, TLS, auth_metadata, channel_target, credentials
 from .errors import RETRYABLE, from_rpc_error, from_stream_error
 from .health import CHECK_METHOD, health_messages
 from .retry import RetryPolicy
@@ -32,16 +32,17 @@ class LatentClient:
     RESOURCE_EXHAUSTED with exponential backoff and jitter. Errors are `latentd.client.errors` types.
     """
 
-    def __init__(self, target: str, *, token: str | None = None, tls: TLS = None, timeout: float | None = 60.0,
+    def __init__(self, target: str | Sequence[str], *, token: str | None = None, tls: TLS = None, timeout: float | None = 60.0,
                  retries: int | RetryPolicy = 4, options: Iterable[tuple[str, Any]] = ()) -> None:
-        self.target = target
+        self.target = target if isinstance(target, str) else ",".join(target)
+        address = channel_target(target)
         self.timeout = timeout
         self.retry = retries if isinstance(retries, RetryPolicy) else RetryPolicy(attempts=max(1, int(retries)))
         self._metadata = auth_metadata(token)
         channel_options = [*CHANNEL_OPTIONS, *options]
         creds = credentials(tls)
-        self._channel = (grpc.secure_channel(target, creds, options=channel_options) if creds
-                         else grpc.insecure_channel(target, options=channel_options))
+        self._channel = (grpc.secure_channel(address, creds, options=channel_options) if creds
+                         else grpc.insecure_channel(address, options=channel_options))
         self._stub = pb_grpc.LatentdStub(self._channel)
 
     # ---- plumbing ------------------------------------------------------------------------------
