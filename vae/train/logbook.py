@@ -22,6 +22,21 @@ def _number(value) -> float | None:
     return float(value.detach().float().mean()) if isinstance(value, torch.Tensor) else float(value)
 
 
+def _drop_rows_after(path: Path, step: int) -> None:
+    """Keep the rows up to `step` (the checkpoint a run resumes from), so no step is logged twice."""
+    with path.open(newline="") as handle:
+        rows = list(csv.DictReader(handle))
+    kept = [row for row in rows if row.get("step") and int(row["step"]) <= step]
+    if len(kept) == len(rows):
+        return
+    temp = path.with_suffix(".csv.tmp")
+    with temp.open("w", newline="") as handle:
+        writer = csv.DictWriter(handle, fieldnames=COLUMNS)
+        writer.writeheader()
+        writer.writerows({key: row.get(key, "") for key in COLUMNS} for row in kept)
+    temp.replace(path)
+
+
 class Logbook:
     """Writes on the main process only; other processes call the same methods and nothing happens."""
 
@@ -39,6 +54,8 @@ class Logbook:
             return
         run_dir.mkdir(parents=True, exist_ok=True)
         path = run_dir / "metrics.csv"
+        if path.exists():
+            _drop_rows_after(path, start)  # a resumed run logs those steps again
         new = not path.exists()
         self._file = path.open("a", newline="")
         self._writer = csv.DictWriter(self._file, fieldnames=COLUMNS)

@@ -79,8 +79,19 @@ def get_dataloaders(config: TrainConfig) -> Loaders:
     dataset = CropDataset(scan.files, data.crop_size, hflip=data.hflip, seed=config.runtime.seed)
     sampler = EpochSampler(len(dataset), seed=config.runtime.seed)
     loader = DataLoader(dataset, batch_size=data.batch_size, sampler=sampler, collate_fn=collate_crops,
-                        num_workers=data.workers, drop_last=True, persistent_workers=data.workers > 0)
+                        num_workers=data.workers, drop_last=True, persistent_workers=data.workers > 0,
+                        worker_init_fn=ignore_stop_signals if data.workers > 0 else None)
     return Loaders(loader, len(scan.skipped), load_validation_images(data.val_dir, data.val_max_images))
+
+
+def ignore_stop_signals(worker_id: int) -> None:
+    """Data workers leave SIGTERM/SIGINT to the main process: a signal sent to the whole process group
+    (Ctrl-C, `kill -- -PGID`, a container runtime) must end in a checkpoint, not in a dead worker
+    crashing the loop. The main process stops the workers when it is done."""
+    import signal
+
+    signal.signal(signal.SIGTERM, signal.SIG_IGN)
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
 
 
 def build_model(config: TrainConfig) -> nn.Module:

@@ -86,16 +86,19 @@ def test_resume_auto_starts_fresh_and_latest_demands_a_checkpoint(tmp_path):
 
 
 def test_sigterm_checkpoints_and_resume_finishes(tmp_path, write_config):
-    """The real thing: a `latentd train` process killed with SIGTERM, then resumed by a second one."""
+    """The real thing: SIGTERM to a `latentd train` process group (main process and data workers, as a
+    shell's Ctrl-C or a container runtime sends it), then a second process resumes."""
     path = write_config("killed", optim={"max_steps": 400, "warmup_steps": 2, "lr": 2e-3},
+                        data={"workers": 1},
                         runtime={"save_every": 1000, "val_every": 1000, "log_every": 1, "tensorboard": False})
     run_dir = tmp_path / "runs" / "killed"
     command = [sys.executable, "-m", "latentd.client.cli", "train", str(path), "--no-progress", "--no-export"]
-    process = subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    process = subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+                               start_new_session=True)
     deadline = time.monotonic() + 120
     while time.monotonic() < deadline and len(_rows_if_any(run_dir)) < 3:
         time.sleep(0.2)
-    process.send_signal(signal.SIGTERM)
+    os.killpg(process.pid, signal.SIGTERM)
     output, _ = process.communicate(timeout=120)
     assert process.returncode == 128 + 15, output
     assert "resume with" in output
@@ -105,6 +108,9 @@ def test_sigterm_checkpoints_and_resume_finishes(tmp_path, write_config):
                             capture_output=True, text=True, timeout=300)
     assert finish.returncode == 0, finish.stdout + finish.stderr
     assert json.loads((list_checkpoints(run_dir)[-1] / STATE_FILE).read_text())["step"] == stopped_at + 3
+    with (run_dir / "metrics.csv").open() as handle:  # training rows (validation rows repeat their step)
+        steps = [int(row["step"]) for row in csv.DictReader(handle) if row["loss"]]
+    assert steps == sorted(set(steps)) and steps[-1] == stopped_at + 3, steps  # each step logged once
 
 
 def _rows_if_any(run_dir):
