@@ -1,15 +1,17 @@
-"""`latentd bench codec|tiling`: latentd against plain diffusers, and tiled against untiled decode."""
+"""`latentd bench codec|tiling|serve|archive`: each measured against its baseline in the same run."""
 
 from __future__ import annotations
 
 import argparse
 import json
 from dataclasses import asdict
+from pathlib import Path
 
-from .common import EXIT_FAILED, EXIT_OK, EXIT_USAGE, CommandError
+from .common import EXIT_FAILED, EXIT_OK, EXIT_USAGE, CommandError, add_model_args, add_server_args, backend_from_args
 
 # Speed-ups latentd aims for over plain diffusers (CPU, 512x512, batch 1); printed, never asserted.
 TARGETS = {"encode": 1.25, "decode": 1.15}
+ARCHIVE_TARGET = 0.90  # `latentd encode` end to end vs the model alone
 
 
 def add_parser(subparsers: argparse._SubParsersAction) -> None:
@@ -64,6 +66,37 @@ def add_parser(subparsers: argparse._SubParsersAction) -> None:
     serve.add_argument("--device", help="cpu, cuda, ... (default: auto)")
     serve.add_argument("--json", action="store_true", help="print one JSON object")
     serve.set_defaults(run=run_serve)
+    _add_archive_parser(kinds)
+
+
+def _add_archive_parser(kinds) -> None:
+    archive = kinds.add_parser(
+        "archive", help="`latentd encode` end to end vs the model alone",
+        description="Encode the same images twice in one run: with the model alone on decoded pixels, and end "
+                    "to end through `latentd encode` (file decoding, model, quantization, shards, manifest); "
+                    "print both rates and their ratio (target: at least 90%%).")
+    archive.add_argument("--images", type=int, default=16, help="synthetic Kodak-sized JPEGs (default: 16)")
+    archive.add_argument("--from", dest="sources", nargs="+", type=Path, metavar="FILE",
+                         help="use these image files instead")
+    archive.add_argument("--batch-size", type=int, default=8)
+    archive.add_argument("--workers", type=int, default=4)
+    archive.add_argument("--format", default="q8-zstd")
+    add_model_args(archive)
+    add_server_args(archive)
+    archive.set_defaults(run=run_archive)
+
+
+def run_archive(args: argparse.Namespace) -> int:
+    from latentd.client.archive.throughput import bench_archive
+
+    _positive(args, "images", "batch_size", "workers")
+    result = bench_archive(backend_from_args(args), args.sources, images=args.images, batch_size=args.batch_size,
+                           workers=args.workers, fmt=args.format)
+    verdict = "met" if result.ratio >= ARCHIVE_TARGET else "MISSED"
+    print(f"bench archive: {result.images} images, batch {result.batch_size}: model alone "
+          f"{result.model_images_per_s:.2f} images/s, latentd encode end to end {result.archive_images_per_s:.2f} "
+          f"images/s = {result.ratio:.0%} (target >= {ARCHIVE_TARGET:.0%}: {verdict})")
+    return EXIT_OK
 
 
 def _add_common(parser: argparse.ArgumentParser) -> None:

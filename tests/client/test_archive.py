@@ -254,3 +254,14 @@ def test_size_policies(tmp_path, tiny_model_dir):
         assert (record.width, record.height, record.encoded_width, record.encoded_height) == (200, 300, 32, 32)
         assert record.latent_shape == [4, 16, 16]
     assert main(["encode", str(folder), "-o", str(tmp_path / "b"), "--size", "square"]) == 2
+
+
+def test_bench_archive_times_the_model_and_the_pipeline(tiny_model_dir, capsys):
+    from latentd.client.archive.throughput import bench_archive
+    from latentd.client.backends import LocalBackend
+
+    result = bench_archive(LocalBackend(load_codec(tiny_model_dir)), images=4, size=(48, 32), batch_size=2,
+                           workers=2)
+    assert result.images == 4 and result.model_images_per_s > 0 and result.archive_images_per_s > 0
+    assert result.ratio == pytest.approx(result.archive_images_per_s / result.model_images_per_s)
+    assert main(["bench", "archive", "--images", "0"]) == 2
