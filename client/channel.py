@@ -77,3 +77,13 @@ def channel_target(target: str | Sequence[str]) -> str:
     if v4 and v6:
         raise ValueError("mix of IPv4 and IPv6 replicas: give one family")
     return ("ipv4:" + ",".join(v4)) if v4 else ("ipv6:" + ",".join(v6))
+
+
+def open_channel(target: str | Sequence[str], tls: TLS, options: Sequence[tuple[str, Any]] = (), *,
+                 aio: bool = False):
+    """The channel both clients use: replicas resolved, TLS or plaintext, latentd's options first."""
+    module = grpc.aio if aio else grpc
+    address, merged, creds = channel_target(target), [*CHANNEL_OPTIONS, *options], credentials(tls)
+    if creds is not None:
+        return module.secure_channel(address, creds, options=merged)
+    return module.insecure_channel(address, options=merged)

@@ -12,7 +12,7 @@ from latentd.v1 import latentd_pb2 as pb
 from latentd.v1 import latentd_pb2_grpc as pb_grpc
 
 from . import calls
-from .channel import CHANNEL_OPTIONS, TLS, auth_metadata, channel_target, credentials
+from .channel import TLS, auth_metadata, open_channel
 from .errors import RETRYABLE, from_rpc_error, from_stream_error
 from .health import CHECK_METHOD, health_messages
 from .retry import RetryPolicy
@@ -32,17 +32,14 @@ class LatentClient:
     RESOURCE_EXHAUSTED with exponential backoff and jitter. Errors are `latentd.client.errors` types.
     """
 
-    def __init__(self, target: str | Sequence[str], *, token: str | None = None, tls: TLS = None, timeout: float | None = 60.0,
-                 retries: int | RetryPolicy = 4, options: Iterable[tuple[str, Any]] = ()) -> None:
+    def __init__(self, target: str | Sequence[str], *, token: str | None = None, tls: TLS = None,
+                 timeout: float | None = 60.0, retries: int | RetryPolicy = 4,
+                 options: Iterable[tuple[str, Any]] = ()) -> None:
         self.target = target if isinstance(target, str) else ",".join(target)
-        address = channel_target(target)
         self.timeout = timeout
         self.retry = retries if isinstance(retries, RetryPolicy) else RetryPolicy(attempts=max(1, int(retries)))
         self._metadata = auth_metadata(token)
-        channel_options = [*CHANNEL_OPTIONS, *options]
-        creds = credentials(tls)
-        self._channel = (grpc.secure_channel(address, creds, options=channel_options) if creds
-                         else grpc.insecure_channel(address, options=channel_options))
+        self._channel = open_channel(target, tls, tuple(options), aio=False)
         self._stub = pb_grpc.LatentdStub(self._channel)
 
     # ---- plumbing ------------------------------------------------------------------------------
