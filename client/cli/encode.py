@@ -29,6 +29,12 @@ def add_parser(subparsers: argparse._SubParsersAction) -> None:
     parser.add_argument("--workers", type=int, default=4, help="image-decoding threads (default: 4)")
     parser.add_argument("--shard-mb", type=float, default=256, help="shard size in MB (default: 256)")
     parser.add_argument("--dedupe", action="store_true", help="skip images whose bytes were already encoded")
+    parser.add_argument("--engine", choices=("local", "ray"), default="local",
+                        help="local threads, or Ray Data actors (a running cluster via RAY_ADDRESS, else a local "
+                             "one) (default: local)")
+    parser.add_argument("--ray-actors", type=int, default=1, help="model actors with --engine ray (default: 1)")
+    parser.add_argument("--ray-gpus-per-actor", type=float, default=0.0,
+                        help="GPUs per model actor with --engine ray (default: 0; 1 for one actor per GPU)")
     parser.add_argument("--no-progress", dest="progress", action="store_false", help="no progress bar")
     add_model_args(parser)
     add_server_args(parser)
@@ -60,8 +66,19 @@ def run(args: argparse.Namespace) -> int:
         raise CommandError(str(exc), EXIT_USAGE) from exc
     bar = _progress_bar(args.progress)
     try:
-        summary = encode_sources(iter_sources(args.sources), writer, backend, policy, batch_size=args.batch_size,
-                                 workers=args.workers, dedupe=args.dedupe, progress=bar.update if bar else None)
+        if args.engine == "ray":
+            import functools
+
+            from latentd.client.archive.ray_engine import encode_with_ray
+
+            summary = encode_with_ray(iter_sources(args.sources), writer, functools.partial(backend_from_args, args),
+                                      policy, batch_size=args.batch_size, actors=args.ray_actors,
+                                      gpus_per_actor=args.ray_gpus_per_actor, dedupe=args.dedupe,
+                                      progress=bar.update if bar else None)
+        else:
+            summary = encode_sources(iter_sources(args.sources), writer, backend, policy,
+                                     batch_size=args.batch_size, workers=args.workers, dedupe=args.dedupe,
+                                     progress=bar.update if bar else None)
     finally:
         writer.close()
         if bar:

@@ -265,3 +265,22 @@ def test_bench_archive_times_the_model_and_the_pipeline(tiny_model_dir, capsys):
     assert result.images == 4 and result.model_images_per_s > 0 and result.archive_images_per_s > 0
     assert result.ratio == pytest.approx(result.archive_images_per_s / result.model_images_per_s)
     assert main(["bench", "archive", "--images", "0"]) == 2
+
+
+@pytest.mark.slow
+def test_the_ray_engine_writes_what_the_local_engine_writes(tmp_path, tiny_model_dir):
+    pytest.importorskip("ray")
+    folder = tmp_path / "imgs"
+    for i in range(6):
+        _save(Image.fromarray(smooth_image(24, 32, seed=i)), folder / f"{i}.png")
+    (folder / "bad.png").write_bytes(b"not a png")
+    common = [str(folder), "--model", str(tiny_model_dir), "--no-progress", "--batch-size", "3", "--format", "q8"]
+    assert main(["encode", *common, "-o", str(tmp_path / "local")]) == 1
+    assert main(["encode", *common, "-o", str(tmp_path / "ray"), "--engine", "ray"]) == 1
+    with open_archive(tmp_path / "local") as local, open_archive(tmp_path / "ray") as remote:
+        assert [e.key for e in local] == [e.key for e in remote] and len(local) == 6
+        assert [f.key for f in remote.failures()] == ["bad.png"]
+        for a, b in zip(local, remote):
+            assert (a.record.sha256, a.record.latent_shape, a.record.width) == \
+                (b.record.sha256, b.record.latent_shape, b.record.width)
+            np.testing.assert_allclose(a.latents, b.latents, atol=1e-5)
