@@ -64,7 +64,8 @@ def run(args: argparse.Namespace) -> int:
         writer = ArchiveWriter(args.output, settings, get_format(args.format), int(args.shard_mb * (1 << 20)))
     except ArchiveMismatchError as exc:
         raise CommandError(str(exc), EXIT_USAGE) from exc
-    bar = _progress_bar(args.progress)
+    # Counting first costs a directory walk (no image is read) and gives the bar its ETA.
+    bar = _progress_bar(args.progress, sum(1 for _ in iter_sources(args.sources)) if args.progress else None)
     try:
         if args.engine == "ray":
             import functools
@@ -94,14 +95,14 @@ def run(args: argparse.Namespace) -> int:
 
 
 class _Bar:
-    def __init__(self) -> None:
+    def __init__(self, total: int | None) -> None:
         from tqdm import tqdm
 
-        self.bar = tqdm(unit="img", desc="encode", dynamic_ncols=True)
+        self.bar = tqdm(total=total, unit="img", desc="encode", dynamic_ncols=True)
         self.seen = 0
 
     def update(self, summary) -> None:
-        done = summary.images + summary.failed + summary.duplicates
+        done = summary.images + summary.failed + summary.duplicates + summary.skipped
         self.bar.update(done - self.seen)
         self.seen = done
         self.bar.set_postfix(failed=summary.failed, refresh=False)
@@ -110,10 +111,10 @@ class _Bar:
         self.bar.close()
 
 
-def _progress_bar(enabled: bool) -> _Bar | None:
+def _progress_bar(enabled: bool, total: int | None) -> _Bar | None:
     if not enabled:
         return None
     try:
-        return _Bar()
+        return _Bar(total)
     except ImportError:  # tqdm is optional on client machines
         return None
