@@ -30,6 +30,7 @@ def add_parser(subparsers: argparse._SubParsersAction) -> None:
     parser.add_argument("--max-pixels", type=int, help="largest image in pixels (default: 4096x4096)")
     parser.add_argument("--max-message-mb", type=int, help="gRPC message size limit (default: 64)")
     parser.add_argument("--metrics-port", type=int, help="serve Prometheus /metrics on this port (default: off)")
+    parser.add_argument("--metrics-host", help="address of the metrics endpoint (default: 127.0.0.1)")
     parser.add_argument("--tls-cert", help="server certificate (PEM); with --tls-key enables TLS")
     parser.add_argument("--tls-key", help="server private key (PEM)")
     parser.add_argument("--tls-client-ca", help="require client certificates signed by this CA (mutual TLS)")
@@ -43,8 +44,8 @@ def add_parser(subparsers: argparse._SubParsersAction) -> None:
 
 
 FLAG_SETTINGS = ("host", "port", "models", "device", "dtype", "max_batch_size", "max_batch_delay_ms", "queue_limit",
-                 "max_pixels", "max_message_mb", "metrics_port", "tls_cert", "tls_key", "tls_client_ca", "grace_s",
-                 "warmup")
+                 "max_pixels", "max_message_mb", "metrics_port", "metrics_host", "tls_cert", "tls_key",
+                 "tls_client_ca", "grace_s", "warmup")
 
 
 def settings_from_args(args: argparse.Namespace, environ=None):
