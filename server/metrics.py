@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from typing import Callable
 
-from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
+from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, ProcessCollector
 
 from .batcher import BatchStats
 
@@ -32,6 +32,7 @@ class ServerMetrics:
         self.queue_depth = Gauge("latentd_queue_depth", "Items waiting for a batch", ["model"], registry=r)
         self.model_load_seconds = Gauge("latentd_model_load_seconds", "Time to load and warm up a model",
                                         ["model"], registry=r)
+        ProcessCollector(registry=r)  # process_resident_memory_bytes & co: memory growth under soak
 
     def observe_batch(self, model: str, stats: BatchStats) -> None:
         op = stats.key[0] if isinstance(stats.key, tuple) and stats.key else "unknown"

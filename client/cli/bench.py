@@ -57,7 +57,10 @@ def add_parser(subparsers: argparse._SubParsersAction) -> None:
     serve.add_argument("--model", default="default", help="model to serve and compare with (default: default)")
     serve.add_argument("--sizes", type=int, nargs="+", default=[64, 256, 512], help="image sides (default: 64 256 512)")
     serve.add_argument("--ops", nargs="+", choices=("encode", "decode"), default=["encode", "decode"])
-    serve.add_argument("--clients", type=int, default=16, help="concurrent clients (default: 16)")
+    serve.add_argument("--clients", "--concurrency", type=int, default=16, help="concurrent clients (default: 16)")
+    serve.add_argument("--duration", type=float, metavar="S",
+                       help="soak instead: steady load for S seconds over the ops and sizes given; report "
+                            "requests, errors by code, p99 latency and server memory per minute")
     serve.add_argument("--requests", type=int, default=64,
                        help="requests per phase at 256x256, scaled by pixel count for other sizes (default: 64)")
     serve.add_argument("--max-batch-size", type=int, default=8, help="the server's batch size (default: 8)")
@@ -165,6 +168,40 @@ def _num(value: float | None, spec: str) -> str:
     return "-" if value is None else format(value, spec)
 
 
+def run_soak(args: argparse.Namespace) -> int:
+    from latentd.server.loadtest import ServerProcess, make_workload
+    from latentd.server.soak import soak
+    from latentd.vae.codec import load_codec
+
+    codec = load_codec(args.model, device=args.device)
+    model = "" if args.target is None else args.model
+    workloads = [make_workload(codec, op, size, model) for op in args.ops for size in args.sizes]
+    server = None if args.target else ServerProcess("bench", args.model, args.max_batch_size).__enter__()
+    try:
+        metrics = None if server is None else f"http://127.0.0.1:{server.metrics_port}/metrics"
+        report = soak(args.target or server.target, workloads, clients=args.clients, duration_s=args.duration,
+                      interval_s=min(60.0, args.duration), metrics_url=metrics)
+    finally:
+        if server is not None:
+            server.__exit__(None, None, None)
+    if args.json:
+        print(json.dumps({"seconds": report.seconds, "clients": report.clients, "requests": report.requests,
+                          "errors": dict(report.errors), "peak_rss_mb": report.peak_rss_mb,
+                          "rss_growth_mb": report.rss_growth_mb,
+                          "intervals": [{"start_s": i.start_s, "requests": i.requests, "errors": dict(i.errors),
+                                         "p99_ms": i.p99_ms, "rss_mb": i.rss_mb} for i in report.intervals]},
+                         indent=2))
+    else:
+        print(f"soak: {report.seconds:.0f} s, {report.clients} clients, {report.requests} requests, errors "
+              f"{dict(report.errors) or 0}; server peak RSS {_num(report.peak_rss_mb, '.0f')} MB, growth after "
+              f"the first interval {_num(report.rss_growth_mb, '+.1f')} MB")
+        print(f"{'from s':>7} {'requests':>9} {'errors':>7} {'p99 ms':>8} {'RSS MB':>8}")
+        for i in report.intervals:
+            print(f"{i.start_s:>7.0f} {i.requests:>9} {sum(i.errors.values()):>7} {_num(i.p99_ms, '8.0f'):>8} "
+                  f"{_num(i.rss_mb, '8.0f'):>8}")
+    return EXIT_OK if not report.errors else EXIT_FAILED
+
+
 def run_serve(args: argparse.Namespace) -> int:
     import sys
 
@@ -173,6 +210,10 @@ def run_serve(args: argparse.Namespace) -> int:
     _positive(args, "clients", "requests", "max_batch_size")
     if any(size < 8 for size in args.sizes):
         raise CommandError("--sizes must be at least 8 pixels", EXIT_USAGE)
+    if args.duration is not None:
+        if args.duration <= 0:
+            raise CommandError("--duration must be positive", EXIT_USAGE)
+        return run_soak(args)
     rows = bench_serve(args.model, sizes=tuple(args.sizes), ops=tuple(args.ops), clients=args.clients,
                        requests=args.requests, max_batch_size=args.max_batch_size, target=args.target,
                        device=args.device, progress=lambda message: print(f"  {message}", file=sys.stderr))

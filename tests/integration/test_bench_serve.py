@@ -27,3 +27,12 @@ def test_bench_serve_reports_every_phase(model_dirs, capsys):
 def test_bench_serve_rejects_bad_numbers(capsys):
     assert main(["bench", "serve", "--clients", "0"]) == 2
     assert "--clients" in capsys.readouterr().err
+
+
+@pytest.mark.slow
+def test_soak_reports_intervals_errors_and_memory(model_dirs, capsys):
+    code = main(["bench", "serve", "--model", model_dirs["tiny"], "--sizes", "32", "--concurrency", "3",
+                 "--duration", "4", "--json"])
+    report = json.loads(capsys.readouterr().out)
+    assert code == 0 and report["requests"] > 10 and report["errors"] == {}
+    assert report["intervals"][0]["p99_ms"] > 0 and report["peak_rss_mb"] > 50
