@@ -38,7 +38,9 @@ def validate(model: nn.Module, images: Sequence[tuple[str, np.ndarray]], *, grid
     codec = Codec(copy.deepcopy(model).float().cpu(), name="validation", device="cpu")
     pixels = [image for _, image in images]
     posteriors = codec.posterior(pixels)
-    reconstructions = codec.decode([mean for mean, _ in posteriors], sizes=[p.shape[:2] for p in pixels])
+    # The posterior mean is raw z: decode it as such (the model's scaling_factor is not trained yet).
+    reconstructions = codec.decode([mean for mean, _ in posteriors], sizes=[p.shape[:2] for p in pixels],
+                                   scaled=False)
     kl_sums = torch.zeros(codec.info.latent_channels, dtype=torch.float64)
     kl_count = 0
     means = []

@@ -17,6 +17,7 @@ from PIL import Image
 
 from latentd.client.cli import main
 from latentd.vae import Codec, load_model
+from latentd.vae.metrics import psnr
 from latentd.vae.errors import InvalidInputError
 from latentd.vae.train.checkpoint import STATE_FILE, list_checkpoints, resolve_checkpoint
 from latentd.vae.train.config import load_config
@@ -209,8 +210,12 @@ def test_validation_grid_and_units(image_folders):
     from tests.conftest import make_tiny_kl
 
     images = load_validation_images(image_folders[1], 3)
-    result = validate(make_tiny_kl(), images, grid_images=2)
-    assert result.psnr is not None and len(result.kl_per_channel) == 4
+    model = make_tiny_kl()  # scaling 0.5, shift 0.1: validation must not apply them to raw latents
+    result = validate(model, images, grid_images=2)
+    codec = Codec(make_tiny_kl())
+    expected = [psnr(image, codec.roundtrip(image)) for _, image in images]
+    assert result.psnr == pytest.approx(sum(expected) / len(expected), abs=1e-6)
+    assert len(result.kl_per_channel) == 4
     assert 0 <= result.active_units <= 4
     assert result.grid.size[1] == 2 * 160 + 4
     assert isinstance(result.grid, Image.Image)
