@@ -57,7 +57,7 @@ MODELS: tuple[ModelSpec, ...] = (
         name="default",
         description="latentd's own f8 / 4-channel KL-VAE, trained with `latentd train`, sized to serve on CPU",
         packaged="default",
-        notes=("weights ship with the training work (issue 3); until then use `sd` or a local model folder",),
+        notes=("trained with vae/train/configs/default.yaml; figures in vae/MODEL_CARD.md",),
     ),
     ModelSpec(
         name="sd",
