@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import io
 from dataclasses import dataclass
 
 import numpy as np
@@ -12,7 +11,7 @@ from latentd.client.tensors import TensorError, from_tensor, to_tensor
 from latentd.v1 import latentd_pb2 as pb
 from latentd.vae.convert import tensor_to_uint8
 from latentd.vae.errors import InvalidInputError
-from latentd.vae.imageio import check_pixel_limit, open_image
+from latentd.vae.imageio import check_pixel_limit, encode_image, open_image
 from latentd.vae.model_info import ModelInfo
 
 from .models import DecodeItem
@@ -128,12 +127,8 @@ def image_message(image: torch.Tensor, output: OutputFormat) -> pb.Image:
 
 
 def encode_file(pixels: np.ndarray, output: OutputFormat) -> bytes:
-    from PIL import Image
-
     name, lossy = ENCODED_FORMATS[output.format]
-    buffer = io.BytesIO()
-    Image.fromarray(pixels).save(buffer, format=name, **({"quality": output.quality} if lossy else {}))
-    return buffer.getvalue()
+    return encode_image(pixels, name, output.quality if lossy else None)
 
 
 def model_message(info: ModelInfo, *, device: str, max_pixels: int, max_batch_size: int) -> pb.ModelInfo:

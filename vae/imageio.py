@@ -70,6 +70,15 @@ def open_image(
     return to_rgb(image, background)
 
 
+def encode_image(image: "Image.Image | np.ndarray", format: str = "PNG", quality: int | None = None) -> bytes:
+    """A PIL image or uint8 HWC array as file bytes in `format` (PNG, JPEG, WEBP, AVIF, ...); `quality`
+    is passed to Pillow when given (lossy formats)."""
+    picture = image if isinstance(image, Image.Image) else Image.fromarray(np.asarray(image))
+    buffer = io.BytesIO()
+    picture.save(buffer, format=format, **({} if quality is None else {"quality": int(quality)}))
+    return buffer.getvalue()
+
+
 def check_pixel_limit(width: int, height: int, max_pixels: int, label: str) -> None:
     if width <= 0 or height <= 0:
         raise InvalidImageError(label, f"empty image ({width}x{height})")

@@ -55,6 +55,14 @@ def ms_ssim(a: np.ndarray, b: np.ndarray) -> float | None:
     return float(_ms_ssim(_as_batch(a), _as_batch(b), data_range=255, size_average=True))
 
 
+def ms_ssim_if_available(a: np.ndarray, b: np.ndarray) -> float | None:
+    """`ms_ssim`, or None where torch or pytorch-msssim is not installed (client machines: PSNR only)."""
+    try:
+        return ms_ssim(a, b)
+    except ImportError:
+        return None
+
+
 def mean_of(values: Sequence[float | None]) -> float | None:
     """Mean of per-image values (CompressAI's convention), ignoring missing ones."""
     present = [v for v in values if v is not None]

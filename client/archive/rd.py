@@ -71,22 +71,13 @@ class Outputs:
     notes: list[str] = field(default_factory=list)
 
 
-def _ms_ssim(a: np.ndarray, b: np.ndarray) -> float | None:
-    try:
-        from latentd.vae.metrics import ms_ssim
-
-        return ms_ssim(a, b)
-    except ImportError:  # a client machine without torch or pytorch-msssim: PSNR only
-        return None
-
-
 def measure_image(original: np.ndarray, reconstruction: np.ndarray, nbytes: int) -> ImageRD:
     """bpp of `nbytes` over the original's pixels, PSNR and MS-SSIM of the reconstruction."""
-    from latentd.vae.metrics import psnr
+    from latentd.vae.metrics import ms_ssim_if_available, psnr
 
     height, width = original.shape[:2]
     return ImageRD(bpp=nbytes * 8 / (height * width), psnr=psnr(original, reconstruction),
-                   ms_ssim=_ms_ssim(original, reconstruction))
+                   ms_ssim=ms_ssim_if_available(original, reconstruction))
 
 
 def mean_point(codec: str, setting: str, images: list[ImageRD]) -> RDPoint:
@@ -151,9 +142,9 @@ def classic_roundtrip(image: np.ndarray, codec: str, quality: int) -> tuple[int,
     as CompressAI measured JPEG and WebP."""
     from PIL import Image
 
-    buffer = io.BytesIO()
-    Image.fromarray(image).save(buffer, format=CLASSIC_CODECS[codec][0], quality=int(quality))
-    data = buffer.getvalue()
+    from latentd.vae.imageio import encode_image
+
+    data = encode_image(image, CLASSIC_CODECS[codec][0], quality)
     with Image.open(io.BytesIO(data)) as decoded:
         return len(data), np.array(decoded.convert("RGB"))  # writable: torch warns on read-only arrays
 

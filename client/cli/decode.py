@@ -65,11 +65,6 @@ def _unique(path: Path, used: set[Path]) -> Path:
 
 
 def _file_bytes(image, image_format: str, quality: int) -> bytes:
-    import io
+    from latentd.vae.imageio import encode_image
 
-    from PIL import Image
-
-    buffer = io.BytesIO()
-    name = {"png": "PNG", "jpeg": "JPEG", "webp": "WEBP"}[image_format]
-    Image.fromarray(image).save(buffer, format=name, **({"quality": quality} if name != "PNG" else {}))
-    return buffer.getvalue()
+    return encode_image(image, image_format.upper(), quality if image_format != "png" else None)

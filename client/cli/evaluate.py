@@ -59,9 +59,10 @@ def run(args: argparse.Namespace) -> int:
             print_result(result)
     summary = summarize(results, backend)
     if args.grid and originals:
-        from latentd.vae.train.validate import comparison_grid, png_bytes
+        from latentd.vae.imageio import encode_image
+        from latentd.vae.train.validate import comparison_grid
 
-        write_atomic(args.grid, png_bytes(comparison_grid(originals, reconstructions)))
+        write_atomic(args.grid, encode_image(comparison_grid(originals, reconstructions)))
         summary["grid"] = str(args.grid)
     if args.json:
         print(json.dumps({"summary": summary, "images": [asdict(r) for r in results]}, indent=2))

@@ -25,29 +25,20 @@ class ImageResult:
     error: str | None = None
 
 
-def _ms_ssim(original, reconstruction) -> float | None:
-    try:
-        from latentd.vae.metrics import ms_ssim
-
-        return ms_ssim(original, reconstruction)
-    except ImportError:  # a client machine without torch: PSNR only
-        return None
-
-
 def roundtrip_image(backend, source: Path, *, latent_dtype: str, tiling: str):
     """(ImageResult, original HWC uint8, reconstruction HWC uint8) for one file; bits per pixel count
     every latent value at `latent_dtype` over the original pixels."""
     import numpy as np
 
     from latentd.vae.imageio import open_image
-    from latentd.vae.metrics import psnr
+    from latentd.vae.metrics import ms_ssim_if_available, psnr
 
     original = np.array(open_image(source, max_pixels=backend.max_pixels))
     height, width = original.shape[:2]
     values, reconstruction, encode_s, decode_s = backend.roundtrip(original, latent_dtype, tiling)
     result = ImageResult(
         source=str(source), width=width, height=height,
-        psnr=psnr(original, reconstruction), ms_ssim=_ms_ssim(original, reconstruction),
+        psnr=psnr(original, reconstruction), ms_ssim=ms_ssim_if_available(original, reconstruction),
         bpp=values * LATENT_BITS[latent_dtype] / (height * width),
         encode_ms=encode_s * 1e3, decode_ms=decode_s * 1e3,
     )

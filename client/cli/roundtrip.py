@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import argparse
-import io
 import json
 from dataclasses import asdict
 from pathlib import Path
@@ -41,19 +40,16 @@ def output_name(source: Path, taken: set[str]) -> str:
 
 
 def run(args: argparse.Namespace) -> int:
-    from PIL import Image
-
     from latentd.vae.fileio import write_atomic
+    from latentd.vae.imageio import encode_image
 
     backend = backend_from_args(args)
     results, taken = [], set()
     for result, _, reconstruction in roundtrip_all(backend, args.images, latent_dtype=args.latent_dtype,
                                                    tiling=args.tiling):
         if reconstruction is not None:
-            buffer = io.BytesIO()
-            Image.fromarray(reconstruction).save(buffer, format="PNG")
             target = args.output / output_name(Path(result.source), taken)
-            write_atomic(target, buffer.getvalue())
+            write_atomic(target, encode_image(reconstruction))
             result.output = str(target)
         results.append(result)
         if not args.json:

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import copy
-import io
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Sequence
@@ -15,6 +14,7 @@ from torch import nn
 
 from ..codec import Codec
 from ..fileio import write_atomic
+from ..imageio import encode_image
 from ..metrics import mean_of, ms_ssim, psnr
 from .losses import kl_per_element
 
@@ -78,12 +78,7 @@ def comparison_grid(originals: Sequence[np.ndarray], reconstructions: Sequence[n
     return grid
 
 
-def png_bytes(image: Image.Image) -> bytes:
-    buffer = io.BytesIO()
-    image.save(buffer, format="PNG")
-    return buffer.getvalue()
-
 
 def write_grid(result: ValidationResult, path: Path) -> None:
     if result.grid is not None:
-        write_atomic(path, png_bytes(result.grid))
+        write_atomic(path, encode_image(result.grid))
