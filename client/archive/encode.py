@@ -7,7 +7,7 @@ import time
 from collections import deque
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass
-from typing import Callable, Iterable
+from typing import Callable, Iterable, Iterator
 
 import numpy as np
 
@@ -38,27 +38,106 @@ class EncodeSummary:
 
 
 @dataclass
-class _Prepared:
+class Admitted:
+    """A source to encode: read once and hashed once, on the reading thread."""
+
     item: SourceItem
+    data: bytes
     sha256: str
-    size: int
+
+
+def admit(sources: Iterable[SourceItem], writer: ArchiveWriter, summary: EncodeSummary,
+          dedupe: bool) -> Iterator[Admitted]:
+    """The sources not yet in the archive, in order. Unreadable ones are recorded as failed and, with
+    `dedupe`, bytes already encoded as duplicates; both engines read their sources through this."""
+    for item in sources:
+        if item.key in writer.done:
+            summary.skipped += 1
+            continue
+        try:
+            data = item.read()
+        except OSError as exc:
+            record_failure(writer, summary, item, None, f"cannot read: {exc.strerror or exc}")
+            continue
+        digest = hashlib.sha256(data).hexdigest()
+        if dedupe:
+            if digest in writer.hashes:
+                summary.duplicates += 1
+                writer.add_without_latents(ItemRecord(item.key, item.origin, "duplicate", digest,
+                                                      reason=f"same bytes as {writer.hashes[digest]}"))
+                continue
+            writer.hashes[digest] = item.key
+        summary.bytes_in += len(data)
+        yield Admitted(item, data, digest)
+
+
+def decode_source(data: bytes, origin: str, policy: SizePolicy, max_pixels: int) -> tuple[tuple[int, int], np.ndarray]:
+    """(original (width, height), uint8 pixels after the size policy); raises for an unreadable image."""
+    from latentd.vae.imageio import open_image
+
+    image = open_image(data, name=origin, max_pixels=max_pixels)
+    return image.size, np.asarray(policy.apply(image))
+
+
+def one_line(exc: BaseException) -> str:
+    return " ".join(str(exc).split()) or type(exc).__name__
+
+
+def item_error(exc: BaseException) -> bool:
+    """Errors that belong to one image (bad pixels, too large); anything else (server down, out of
+    memory) stops the run, which a re-run resumes."""
+    from latentd.client.errors import InvalidInputError as RemoteInvalid
+    from latentd.vae.errors import InvalidInputError as LocalInvalid
+
+    return isinstance(exc, (RemoteInvalid, LocalInvalid))
+
+
+def encode_isolating(backend, pixels: list[np.ndarray]) -> list[np.ndarray | str]:
+    """Latents per image in one call; if the batch fails for an image's sake, each image alone, so
+    the one at fault yields its error message and the others their latents. Other errors raise."""
+    try:
+        return list(backend.encode(pixels))
+    except Exception as exc:  # noqa: BLE001
+        if not item_error(exc):
+            raise
+        if len(pixels) == 1:
+            return [one_line(exc)]
+        return [encode_isolating(backend, [image])[0] for image in pixels]
+
+
+def record_failure(writer: ArchiveWriter, summary: EncodeSummary, item: SourceItem, sha256: str | None,
+                   reason: str) -> None:
+    summary.failed += 1
+    writer.add_without_latents(ItemRecord(item.key, item.origin, "failed", sha256, reason=reason))
+
+
+def store_encoded(writer: ArchiveWriter, summary: EncodeSummary, admitted: Admitted, original: tuple[int, int],
+                  encoded: tuple[int, int], latents: np.ndarray) -> None:
+    """One encoded image into the archive; `original` and `encoded` are (width, height)."""
+    (width, height), item = original, admitted.item
+    record = ItemRecord(item.key, item.origin, "ok", admitted.sha256, width=width, height=height,
+                        encoded_width=encoded[0], encoded_height=encoded[1], extra=item.extra or None)
+    writer.add(record, np.asarray(latents, np.float32))
+    summary.images += 1
+    summary.pixels += width * height
+    summary.bytes_out += record.nbytes
+
+
+@dataclass
+class _Prepared:
+    admitted: Admitted
     pixels: np.ndarray | None = None  # after the size policy
     original: tuple[int, int] | None = None  # (width, height)
     error: str | None = None
 
 
-def _prepare(item: SourceItem, data: bytes, policy: SizePolicy, max_pixels: int) -> _Prepared:
+def _prepare(admitted: Admitted, policy: SizePolicy, max_pixels: int) -> _Prepared:
     """Decode and size one image (in a worker thread: Pillow releases the GIL while decoding)."""
-    from latentd.vae.imageio import open_image
-
-    prepared = _Prepared(item, hashlib.sha256(data).hexdigest(), len(data))
     try:
-        image = open_image(data, name=item.origin, max_pixels=max_pixels)
-        prepared.original = image.size
-        prepared.pixels = np.asarray(policy.apply(image))
+        original, pixels = decode_source(admitted.data, admitted.item.origin, policy, max_pixels)
+        return _Prepared(admitted, pixels, original)
     except Exception as exc:  # noqa: BLE001 - any unreadable file is recorded, never fatal
-        prepared.error = " ".join(str(exc).split()) or type(exc).__name__
-    return prepared
+        return _Prepared(admitted, error=one_line(exc))
 
 
 def encode_sources(sources: Iterable[SourceItem], writer: ArchiveWriter, backend, policy: SizePolicy, *,
@@ -68,7 +147,8 @@ def encode_sources(sources: Iterable[SourceItem], writer: ArchiveWriter, backend
     summary = EncodeSummary()
     started = time.perf_counter()
     try:
-        _run(sources, writer, backend, policy, batch_size, workers, dedupe, progress, summary, started)
+        _run(admit(sources, writer, summary, dedupe), writer, backend, policy, batch_size, workers, progress,
+             summary, started)
     finally:
         writer.flush()  # what was encoded before a failure stays in the archive
     summary.seconds = time.perf_counter() - started
@@ -77,16 +157,17 @@ def encode_sources(sources: Iterable[SourceItem], writer: ArchiveWriter, backend
     return summary
 
 
-def _run(sources, writer, backend, policy, batch_size, workers, dedupe, progress, summary, started) -> None:
+def _run(admitted: Iterator[Admitted], writer, backend, policy, batch_size, workers, progress, summary,
+         started) -> None:
     ahead: deque[Future] = deque()  # decodes in flight, in source order
     batch: list[_Prepared] = []
     with ThreadPoolExecutor(max(1, workers), thread_name_prefix="latentd-decode") as pool:
         def drain(limit: int) -> None:
             while len(ahead) > limit:
                 prepared = ahead.popleft().result()
-                summary.bytes_in += prepared.size
                 if prepared.error is not None:
-                    _fail(writer, summary, prepared, prepared.error)
+                    record_failure(writer, summary, prepared.admitted.item, prepared.admitted.sha256,
+                                   prepared.error)
                     continue
                 batch.append(prepared)
                 if len(batch) >= batch_size:
@@ -96,66 +177,18 @@ def _run(sources, writer, backend, policy, batch_size, workers, dedupe, progress
                     if progress:
                         progress(summary)
 
-        for item in sources:
-            if item.key in writer.done:
-                summary.skipped += 1
-                continue
-            try:
-                data = item.read()
-            except OSError as exc:
-                _fail(writer, summary, _Prepared(item, "", 0), f"cannot read: {exc.strerror or exc}")
-                continue
-            if dedupe:
-                digest = hashlib.sha256(data).hexdigest()
-                if digest in writer.hashes:
-                    summary.duplicates += 1
-                    writer.add_without_latents(ItemRecord(item.key, item.origin, "duplicate", digest,
-                                                          reason=f"same bytes as {writer.hashes[digest]}"))
-                    continue
-                writer.hashes[digest] = item.key
-            ahead.append(pool.submit(_prepare, item, data, policy, backend.max_pixels))
+        for source in admitted:
+            ahead.append(pool.submit(_prepare, source, policy, backend.max_pixels))
             drain(2 * max(1, workers) + batch_size)  # keep the workers busy, memory bounded
         drain(0)
         if batch:
             _encode_batch(writer, backend, batch, summary)
 
 
-def _fail(writer: ArchiveWriter, summary: EncodeSummary, prepared: _Prepared, reason: str) -> None:
-    summary.failed += 1
-    writer.add_without_latents(ItemRecord(prepared.item.key, prepared.item.origin, "failed",
-                                          prepared.sha256 or None, reason=reason))
-
-
-def _item_error(exc: BaseException) -> bool:
-    """Errors that belong to one image (bad pixels, too large); anything else (server down, out of
-    memory) stops the run, which a re-run resumes."""
-    from latentd.client.errors import InvalidInputError as RemoteInvalid
-
-    try:
-        from latentd.vae.errors import InvalidInputError as LocalInvalid
-    except ImportError:  # pragma: no cover - the vae package always ships with the client
-        LocalInvalid = RemoteInvalid
-    return isinstance(exc, (RemoteInvalid, LocalInvalid))
-
-
 def _encode_batch(writer: ArchiveWriter, backend, batch: list[_Prepared], summary: EncodeSummary) -> None:
-    try:
-        latents = backend.encode([p.pixels for p in batch])
-    except Exception as exc:  # noqa: BLE001
-        if not _item_error(exc):
-            raise
-        if len(batch) == 1:
-            _fail(writer, summary, batch[0], " ".join(str(exc).split()) or type(exc).__name__)
-            return
-        for prepared in batch:  # find the item at fault; the others still go in
-            _encode_batch(writer, backend, [prepared], summary)
-        return
-    for prepared, z in zip(batch, latents):
-        width, height = prepared.original
-        record = ItemRecord(prepared.item.key, prepared.item.origin, "ok", prepared.sha256, width=width,
-                            height=height, encoded_width=prepared.pixels.shape[1],
-                            encoded_height=prepared.pixels.shape[0], extra=prepared.item.extra or None)
-        writer.add(record, np.asarray(z, np.float32))
-        summary.images += 1
-        summary.pixels += width * height
-        summary.bytes_out += record.nbytes
+    for prepared, latents in zip(batch, encode_isolating(backend, [p.pixels for p in batch])):
+        if isinstance(latents, str):
+            record_failure(writer, summary, prepared.admitted.item, prepared.admitted.sha256, latents)
+            continue
+        encoded = (prepared.pixels.shape[1], prepared.pixels.shape[0])
+        store_encoded(writer, summary, prepared.admitted, prepared.original, encoded, latents)
