@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import asyncio
-import time
 from typing import Any, AsyncIterable, AsyncIterator, Callable, Iterable, Sequence
 
 import grpc
@@ -13,7 +12,7 @@ from latentd.v1 import latentd_pb2_grpc as pb_grpc
 
 from . import calls
 from .channel import TLS, auth_metadata, open_channel
-from .errors import RETRYABLE, from_rpc_error, from_stream_error
+from .errors import RETRYABLE, from_rpc_error, from_stream_error, gave_up
 from .health import CHECK_METHOD, health_messages
 from .retry import RetryPolicy
 from .sync import OnError
@@ -37,21 +36,16 @@ class AsyncLatentClient:
         self._stub = pb_grpc.LatentdStub(self._channel)
 
     async def _unary(self, method: Callable, request: Any, timeout: float | None) -> Any:
-        budget = self.timeout if timeout is None else timeout
-        deadline = None if budget is None else time.monotonic() + budget
-        for wait in (0.0, *self.retry.delays()):
-            remaining = None if deadline is None else deadline - time.monotonic()
-            if remaining is not None and remaining <= wait:
-                break
-            await asyncio.sleep(wait)
+        error = None
+        for attempt in self.retry.schedule(self.timeout if timeout is None else timeout):
+            await asyncio.sleep(attempt.wait)
             try:
-                return await method(request, timeout=None if deadline is None else deadline - time.monotonic(),
-                                    metadata=self._metadata)
+                return await method(request, timeout=attempt.timeout(), metadata=self._metadata)
             except grpc.RpcError as exc:
                 error = exc
                 if exc.code() not in RETRYABLE:
                     break
-        raise from_rpc_error(error) from None
+        raise gave_up(error) from None
 
     async def close(self) -> None:
         await self._channel.close()

@@ -80,6 +80,13 @@ def from_rpc_error(exc: grpc.RpcError) -> LatentdClientError:
     return error_for(code or grpc.StatusCode.UNKNOWN, details or "")
 
 
+def gave_up(error: grpc.RpcError | None) -> LatentdClientError:
+    """What a call raises after its last attempt; None: its deadline left no time for any attempt."""
+    if error is None:
+        return DeadlineExceededError("the call's deadline passed before it could be sent")
+    return from_rpc_error(error)
+
+
 def from_stream_error(error) -> LatentdClientError:
     """The typed error of a failed stream item (`latentd.v1.Error`: a status code name and a message)."""
     code = getattr(grpc.StatusCode, error.code, grpc.StatusCode.UNKNOWN)

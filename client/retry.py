@@ -3,8 +3,20 @@
 from __future__ import annotations
 
 import random
+import time
 from dataclasses import dataclass
 from typing import Iterator
+
+
+@dataclass(frozen=True)
+class Attempt:
+    """One try of a call: wait `wait` seconds first; `timeout()` (after the wait) is what it may take."""
+
+    wait: float
+    deadline: float | None  # time.monotonic() by which the whole call must end; None: no deadline
+
+    def timeout(self) -> float | None:
+        return None if self.deadline is None else max(0.0, self.deadline - time.monotonic())
 
 
 @dataclass(frozen=True)
@@ -28,6 +40,15 @@ class RetryPolicy:
         for _ in range(self.attempts - 1):
             yield rng.uniform(0, min(bound, self.maximum))
             bound *= self.multiplier
+
+    def schedule(self, budget: float | None) -> Iterator[Attempt]:
+        """The attempts of one call that fit in `budget` seconds from now (None: no deadline): the
+        deadline covers every attempt and the waits between them. Both clients retry through this."""
+        deadline = None if budget is None else time.monotonic() + budget
+        for wait in (0.0, *self.delays()):
+            if deadline is not None and deadline - time.monotonic() <= wait:
+                return
+            yield Attempt(wait, deadline)
 
 
 NO_RETRIES = RetryPolicy(attempts=1)

@@ -213,3 +213,16 @@ def test_leaving_a_stream_early_cancels_it(served):
         assert time.monotonic() < deadline
         time.sleep(0.01)
     assert client.health() == "SERVING"  # the server is fine and serves on
+
+
+def test_a_deadline_with_no_time_left_is_deadline_exceeded(served):
+    harness, client = served
+    with pytest.raises(DeadlineExceededError):
+        client.models(timeout=0)
+
+    async def run():
+        async with AsyncLatentClient(harness.address) as aclient:
+            await aclient.models(timeout=0)
+
+    with pytest.raises(DeadlineExceededError):
+        asyncio.run(run())
