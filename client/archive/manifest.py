@@ -15,7 +15,7 @@ from pathlib import Path
 from typing import Any, Iterator
 
 MANIFEST = "manifest.sqlite"
-FORMAT_VERSION = "1"
+FORMAT_VERSION = "2"  # 2: q8-zstd stores MED-predicted residuals (1: the raw codes)
 
 SCHEMA = """
 CREATE TABLE IF NOT EXISTS meta (key TEXT PRIMARY KEY, value TEXT NOT NULL);

@@ -1,4 +1,4 @@
-"""Latent storage formats: float16, bfloat16, and q8 (8-bit per-channel affine) with optional zstd on top."""
+"""Latent storage formats: float16, bfloat16, and q8 (8-bit per-channel affine), optionally predicted and zstd-packed."""
 
 from __future__ import annotations
 
@@ -15,6 +15,11 @@ class LatentFormat:
     bits: int  # per latent value, before zstd
     quantized: bool = False
     zstd: bool = False
+    # Spatial prediction before zstd: "med" stores each code minus the LOCO-I median-edge prediction
+    # from its left, upper and upper-left neighbours (mod 256). Lossless; on the default model's Kodak
+    # latents it takes zstd from 0.425 to 0.347 bpp, because neighbouring latents are correlated and
+    # zstd's byte matching does not see it.
+    predictor: str = "none"
 
 
 # The one table of storage formats.
@@ -22,7 +27,7 @@ FORMATS: tuple[LatentFormat, ...] = (
     LatentFormat("float16", 16),
     LatentFormat("bfloat16", 16),
     LatentFormat("q8", 8, quantized=True),
-    LatentFormat("q8-zstd", 8, quantized=True, zstd=True),
+    LatentFormat("q8-zstd", 8, quantized=True, zstd=True, predictor="med"),
 )
 FORMAT_NAMES = tuple(f.name for f in FORMATS)
 ZSTD_LEVEL = 19  # latents are small; the slowest levels still run far faster than the model
@@ -65,6 +70,34 @@ def dequantize_q8(codes: np.ndarray, scale: np.ndarray, offset: np.ndarray) -> n
     return codes.astype(np.float32) * scale[:, None, None] + offset[:, None, None]
 
 
+def _med_prediction(left: np.ndarray, up: np.ndarray, up_left: np.ndarray) -> np.ndarray:
+    """LOCO-I / JPEG-LS median edge detector: min(left, up) above an edge, max below, else the gradient."""
+    high, low = np.maximum(left, up), np.minimum(left, up)
+    return np.where(up_left >= high, low, np.where(up_left <= low, high, left + up - up_left))
+
+
+def med_residuals(codes: np.ndarray) -> np.ndarray:
+    """uint8 codes [C, h, w] -> uint8 residuals (code - MED prediction mod 256); outside the image
+    the neighbours count as 0."""
+    x = np.pad(codes.astype(np.int16), ((0, 0), (1, 0), (1, 0)))
+    prediction = _med_prediction(x[:, 1:, :-1], x[:, :-1, 1:], x[:, :-1, :-1])
+    return ((x[:, 1:, 1:] - prediction) % 256).astype(np.uint8)
+
+
+def med_codes(residuals: np.ndarray) -> np.ndarray:
+    """Inverse of `med_residuals`, one anti-diagonal at a time: every neighbour of a value on
+    diagonal d lies on diagonal d-1 or d-2, so each step is one vectorized operation."""
+    channels, height, width = residuals.shape
+    x = np.zeros((channels, height + 1, width + 1), np.int16)
+    for diagonal in range(height + width - 1):
+        rows = np.arange(max(0, diagonal - width + 1), min(height, diagonal + 1))
+        cols = diagonal - rows
+        r, c = rows + 1, cols + 1  # in the padded array
+        prediction = _med_prediction(x[:, r, c - 1], x[:, r - 1, c], x[:, r - 1, c - 1])
+        x[:, r, c] = (residuals[:, rows, cols] + prediction) % 256
+    return x[:, 1:, 1:].astype(np.uint8)
+
+
 def store(latents: np.ndarray, fmt: LatentFormat) -> Stored:
     """Latents [C, h, w] in a storage format."""
     # C order: safetensors writes an array's memory as it lies, and channels_last latents are strided.
@@ -77,7 +110,8 @@ def store(latents: np.ndarray, fmt: LatentFormat) -> Stored:
     if fmt.zstd:
         import zstandard
 
-        packed = zstandard.ZstdCompressor(level=ZSTD_LEVEL).compress(codes.tobytes())
+        payload = med_residuals(codes) if fmt.predictor == "med" else codes
+        packed = zstandard.ZstdCompressor(level=ZSTD_LEVEL).compress(payload.tobytes())
         return Stored(np.frombuffer(packed, np.uint8).copy(), scale, offset)
     return Stored(codes, scale, offset)
 
@@ -94,4 +128,6 @@ def load(stored: Stored, fmt: LatentFormat, shape: tuple[int, ...]) -> np.ndarra
 
         raw = zstandard.ZstdDecompressor().decompress(codes.tobytes(), max_output_size=int(np.prod(shape)))
         codes = np.frombuffer(raw, np.uint8).reshape(shape)
+        if fmt.predictor == "med":
+            codes = med_codes(codes)
     return dequantize_q8(codes.reshape(shape), stored.scale, stored.offset)

@@ -5,7 +5,7 @@ from __future__ import annotations
 import json
 import os
 import re
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any, Iterator
 
@@ -45,6 +45,8 @@ class Archive:
         self.manifest = Manifest(self.folder)
         self.meta = {k: _maybe_json(v) for k, v in self.manifest.meta().items()}
         self._handles: dict[str, Any] = {}
+        # Archives of format version 1 stored q8-zstd codes without spatial prediction.
+        self._unpredicted = str(self.meta.get("format_version")) == "1"
 
     def __enter__(self) -> "Archive":
         return self
@@ -83,6 +85,8 @@ class Archive:
         shard = self._shard(record.shard)
         base = record.tensor[: -len("::data")]
         fmt = get_format(record.format)
+        if self._unpredicted:
+            fmt = replace(fmt, predictor="none")
         stored = Stored(shard.get_tensor(record.tensor))
         if fmt.quantized:
             stored.scale, stored.offset = shard.get_tensor(f"{base}::scale"), shard.get_tensor(f"{base}::offset")

@@ -13,7 +13,9 @@ import pytest
 from PIL import Image
 
 from latentd.client.archive.manifest import MANIFEST
-from latentd.client.archive.quantize import FORMATS, dequantize_q8, load, quantize_q8, store
+from latentd.client.archive import manifest, quantize, writer
+from latentd.client.archive.quantize import (FORMATS, dequantize_q8, get_format, load, med_codes, med_residuals,
+                                             quantize_q8, store)
 from latentd.client.archive.reader import open_archive, safe_relative_path
 from latentd.client.cli import main
 from latentd.vae import load_codec
@@ -198,6 +200,43 @@ def test_q8_error_is_within_half_a_step_per_channel():
         expected_bits = fmt.bits if not fmt.zstd else None
         if expected_bits:
             assert stored.data.nbytes == latents.size * expected_bits // 8
+
+
+@pytest.mark.parametrize("shape", [(4, 1, 1), (4, 1, 9), (4, 7, 1), (3, 13, 8), (4, 64, 64)])
+def test_med_prediction_is_exactly_invertible(shape):
+    codes = np.random.default_rng(sum(shape)).integers(0, 256, shape, dtype=np.uint8)
+    residuals = med_residuals(codes)
+    assert residuals.dtype == np.uint8 and residuals.shape == shape
+    np.testing.assert_array_equal(med_codes(residuals), codes)
+
+
+def test_q8_zstd_is_q8_losslessly_and_prediction_shrinks_smooth_latents():
+    ramp = np.linspace(-3, 3, 48, dtype=np.float32)
+    smooth = (ramp[None, :, None] + ramp[None, None, :] * [[[1.0]], [[0.5]], [[-1.0]], [[2.0]]]).astype(np.float32)
+    q8, q8_zstd = get_format("q8"), get_format("q8-zstd")
+    stored = store(smooth, q8_zstd)
+    np.testing.assert_array_equal(load(stored, q8_zstd, smooth.shape), load(store(smooth, q8), q8, smooth.shape))
+    unpredicted = store(smooth, quantize.LatentFormat("q8-zstd", 8, quantized=True, zstd=True))
+    assert stored.nbytes < 0.75 * unpredicted.nbytes  # planes are predicted up to rounding
+
+
+def test_format_version_1_archives_are_read_without_prediction(tmp_path, tiny_model_dir, monkeypatch):
+    """Archives written before q8-zstd gained its predictor still decode to the same latents."""
+    legacy = tuple(quantize.LatentFormat(f.name, f.bits, f.quantized, f.zstd) for f in FORMATS)
+    monkeypatch.setattr(quantize, "FORMATS", legacy)
+    monkeypatch.setattr(writer, "FORMAT_VERSION", "1")
+    folder = tmp_path / "photos"
+    _save(Image.fromarray(smooth_image(64, 48, seed=7)), folder / "a.png")
+    out = tmp_path / "old.latents"
+    assert main(["encode", str(folder), "-o", str(out), "--model", str(tiny_model_dir), "--no-progress",
+                 "--format", "q8-zstd"]) == 0
+    with open_archive(out) as archive:
+        written = archive["a.png"].latents
+    monkeypatch.undo()
+    assert manifest.FORMAT_VERSION == "2" and get_format("q8-zstd").predictor == "med"
+    with open_archive(out) as archive:
+        assert archive.meta["format_version"] == 1
+        np.testing.assert_array_equal(archive["a.png"].latents, written)
 
 
 def test_verify_detects_a_flipped_byte(tmp_path, tiny_model_dir, capsys):
