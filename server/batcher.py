@@ -26,6 +26,7 @@ __all__ = [
 logger = logging.getLogger(__name__)
 
 Predict = Callable[[Hashable, list[Any]], list[Any]]
+ItemsPerCall = Callable[[Hashable], int]
 
 # Marks "nothing came" in gather_batch, distinct from the None stop sentinel.
 _EMPTY: Any = object()
@@ -72,8 +73,13 @@ def gather_batch(
     *,
     poll_s: float = 0.1,
     clock: Callable[[], float] = time.monotonic,
+    limit_for: Callable[[Hashable], int] | None = None,
 ) -> list[WorkItem] | None:
-    """Take up to max_items from source, waiting at most max_delay_s after the first; None means stop."""
+    """Take up to max_items from source, waiting at most max_delay_s after the first; None means stop.
+
+    `limit_for(key)` can lower max_items for the first item's key: when it allows one item, the
+    batch leaves at once instead of waiting for company it could not use.
+    """
     try:
         first = source.get(timeout=poll_s)
     except queue.Empty:
@@ -81,8 +87,9 @@ def gather_batch(
     if first is None:
         return None
     batch = [first]
+    limit = min(max_items, limit_for(first.key)) if limit_for is not None else max_items
     deadline = clock() + max_delay_s
-    while len(batch) < max_items:
+    while len(batch) < limit:
         item = _next_item(source, deadline - clock())
         if item is _EMPTY:
             break
@@ -145,11 +152,15 @@ class Batcher:
         queue_limit: int = 256,
         on_batch: Callable[[BatchStats], None] | None = None,
         clock: Callable[[], float] = time.monotonic,
+        items_per_call: ItemsPerCall | None = None,
     ) -> None:
+        """`items_per_call(key)` caps the items of one key in one predict call below max_batch_size
+        (for example by pixels: on a CPU, big images gain nothing from sharing a call)."""
         _check_settings(max_batch_size, max_delay_s, queue_limit)
         self.name = name
         self._predict = predict
         self._max_batch_size = max_batch_size
+        self._items_per_call = items_per_call
         self._max_delay_s = max_delay_s
         self._queue_limit = queue_limit
         self._on_batch = on_batch
@@ -211,7 +222,8 @@ class Batcher:
     def _run(self) -> None:
         while True:
             try:
-                batch = gather_batch(self._queue, self._max_batch_size, self._max_delay_s, clock=self._clock)
+                batch = gather_batch(self._queue, self._max_batch_size, self._max_delay_s, clock=self._clock,
+                                     limit_for=self._limit)
             except Exception:  # gather over a plain queue should not fail, but the worker must not die
                 logger.exception("batcher %s: gathering failed", self.name)
                 continue
@@ -229,15 +241,28 @@ class Batcher:
             logger.exception("batcher %s: grouping failed", self.name)
             return [[item] for item in batch]
 
+    def _limit(self, key: Hashable) -> int:
+        """Items of `key` per predict call: 1..max_batch_size, whatever items_per_call does."""
+        if self._items_per_call is None:
+            return self._max_batch_size
+        try:
+            return max(1, min(self._max_batch_size, int(self._items_per_call(key))))
+        except Exception:  # a failing policy must not lose the item being gathered
+            logger.exception("batcher %s: items_per_call failed for %r", self.name, key)
+            return 1
+
     def _taken(self, count: int) -> None:
         with self._lock:
             self._waiting -= count
 
     def _run_group(self, group: list[WorkItem]) -> None:
         try:
-            live = self._admit(group)
-            if live:
-                self._compute(group[0].key, live)
+            limit = self._limit(group[0].key)
+            for start in range(0, len(group), limit):
+                # Admitted per call, so a deadline that passes while an earlier call runs still counts.
+                live = self._admit(group[start:start + limit])
+                if live:
+                    self._compute(group[0].key, live)
         except Exception as exc:  # a bug here fails this group only; the loop goes on
             logger.exception("batcher %s: unexpected error", self.name)
             for item in group:

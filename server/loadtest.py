@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import os
 import re
 import statistics
@@ -92,15 +93,38 @@ def in_process_throughput(codec, workload: Workload, batch_sizes: tuple[int, ...
     return best
 
 
-def single_call_ms(codec, workload: Workload, runs: int) -> float:
+def single_client(target: str, codec, workload: Workload, rounds: int,
+                  batch_stats: Callable[[], tuple[float, float]] | None = None,
+                  timeout: float = 600) -> tuple[Phase, float]:
+    """One client's round trips alternating with the same call in process, so both see the same state of
+    the machine (a few percent matter here): (the server phase, the in-process median ms)."""
+    phase = Phase("single", workload.op, workload.size, 1, rounds)
     call = codec.encode if workload.op == "encode" else codec.decode
-    call(workload.codec_input)
-    times = []
-    for _ in range(runs):
-        started = time.perf_counter()
+    channel = grpc.insecure_channel(target, options=[("grpc.max_receive_message_length", 256 << 20)])
+    stub = getattr(pb_grpc.LatentdStub(channel), "Encode" if workload.op == "encode" else "Decode")
+    local_ms = []
+    try:
+        stub(workload.request, timeout=timeout)
         call(workload.codec_input)
-        times.append((time.perf_counter() - started) * 1e3)
-    return statistics.median(times)
+        before = batch_stats() if batch_stats else None
+        for _ in range(rounds):
+            began = time.perf_counter()
+            try:
+                stub(workload.request, timeout=timeout)
+                phase.latencies_ms.append((time.perf_counter() - began) * 1e3)
+            except grpc.RpcError:
+                phase.errors += 1
+            began = time.perf_counter()
+            call(workload.codec_input)
+            local_ms.append((time.perf_counter() - began) * 1e3)
+        if batch_stats:
+            after = batch_stats()
+            calls = after[1] - before[1]
+            phase.mean_batch = (after[0] - before[0]) / calls if calls else None
+    finally:
+        channel.close()
+    phase.seconds = sum(phase.latencies_ms) / 1e3
+    return phase, statistics.median(local_ms)
 
 
 def drive(target: str, workload: Workload, clients: int, requests: int, name: str,
@@ -258,8 +282,10 @@ def requests_for(size: int, base: int, clients: int) -> int:
 def bench_serve(model: str = "default", *, sizes: tuple[int, ...] = (64, 256, 512), ops: tuple[str, ...] = OPERATIONS,
                 clients: int = 16, requests: int = 64, max_batch_size: int = 8, target: str | None = None,
                 device: str | None = None, progress: Callable[[str], None] = lambda message: None) -> list[Row]:
-    """Measure every (op, size): the server batched (C clients and 1 client), the server with
-    batching off (C clients), and the in-process codec (best batch size, and single calls)."""
+    """Measure every (op, size): the in-process codec at its best batch size, then right after it the
+    server batched (C clients, and 1 client alternating with single in-process calls) and the server
+    with batching off (C clients). Both servers run throughout, and each workload's phases follow one
+    another, so that every comparison is made within a minute or two of the machine's time."""
     from latentd.vae.codec import load_codec
 
     codec = load_codec(model, device=device)
@@ -267,27 +293,23 @@ def bench_serve(model: str = "default", *, sizes: tuple[int, ...] = (64, 256, 51
                  for op in ops for size in sizes}
     rows = {key: Row(*key) for key in workloads}
     extra = ("--device", device) if device else ()
-    servers = [("batched", max_batch_size)] + ([("unbatched", 1)] if target is None else [])
-    for label, batch in servers:
-        server = None if target is not None else ServerProcess("bench", model, batch, extra).__enter__()
-        try:
-            address = target or server.target
-            for key, workload in workloads.items():
-                n = requests_for(workload.size, requests, clients)
+    batches = tuple(sorted({size for size in (1, 2, 4, 8, 16, 32) if size < max_batch_size} | {max_batch_size}))
+    with contextlib.ExitStack() as stack:
+        servers = ({"batched": None} if target is not None else
+                   {label: stack.enter_context(ServerProcess("bench", model, batch, extra))
+                    for label, batch in (("batched", max_batch_size), ("unbatched", 1))})
+        for key, workload in workloads.items():
+            n = requests_for(workload.size, requests, clients)
+            progress(f"in-process: {workload.op} {workload.size}px")
+            rows[key].in_process_batch, rows[key].in_process_images_per_s = in_process_throughput(
+                codec, workload, batches, n)
+            for label, server in servers.items():
+                address = target or server.target
                 stats = server.batch_stats(workload.op) if server else None
                 progress(f"{label}: {workload.op} {workload.size}px, {clients} clients, {n} requests")
                 setattr(rows[key], label, drive(address, workload, clients, n, label, stats))
                 if label == "batched":
-                    progress(f"single client: {workload.op} {workload.size}px")
-                    rows[key].single = drive(address, workload, 1, max(4, n // 4), "single", stats)
-        finally:
-            if server is not None:
-                server.__exit__(None, None, None)
-    for key, workload in workloads.items():
-        progress(f"in-process: {workload.op} {workload.size}px")
-        n = requests_for(workload.size, requests, clients)
-        batches = tuple(sorted({1, max_batch_size}))
-        rows[key].in_process_batch, rows[key].in_process_images_per_s = in_process_throughput(
-            codec, workload, batches, n)
-        rows[key].in_process_single_ms = single_call_ms(codec, workload, runs=max(3, n // 8))
+                    progress(f"single client, alternating with in-process calls: {workload.op} {workload.size}px")
+                    rows[key].single, rows[key].in_process_single_ms = single_client(
+                        address, codec, workload, max(4, n // 4), stats)
     return list(rows.values())

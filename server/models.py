@@ -1,7 +1,9 @@
-"""The served models: one codec and one batcher per model, loaded and warmed up before health turns SERVING."""
+"""The served models: one codec and one batcher per model, and the one thread that runs all their torch work."""
 
 from __future__ import annotations
 
+import concurrent.futures
+import functools
 import logging
 import time
 from dataclasses import dataclass
@@ -20,6 +22,9 @@ logger = logging.getLogger(__name__)
 # Batch keys: ("encode", is_uint8, height, width, tiling) and ("decode", channels, h, w, tiling). Items of one
 # key have one shape, so a batch is one forward pass; the codec splits it further to bound memory.
 ENCODE, DECODE = "encode", "decode"
+# max_batch_pixels on CPU when not set: on the 2 cores measured (README: batching), sharing a call
+# gains up to 1.7x for 64x64 images, ~1.1x up to two 256x256 ones, and loses beyond.
+CPU_BATCH_PIXELS = 2 * 256 * 256
 
 
 class NotReadyError(Exception):
@@ -28,35 +33,55 @@ class NotReadyError(Exception):
 
 @dataclass(frozen=True)
 class DecodeItem:
-    latents: Any  # raw z, a float32 torch tensor [C, h, w]
+    latents: Any  # a float32 torch tensor [C, h, w]
     size: tuple[int, int]  # crop to (height, width)
+    scaled: bool = True  # diffusers-scaled latents (else raw z)
 
 
 @dataclass
 class Job:
     """One image (encode: uint8 [H, W, 3]) or latent (decode: DecodeItem) on its way through a batch;
-    the batch stamps its compute window on it for the request's log line."""
+    `finish` turns its model output into plain arrays on the compute thread (see ModelPool); the batch
+    stamps its compute window on it for the request's log line."""
 
     data: Any
+    finish: Callable[[Any], Any] | None = None
     started: float = 0.0
     finished: float = 0.0
 
 
 def predict(codec: Codec, key: Hashable, jobs: list[Job]) -> list[Any]:
-    """One batch of one key through the codec: posteriors for encode, float images for decode."""
+    """One batch of one key through the codec: posteriors for encode, float images for decode, each
+    passed through its job's `finish`."""
     op, *_, tiling = key
     started = time.monotonic()
     if op == ENCODE:
         outputs = codec.posterior([job.data for job in jobs], tiling=tiling)
     elif op == DECODE:
-        outputs = codec.decode([job.data.latents for job in jobs], scaled=False, output="tensor", tiling=tiling,
+        latents = [codec.unscale(job.data.latents) if job.data.scaled else job.data.latents for job in jobs]
+        outputs = codec.decode(latents, scaled=False, output="tensor", tiling=tiling,
                                sizes=[job.data.size for job in jobs])
     else:
         raise ValueError(f"unknown operation {op!r}")
+    outputs = [job.finish(output) if job.finish else output for job, output in zip(jobs, outputs)]
     finished = time.monotonic()
     for job in jobs:
         job.started, job.finished = started, finished
     return outputs
+
+
+def batch_pixel_limit(settings: ServerSettings, device_type: str) -> int:
+    """Pixels per model call; 0 means no limit."""
+    if settings.max_batch_pixels is not None:
+        return settings.max_batch_pixels
+    return CPU_BATCH_PIXELS if device_type == "cpu" else 0
+
+
+def items_per_call(key: Hashable, pixel_limit: int, factor: int) -> int:
+    """How many items of one batch key fit in a call of `pixel_limit` image pixels (at least 1)."""
+    op, _, height, width, _ = key
+    pixels = height * width * (factor * factor if op == DECODE else 1)
+    return max(1, pixel_limit // pixels) if pixel_limit else 1 << 30
 
 
 @dataclass
@@ -69,12 +94,25 @@ class ServedModel:
 
 
 class ModelPool:
-    """Loads every configured model, owns their batchers, and hands them to the servicer by name."""
+    """Loads every configured model, owns their batchers, and hands them to the servicer by name.
+
+    All torch work of the server (loading, warm-up, batches, the latent-space RPCs) runs on one
+    thread, `compute`. Why: on CPU, libgomp gives each thread that starts parallel work its own
+    OpenMP team, and once a process holds more team threads than cores, every team stops
+    spin-waiting, so each parallel region pays a wake-up: encoding a 64x64 image took twice as long
+    on a second thread as on the first (2 cores). One thread also keeps two computations from
+    fighting over the same cores.
+    """
 
     def __init__(self, settings: ServerSettings, on_batch: Callable[[str, BatchStats], None] | None = None) -> None:
         self.settings = settings
         self._on_batch = on_batch
         self._models: dict[str, ServedModel] = {}
+        self.compute = concurrent.futures.ThreadPoolExecutor(max_workers=1, thread_name_prefix="latentd-compute")
+
+    def run(self, fn: Callable[..., Any], *args: Any) -> Any:
+        """fn(*args) on the compute thread, waiting for its result (or exception)."""
+        return self.compute.submit(fn, *args).result()
 
     @property
     def names(self) -> list[str]:
@@ -85,17 +123,20 @@ class ModelPool:
         options = CodecOptions(max_pixels=self.settings.max_pixels)
         for name, source in self.settings.models.items():
             started = time.perf_counter()
-            codec = load_codec(source, device=self.settings.device, dtype=self.settings.dtype, options=options)
+            codec = self.run(functools.partial(load_codec, source, device=self.settings.device,
+                                               dtype=self.settings.dtype, options=options))
             batcher = Batcher(
-                name, lambda key, payloads, codec=codec: predict(codec, key, payloads),
+                name, lambda key, payloads, codec=codec: self.run(predict, codec, key, payloads),
                 max_batch_size=self.settings.max_batch_size,
                 max_delay_s=self.settings.max_batch_delay_ms / 1e3,
                 queue_limit=self.settings.queue_limit,
                 on_batch=(lambda stats, name=name: self._on_batch(name, stats)) if self._on_batch else None,
+                items_per_call=functools.partial(items_per_call, factor=codec.factor,
+                                                 pixel_limit=batch_pixel_limit(self.settings, codec.placement.device.type)),
             )
             batcher.start()
             if self.settings.warmup:
-                self._warm_up(codec)
+                self.run(self._warm_up, codec)
             seconds = time.perf_counter() - started
             self._models[name] = ServedModel(name, source, codec, batcher, seconds)
             logger.info("model %s loaded from %s in %.2f s (%s on %s)", name, source, seconds,
@@ -124,3 +165,5 @@ class ModelPool:
     def stop(self, timeout: float | None = None) -> None:
         for model in self._models.values():
             model.batcher.stop(timeout)
+        # Not waiting: a batch still running past the grace period must not hold up the exit.
+        self.compute.shutdown(wait=False, cancel_futures=True)

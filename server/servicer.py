@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 import concurrent.futures
 import dataclasses
+import functools
 import logging
 import secrets
 import time
@@ -19,7 +20,7 @@ from latentd.vae.errors import InvalidInputError
 
 from . import wire
 from .metrics import ServerMetrics
-from .models import DECODE, ENCODE, DecodeItem, Job, ModelPool, ServedModel
+from .models import DECODE, ENCODE, Job, ModelPool, ServedModel
 from .settings import ServerSettings
 from .status import status_for
 
@@ -50,6 +51,11 @@ def _deadline(context) -> float | None:
     return None if remaining is None else time.monotonic() + remaining
 
 
+def _has_files(images) -> bool:
+    """Whether any Image message holds file bytes (which need decoding) rather than raw pixels."""
+    return any(image.WhichOneof("content") == "encoded" for image in images)
+
+
 def _sizes(shapes: list[tuple[int, int]]) -> str:
     unique = sorted(set(shapes))
     return ",".join(f"{h}x{w}" for h, w in unique[:4]) + ("..." if len(unique) > 4 else "")
@@ -64,9 +70,11 @@ class LatentdServicer(pb_grpc.LatentdServicer):
     # ---- shared machinery ----------------------------------------------------------------------
 
     async def _run(self, served: ServedModel, key_of: Callable[[Any], tuple], data: list[Any],
-                   deadline: float | None, log: RequestLog) -> list[Any]:
-        """Submit one job per item and wait for all; on failure or cancellation the rest are cancelled."""
-        jobs = [Job(item) for item in data]
+                   deadline: float | None, log: RequestLog,
+                   finish: Callable[[int, Any], Any] | None = None) -> list[Any]:
+        """Submit one job per item and wait for all; on failure or cancellation the rest are cancelled.
+        `finish(index, output)` converts item `index`'s output on the compute thread."""
+        jobs = [Job(item, functools.partial(finish, index) if finish else None) for index, item in enumerate(data)]
         futures: list[concurrent.futures.Future] = []
         submitted = time.monotonic()
         try:
@@ -77,6 +85,19 @@ class LatentdServicer(pb_grpc.LatentdServicer):
             for future in futures:
                 future.cancel()  # no-op for finished ones; frees the batch of work nobody waits for
             log.note_jobs([job for job in jobs if job.finished], submitted)
+
+    async def _compute(self, fn: Callable[[], Any]) -> Any:
+        """fn() on the pool's compute thread, where all torch work runs (see ModelPool)."""
+        return await asyncio.wrap_future(self.pool.compute.submit(fn))
+
+    @staticmethod
+    async def _off_loop(fn: Callable[[], Any], needed: bool) -> Any:
+        """fn() on a worker thread when `needed` (image files to decode or encode), else right here:
+        raw pixels cost less to handle than a thread hop."""
+        return await asyncio.to_thread(fn) if needed else fn()
+
+    def _read_images(self, images, prefix: str = "images") -> list[Any]:
+        return [wire.read_image(image, f"{prefix}[{i}]", self.settings.max_pixels) for i, image in enumerate(images)]
 
     async def _observed(self, rpc: str, request_id: str, handle: Callable[[RequestLog], Awaitable[Any]]) -> Any:
         """Run a handler with its metrics and its one log line, whatever the outcome."""
@@ -113,26 +134,27 @@ class LatentdServicer(pb_grpc.LatentdServicer):
             if getattr(options, flag) and not served.codec.info.has_posterior:
                 raise InvalidInputError(f"options.{flag}: model {served.name!r} is deterministic",
                                         field=f"options.{flag}")
-        images = await asyncio.to_thread(
-            lambda: [wire.read_image(image, f"images[{i}]", self.settings.max_pixels)
-                     for i, image in enumerate(request.images)])
+        images = await self._off_loop(lambda: self._read_images(request.images), _has_files(request.images))
         sizes = [wire.image_size(image) for image in images]
         log.items, log.sizes = len(images), _sizes(sizes)
-        # uint8 and float inputs go through the codec separately (its conversion differs per kind).
-        posteriors = await self._run(
-            served, lambda image: (ENCODE, isinstance(image, np.ndarray), *wire.image_size(image), tiling), images,
-            deadline, log)
         seed = options.seed if options.HasField("seed") else secrets.randbits(63)
         codec = served.codec
-        items = []
-        for index, ((mean, logvar), (height, width)) in enumerate(zip(posteriors, sizes)):
+
+        def finish(index: int, posterior: tuple) -> tuple:
+            mean, logvar = posterior
             if options.posterior:
-                items.append(pb.EncodedImage(latents=wire.latents_message(mean, dtype), height=height, width=width,
-                                             logvar=wire.latents_message(logvar, dtype)))
-                continue
+                return wire.latents_array(mean), wire.latents_array(logvar)
             latents = codec.latents_from_posterior(mean, logvar, sample=options.sample, seed=seed, index=index,
                                                    scaled=not options.raw)
-            items.append(pb.EncodedImage(latents=wire.latents_message(latents, dtype), height=height, width=width))
+            return wire.latents_array(latents), None
+
+        # uint8 and float inputs go through the codec separately (its conversion differs per kind).
+        results = await self._run(
+            served, lambda image: (ENCODE, isinstance(image, np.ndarray), *wire.image_size(image), tiling), images,
+            deadline, log, finish)
+        items = [pb.EncodedImage(latents=wire.latents_message(latents, dtype), height=height, width=width,
+                                 logvar=None if logvar is None else wire.latents_message(logvar, dtype))
+                 for (latents, logvar), (height, width) in zip(results, sizes)]
         return pb.EncodeResponse(id=request.id, model=served.name, items=items)
 
     async def _decode(self, request: pb.DecodeRequest, deadline: float | None, log: RequestLog) -> pb.DecodeResponse:
@@ -144,14 +166,16 @@ class LatentdServicer(pb_grpc.LatentdServicer):
         if not request.items:
             raise InvalidInputError("items is empty", field="items")
         codec = served.codec
-        items = [wire.read_latents(item, f"items[{i}]", codec.info, self.settings.max_pixels)
+        items = [dataclasses.replace(wire.read_latents(item, f"items[{i}]", codec.info, self.settings.max_pixels),
+                                     scaled=not options.raw)
                  for i, item in enumerate(request.items)]
-        if not options.raw:
-            items = [DecodeItem(codec.unscale(item.latents), item.size) for item in items]
         log.items, log.sizes = len(items), _sizes([item.size for item in items])
-        images = await self._run(served, lambda item: (DECODE, *item.latents.shape, tiling), items, deadline, log)
-        encoded = await asyncio.to_thread(lambda: [wire.image_message(image, output) for image in images])
-        return pb.DecodeResponse(id=request.id, model=served.name, images=encoded)
+        arrays = await self._run(served, lambda item: (DECODE, *item.latents.shape, tiling), items, deadline, log,
+                                 lambda index, image: wire.image_array(image, output))
+        return pb.DecodeResponse(id=request.id, model=served.name, images=await self._image_messages(arrays, output))
+
+    async def _image_messages(self, arrays: list[np.ndarray], output: wire.OutputFormat) -> list[pb.Image]:
+        return await self._off_loop(lambda: [wire.image_message(array, output) for array in arrays], output.encoded)
 
     async def Encode(self, request, context):
         return await self._observed("Encode", request.id,
@@ -235,7 +259,7 @@ class LatentdServicer(pb_grpc.LatentdServicer):
             return self._model_info(self.pool.get(request.name))
         return await self._observed("GetModel", "", handle)
 
-    # ---- latent-space operations (not batched: one call each, serialised by the codec's lock) --
+    # ---- latent-space operations (not batched: one call each, on the compute thread) ----------
 
     async def Interpolate(self, request, context):
         async def handle(log: RequestLog):
@@ -248,12 +272,16 @@ class LatentdServicer(pb_grpc.LatentdServicer):
             if method not in ("slerp", "lerp"):
                 raise InvalidInputError(f"method must be slerp or lerp, got {method!r}", field="method")
 
+            pair = (request.image_a, request.image_b)
+            a, b = await self._off_loop(
+                lambda: [wire.read_image(image, name, self.settings.max_pixels)
+                         for image, name in zip(pair, ("image_a", "image_b"))], _has_files(pair))
+
             def work():
-                a = wire.read_image(request.image_a, "image_a", self.settings.max_pixels)
-                b = wire.read_image(request.image_b, "image_b", self.settings.max_pixels)
                 frames = served.codec.interpolate(a, b, steps=request.steps or 8, method=method, output="tensor")
-                return [wire.image_message(frame, output) for frame in frames]
-            return pb.ImagesResponse(model=served.name, images=await asyncio.to_thread(work))
+                return [wire.image_array(frame, output) for frame in frames]
+            arrays = await self._compute(work)
+            return pb.ImagesResponse(model=served.name, images=await self._image_messages(arrays, output))
         return await self._observed("Interpolate", "", handle)
 
     async def SamplePrior(self, request, context):
@@ -273,8 +301,9 @@ class LatentdServicer(pb_grpc.LatentdServicer):
             def work():
                 images = served.codec.sample_prior(request.count, request.height, request.width, request.seed,
                                                    output="tensor")
-                return [wire.image_message(image, output) for image in images]
-            return pb.ImagesResponse(model=served.name, images=await asyncio.to_thread(work))
+                return [wire.image_array(image, output) for image in images]
+            arrays = await self._compute(work)
+            return pb.ImagesResponse(model=served.name, images=await self._image_messages(arrays, output))
         return await self._observed("SamplePrior", "", handle)
 
     async def AnomalyScore(self, request, context):
@@ -284,11 +313,8 @@ class LatentdServicer(pb_grpc.LatentdServicer):
             if not request.images:
                 raise InvalidInputError("images is empty", field="images")
 
-            def work():
-                images = [wire.read_image(image, f"images[{i}]", self.settings.max_pixels)
-                          for i, image in enumerate(request.images)]
-                return served.codec.anomaly_score(images)
-            scores = await asyncio.to_thread(work)
+            images = await self._off_loop(lambda: self._read_images(request.images), _has_files(request.images))
+            scores = await self._compute(lambda: served.codec.anomaly_score(images))
             return pb.AnomalyScoreResponse(model=served.name,
                                            scores=[pb.Score(mse=s.mse, psnr=s.psnr) for s in scores])
         return await self._observed("AnomalyScore", "", handle)

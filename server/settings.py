@@ -23,6 +23,9 @@ class ServerSettings:
     dtype: str | None = None  # None: bf16/fp16 on GPU, fp32 on CPU
     max_batch_size: int = 8  # images per model call
     max_batch_delay_ms: float = 5.0  # how long the first item of a batch waits for company
+    # Image pixels per model call, summed over its items (a batch always takes at least one item).
+    # None: 131072 on CPU, where bigger calls stop paying (README: batching), unlimited on GPU; 0: unlimited.
+    max_batch_pixels: int | None = None
     queue_limit: int = 256  # images waiting per model; beyond it RESOURCE_EXHAUSTED
     stream_window: int = 16  # requests of one stream in flight (or answered but not yet read by the client)
     max_message_mb: int = 64  # gRPC send/receive message size limit
@@ -43,6 +46,7 @@ class ServerSettings:
             ("models", bool(self.models), "needs at least one model"),
             ("max_batch_size", self.max_batch_size >= 1, "must be at least 1"),
             ("max_batch_delay_ms", self.max_batch_delay_ms >= 0, "must be >= 0"),
+            ("max_batch_pixels", self.max_batch_pixels is None or self.max_batch_pixels >= 0, "must be >= 0"),
             ("queue_limit", self.queue_limit >= 1, "must be at least 1"),
             ("stream_window", self.stream_window >= 1, "must be at least 1"),
             ("max_message_mb", self.max_message_mb >= 1, "must be at least 1"),

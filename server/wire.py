@@ -49,6 +49,11 @@ class OutputFormat:
     format: int
     quality: int
 
+    @property
+    def encoded(self) -> bool:
+        """PNG/JPEG/WebP bytes (worth a worker thread) rather than raw pixels."""
+        return self.format in ENCODED_FORMATS
+
     @classmethod
     def parse(cls, format: int, quality: int, prefix: str = "options.") -> "OutputFormat":
         if format not in ENCODED_FORMATS and format not in (pb.RAW_UINT8, pb.RAW_FLOAT):
@@ -112,15 +117,27 @@ def read_latents(message: pb.Latents, field: str, info: ModelInfo, max_pixels: i
     return DecodeItem(torch.from_numpy(array.astype(np.float32)), (height, width))
 
 
-def latents_message(latents: torch.Tensor, dtype: str) -> pb.Tensor:
-    return to_tensor(latents.detach().cpu().float().numpy(), dtype)
+def latents_array(latents: torch.Tensor) -> np.ndarray:
+    """Latents as a float32 CPU array (torch work: runs on the compute thread)."""
+    return latents.detach().cpu().float().numpy()
 
 
-def image_message(image: torch.Tensor, output: OutputFormat) -> pb.Image:
-    """A decoded float [3, H, W] image in [-1, 1] in the requested format."""
+def latents_message(latents: np.ndarray, dtype: str) -> pb.Tensor:
+    return to_tensor(latents, dtype)
+
+
+def image_array(image: torch.Tensor, output: OutputFormat) -> np.ndarray:
+    """A decoded float [3, H, W] image in [-1, 1] as the array its message needs: float32 [3, H, W]
+    for RAW_FLOAT, else uint8 [H, W, 3] (torch work: runs on the compute thread)."""
     if output.format == pb.RAW_FLOAT:
-        return pb.Image(pixels=to_tensor(image.float().numpy(), "float32"))
-    pixels = tensor_to_uint8(image)
+        return image.float().cpu().numpy()
+    return tensor_to_uint8(image.cpu())
+
+
+def image_message(pixels: np.ndarray, output: OutputFormat) -> pb.Image:
+    """An `image_array` result in the requested format (PNG/JPEG/WebP encoding included)."""
+    if output.format == pb.RAW_FLOAT:
+        return pb.Image(pixels=to_tensor(pixels, "float32"))
     if output.format == pb.RAW_UINT8:
         return pb.Image(pixels=to_tensor(pixels, "uint8"))
     return pb.Image(encoded=encode_file(pixels, output))

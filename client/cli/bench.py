@@ -245,7 +245,10 @@ def run_serve(args: argparse.Namespace) -> int:
             verdicts.append(f"share {'met' if row.concurrent_share >= TARGET_CONCURRENT_SHARE else 'MISSED'}")
         if row.size == 512 and row.single_overhead is not None:
             verdicts.append(f"overhead {'met' if row.single_overhead <= TARGET_SINGLE_OVERHEAD else 'MISSED'}")
-        if row.batching_gain is not None:
+        if row.batching_gain is not None and row.batched.mean_batch == 1:
+            # Nothing to gain: max_batch_pixels runs this size one image per call (on CPU, where it is fastest).
+            verdicts.append("gain - (one image per call at this size: max_batch_pixels)")
+        elif row.batching_gain is not None:
             verdicts.append(f"gain {'met' if row.batching_gain > 1 else 'MISSED'}")
         print(f"  {row.op} {row.size}: {', '.join(verdicts) or '-'}")
     return EXIT_OK if not failed else EXIT_FAILED

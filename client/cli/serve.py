@@ -25,6 +25,8 @@ def add_parser(subparsers: argparse._SubParsersAction) -> None:
     parser.add_argument("--dtype", choices=("float32", "float16", "bfloat16"), help="compute dtype")
     parser.add_argument("--max-batch-size", type=int, help="images per model call (default: 8)")
     parser.add_argument("--max-batch-delay-ms", type=float, help="how long a batch waits to fill (default: 5)")
+    parser.add_argument("--max-batch-pixels", type=int, help="image pixels per model call, summed over its images "
+                                                             "(default: 131072 on CPU, unlimited on GPU; 0: unlimited)")
     parser.add_argument("--queue-limit", type=int, help="images waiting per model before RESOURCE_EXHAUSTED "
                                                         "(default: 256)")
     parser.add_argument("--max-pixels", type=int, help="largest image in pixels (default: 4096x4096)")
@@ -43,8 +45,8 @@ def add_parser(subparsers: argparse._SubParsersAction) -> None:
     parser.set_defaults(run=run)
 
 
-FLAG_SETTINGS = ("host", "port", "models", "device", "dtype", "max_batch_size", "max_batch_delay_ms", "queue_limit",
-                 "max_pixels", "max_message_mb", "metrics_port", "metrics_host", "tls_cert", "tls_key",
+FLAG_SETTINGS = ("host", "port", "models", "device", "dtype", "max_batch_size", "max_batch_delay_ms",
+                 "max_batch_pixels", "queue_limit", "max_pixels", "max_message_mb", "metrics_port", "metrics_host", "tls_cert", "tls_key",
                  "tls_client_ca", "grace_s", "warmup")
 
 

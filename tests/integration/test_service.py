@@ -12,7 +12,9 @@ import torch
 from PIL import Image
 
 from latentd.client.tensors import from_tensor, to_tensor
+from latentd.server import models, wire
 from latentd.v1 import latentd_pb2 as pb
+from latentd.vae.codec import Codec
 from tests.conftest import smooth_image
 
 
@@ -200,3 +202,39 @@ def test_streams_answer_every_request_by_id_and_report_bad_ones_in_band(start_se
     decoded = {response.id: response for response in harness.stub.DecodeStream(iter(decode_requests), timeout=60)}
     assert set(decoded) == set(images)
     assert all(Image.open(io.BytesIO(r.images[0].encoded)).format == "JPEG" for r in decoded.values())
+
+
+def test_all_torch_work_runs_on_the_one_compute_thread(start_server, monkeypatch):
+    """Loading, warm-up, batches, conversions and the latent-space RPCs all run on `latentd-compute`
+    (one OpenMP team on CPU: see ModelPool)."""
+    threads: dict[str, set[str]] = {}
+
+    def recorded(owner, name):
+        original = getattr(owner, name)
+
+        def wrapper(*args, **kwargs):
+            threads.setdefault(name, set()).add(threading.current_thread().name)
+            return original(*args, **kwargs)
+        monkeypatch.setattr(owner, name, wrapper)
+
+    recorded(models, "load_codec")
+    for name in ("encode", "decode", "posterior", "unscale", "latents_from_posterior", "interpolate", "sample_prior",
+                 "anomaly_score"):
+        recorded(Codec, name)
+    for name in ("latents_array", "image_array"):
+        recorded(wire, name)
+    harness = start_server()
+    image = smooth_image(16, 24)
+    for options in (pb.EncodeOptions(), pb.EncodeOptions(posterior=True), pb.EncodeOptions(sample=True, seed=1)):
+        encoded = harness.stub.Encode(pb.EncodeRequest(images=[pb.Image(pixels=to_tensor(image))], options=options),
+                                      timeout=30)
+    for output in (pb.PNG, pb.RAW_FLOAT):
+        harness.stub.Decode(pb.DecodeRequest(items=[pb.Latents(latents=encoded.items[0].latents)],
+                                             options=pb.DecodeOptions(format=output)), timeout=30)
+    harness.stub.Interpolate(pb.InterpolateRequest(image_a=pb.Image(encoded=png(image)),
+                                                   image_b=pb.Image(pixels=to_tensor(image)), steps=2), timeout=30)
+    harness.stub.SamplePrior(pb.SamplePriorRequest(count=1, height=16, width=16), timeout=30)
+    harness.stub.AnomalyScore(pb.AnomalyScoreRequest(images=[pb.Image(encoded=png(image))]), timeout=30)
+    assert set(threads) == {"load_codec", "encode", "decode", "posterior", "unscale", "latents_from_posterior",
+                            "interpolate", "sample_prior", "anomaly_score", "latents_array", "image_array"}
+    assert {name for names in threads.values() for name in names} == {"latentd-compute_0"}

@@ -146,6 +146,16 @@ def test_gather_sentinel_after_items_returns_them_then_stop():
     assert gather_batch(queue_of(c, None), max_items=2, max_delay_s=WAIT) == [c]
 
 
+def test_gather_limit_for_the_first_key_stops_early_without_waiting():
+    big, small = item("big", 1), item("small", 2)
+    source = queue_of(big, small)
+    started = time.monotonic()
+    # One item of key "big" per call: the batch leaves at once, though max_delay_s is long.
+    assert gather_batch(source, max_items=8, max_delay_s=10.0, limit_for=lambda key: 1 if key == "big" else 8) == [big]
+    assert time.monotonic() - started < 1.0
+    assert gather_batch(source, max_items=8, max_delay_s=0.0, limit_for=lambda key: 1 if key == "big" else 8) == [small]
+
+
 # -- group_by_key -------------------------------------------------------------------------------------
 
 
@@ -162,6 +172,28 @@ def test_group_by_key_uses_structured_keys():
 
 
 # -- Batcher ----------------------------------------------------------------------------------------------
+
+
+def test_items_per_call_splits_a_group_into_calls_of_its_key(make_batcher):
+    calls: list[tuple[str, int]] = []
+    gate = threading.Event()
+
+    def predict(key, payloads):
+        gate.wait(WAIT)
+        calls.append((key, len(payloads)))
+        return [p * 2 for p in payloads]
+
+    limits = {"big": 2, "small": 8, "broken": None}  # int(None) raises: the policy's bug costs batching only
+    batcher = make_batcher(predict, max_batch_size=8, max_delay_s=0.05, items_per_call=lambda key: limits[key])
+    batcher.start()
+    blocker = batcher.submit("small", -1)  # occupies the worker until the gate opens, so the rest queue up
+    futures = [batcher.submit(key, i) for i, key in enumerate(["small"] * 2 + ["big"] * 5 + ["broken"] * 2)]
+    gate.set()
+    assert blocker.result(timeout=WAIT) == -2
+    assert [f.result(timeout=WAIT) for f in futures] == [2 * i for i in range(9)]
+    assert ("big", 2) in calls and all(size <= 2 for key, size in calls if key == "big")
+    assert all(size == 1 for key, size in calls if key == "broken")
+    assert sum(size for key, size in calls if key == "big") == 5
 
 
 def test_concurrent_submits_are_batched_and_each_caller_gets_its_own_result(make_batcher):

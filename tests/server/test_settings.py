@@ -6,6 +6,7 @@ import pytest
 
 from latentd.client.cli import build_parser
 from latentd.client.cli.serve import settings_from_args
+from latentd.server.models import CPU_BATCH_PIXELS, batch_pixel_limit, items_per_call
 from latentd.server.settings import ServerSettings, load_settings, parse_models
 from latentd.vae.errors import InvalidInputError
 
@@ -39,6 +40,7 @@ def test_yaml_and_json_files(tmp_path):
 @pytest.mark.parametrize("values, field", [
     ({"port": 70000}, "port"),
     ({"max_batch_size": 0}, "max_batch_size"),
+    ({"max_batch_pixels": -1}, "max_batch_pixels"),
     ({"queue_limit": "many"}, "queue_limit"),
     ({"warmup": "perhaps"}, "warmup"),
     ({"tls_cert": "c.pem"}, "tls_key"),
@@ -74,3 +76,18 @@ def test_cli_flags_and_token_file(tmp_path):
     settings = settings_from_args(args, environ={})
     assert settings.port == 0 and settings.models == {"x": "taesd", "y": "sd"}
     assert settings.auth_tokens == ("alpha", "beta") and settings.warmup is False
+
+
+def test_batch_pixel_policy():
+    """Auto: a pixel budget on CPU, none on GPU; the flag and variable set it; a call holds at least one image."""
+    auto = load_settings(environ={})
+    assert batch_pixel_limit(auto, "cpu") == CPU_BATCH_PIXELS and batch_pixel_limit(auto, "cuda") == 0
+    assert batch_pixel_limit(load_settings(environ={"LATENTD_MAX_BATCH_PIXELS": "0"}), "cpu") == 0
+    args = build_parser().parse_args(["serve", "--max-batch-pixels", "65536"])
+    assert batch_pixel_limit(settings_from_args(args, environ={}), "cuda") == 65536
+    encode = lambda side: ("encode", True, side, side, "auto")  # noqa: E731
+    assert items_per_call(encode(64), CPU_BATCH_PIXELS, factor=8) == 32
+    assert items_per_call(encode(256), CPU_BATCH_PIXELS, factor=8) == 2
+    assert items_per_call(encode(512), CPU_BATCH_PIXELS, factor=8) == 1
+    assert items_per_call(("decode", 4, 32, 32, "auto"), CPU_BATCH_PIXELS, factor=8) == 2  # 256x256 pixels out
+    assert items_per_call(encode(512), 0, factor=8) >= 1 << 20
