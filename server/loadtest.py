@@ -23,6 +23,7 @@ from latentd.v1 import latentd_pb2 as pb
 from latentd.v1 import latentd_pb2_grpc as pb_grpc
 
 OPERATIONS = ("encode", "decode")
+CHANNEL_OPTIONS = [("grpc.max_receive_message_length", 256 << 20)]  # decoded 512x512 floats exceed the 4 MB default
 
 
 @dataclass
@@ -94,6 +95,16 @@ def in_process_throughput(codec, workload: Workload, batch_sizes: tuple[int, ...
     return best
 
 
+def _rpc(workload: Workload) -> str:
+    return "Encode" if workload.op == "encode" else "Decode"
+
+
+def _mean_batch(before: tuple[float, float], after: tuple[float, float]) -> float | None:
+    """Mean batch size between two readings of the server's (sum, count) of batch sizes."""
+    calls = after[1] - before[1]
+    return (after[0] - before[0]) / calls if calls else None
+
+
 def single_client(target: str, codec, workload: Workload, rounds: int,
                   batch_stats: Callable[[], tuple[float, float]] | None = None,
                   timeout: float = 600) -> tuple[Phase, float]:
@@ -101,8 +112,8 @@ def single_client(target: str, codec, workload: Workload, rounds: int,
     the machine (a few percent matter here): (the server phase, the in-process median ms)."""
     phase = Phase("single", workload.op, workload.size, 1, rounds)
     call = codec.encode if workload.op == "encode" else codec.decode
-    channel = grpc.insecure_channel(target, options=[("grpc.max_receive_message_length", 256 << 20)])
-    stub = getattr(pb_grpc.LatentdStub(channel), "Encode" if workload.op == "encode" else "Decode")
+    channel = grpc.insecure_channel(target, options=CHANNEL_OPTIONS)
+    stub = getattr(pb_grpc.LatentdStub(channel), _rpc(workload))
     local_ms = []
     try:
         stub(workload.request, timeout=timeout)
@@ -119,9 +130,7 @@ def single_client(target: str, codec, workload: Workload, rounds: int,
             call(workload.codec_input)
             local_ms.append((time.perf_counter() - began) * 1e3)
         if batch_stats:
-            after = batch_stats()
-            calls = after[1] - before[1]
-            phase.mean_batch = (after[0] - before[0]) / calls if calls else None
+            phase.mean_batch = _mean_batch(before, batch_stats())
     finally:
         channel.close()
     phase.seconds = sum(phase.latencies_ms) / 1e3
@@ -140,11 +149,9 @@ def drive(target: str, workload: Workload, clients: int, requests: int, name: st
 async def _drive(target: str, workload: Workload, clients: int, requests: int, name: str,
                  batch_stats: Callable[[], tuple[float, float]] | None, timeout: float) -> Phase:
     phase = Phase(name, workload.op, workload.size, clients, requests)
-    rpc = "Encode" if workload.op == "encode" else "Decode"
-    channels = [grpc.aio.insecure_channel(target, options=[("grpc.max_receive_message_length", 256 << 20)])
-                for _ in range(clients)]
+    channels = [grpc.aio.insecure_channel(target, options=CHANNEL_OPTIONS) for _ in range(clients)]
     try:
-        stubs = [getattr(pb_grpc.LatentdStub(channel), rpc) for channel in channels]
+        stubs = [getattr(pb_grpc.LatentdStub(channel), _rpc(workload)) for channel in channels]
         await asyncio.gather(*(stub(workload.request, timeout=timeout) for stub in stubs))
         remaining = requests
 
@@ -164,9 +171,7 @@ async def _drive(target: str, workload: Workload, clients: int, requests: int, n
         await asyncio.gather(*(client(stub) for stub in stubs))
         phase.seconds = time.perf_counter() - began
         if batch_stats:
-            after = await asyncio.to_thread(batch_stats)
-            calls = after[1] - before[1]
-            phase.mean_batch = (after[0] - before[0]) / calls if calls else None
+            phase.mean_batch = _mean_batch(before, await asyncio.to_thread(batch_stats))
     finally:
         await asyncio.gather(*(channel.close() for channel in channels))
     return phase

@@ -125,14 +125,14 @@ class ModelPool:
             started = time.perf_counter()
             codec = self.run(functools.partial(load_codec, source, device=self.settings.device,
                                                dtype=self.settings.dtype, options=options))
+            pixel_limit = batch_pixel_limit(self.settings, codec.placement.device.type)
             batcher = Batcher(
                 name, lambda key, payloads, codec=codec: self.run(predict, codec, key, payloads),
                 max_batch_size=self.settings.max_batch_size,
                 max_delay_s=self.settings.max_batch_delay_ms / 1e3,
                 queue_limit=self.settings.queue_limit,
                 on_batch=(lambda stats, name=name: self._on_batch(name, stats)) if self._on_batch else None,
-                items_per_call=functools.partial(items_per_call, factor=codec.factor,
-                                                 pixel_limit=batch_pixel_limit(self.settings, codec.placement.device.type)),
+                items_per_call=functools.partial(items_per_call, pixel_limit=pixel_limit, factor=codec.factor),
             )
             batcher.start()
             if self.settings.warmup:

@@ -96,8 +96,8 @@ class LatentdServicer(pb_grpc.LatentdServicer):
         raw pixels cost less to handle than a thread hop."""
         return await asyncio.to_thread(fn) if needed else fn()
 
-    def _read_images(self, images, prefix: str = "images") -> list[Any]:
-        return [wire.read_image(image, f"{prefix}[{i}]", self.settings.max_pixels) for i, image in enumerate(images)]
+    def _read_images(self, images) -> list[Any]:
+        return [wire.read_image(image, f"images[{i}]", self.settings.max_pixels) for i, image in enumerate(images)]
 
     async def _observed(self, rpc: str, request_id: str, handle: Callable[[RequestLog], Awaitable[Any]]) -> Any:
         """Run a handler with its metrics and its one log line, whatever the outcome."""

@@ -1,4 +1,4 @@
-"""Latent storage formats: float16, bfloat16, and q8 (8-bit per-channel affine), optionally predicted and zstd-packed."""
+"""Latent storage formats: float16, bfloat16, q8 (8-bit per-channel affine), and q8 predicted and zstd-packed."""
 
 from __future__ import annotations
 

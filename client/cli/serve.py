@@ -46,8 +46,8 @@ def add_parser(subparsers: argparse._SubParsersAction) -> None:
 
 
 FLAG_SETTINGS = ("host", "port", "models", "device", "dtype", "max_batch_size", "max_batch_delay_ms",
-                 "max_batch_pixels", "queue_limit", "max_pixels", "max_message_mb", "metrics_port", "metrics_host", "tls_cert", "tls_key",
-                 "tls_client_ca", "grace_s", "warmup")
+                 "max_batch_pixels", "queue_limit", "max_pixels", "max_message_mb", "metrics_port", "metrics_host",
+                 "tls_cert", "tls_key", "tls_client_ca", "grace_s", "warmup")
 
 
 def settings_from_args(args: argparse.Namespace, environ=None):
