@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import math
 import os
 import re
 import statistics
@@ -38,7 +39,26 @@ class Phase:
     seconds: float = 0.0
     latencies_ms: list[float] = field(default_factory=list)
     errors: int = 0
-    mean_batch: float | None = None
+    batch_items: float = 0.0  # items and model calls the server counted during the phase
+    batch_calls: float = 0.0
+
+    @property
+    def mean_batch(self) -> float | None:
+        return self.batch_items / self.batch_calls if self.batch_calls else None
+
+    def count_batches(self, before: tuple[float, float], after: tuple[float, float]) -> None:
+        """Add the server's batch-size (sum, count) growth between two readings."""
+        self.batch_items += after[0] - before[0]
+        self.batch_calls += after[1] - before[1]
+
+    def merge(self, other: "Phase") -> None:
+        """Add another round of the same workload."""
+        self.requests += other.requests
+        self.seconds += other.seconds
+        self.latencies_ms += other.latencies_ms
+        self.errors += other.errors
+        self.batch_items += other.batch_items
+        self.batch_calls += other.batch_calls
 
     @property
     def images_per_s(self) -> float:
@@ -79,37 +99,38 @@ def make_workload(codec, op: str, size: int, model: str) -> Workload:
     return Workload(op, size, request, latents)
 
 
-def in_process_throughput(codec, workload: Workload, batch_sizes: tuple[int, ...], images: int) -> tuple[int, float]:
-    """(best batch size, images/s) of the codec called directly with batches of the workload's input."""
+def in_process_run(codec, workload: Workload, batch: int, images: int) -> tuple[int, float]:
+    """(images, seconds) of the codec called directly on batches of `batch` copies of the workload's
+    input (already warmed up at that shape), about `images` in all."""
     call = codec.encode if workload.op == "encode" else codec.decode
-    best = (1, 0.0)
+    inputs = [workload.codec_input] * batch
+    calls = max(1, images // batch)
+    started = time.perf_counter()
+    for _ in range(calls):
+        call(inputs)
+    return calls * batch, time.perf_counter() - started
+
+
+def best_batch(codec, workload: Workload, batch_sizes: tuple[int, ...], images: int) -> int:
+    """The batch size at which the codec is fastest on this workload (each warmed up first)."""
+    call = codec.encode if workload.op == "encode" else codec.decode
+    rates = {}
     for batch in batch_sizes:
-        inputs = [workload.codec_input] * batch
-        call(inputs)  # warm-up at this shape
-        calls = max(1, images // batch)
-        started = time.perf_counter()
-        for _ in range(calls):
-            call(inputs)
-        rate = calls * batch / (time.perf_counter() - started)
-        best = max(best, (batch, rate), key=lambda pair: pair[1])
-    return best
+        call([workload.codec_input] * batch)  # warm-up at this shape
+        done, seconds = in_process_run(codec, workload, batch, images)
+        rates[batch] = done / seconds
+    return max(rates, key=rates.get)
 
 
 def _rpc(workload: Workload) -> str:
     return "Encode" if workload.op == "encode" else "Decode"
 
 
-def _mean_batch(before: tuple[float, float], after: tuple[float, float]) -> float | None:
-    """Mean batch size between two readings of the server's (sum, count) of batch sizes."""
-    calls = after[1] - before[1]
-    return (after[0] - before[0]) / calls if calls else None
-
-
 def single_client(target: str, codec, workload: Workload, rounds: int,
                   batch_stats: Callable[[], tuple[float, float]] | None = None,
-                  timeout: float = 600) -> tuple[Phase, float]:
+                  timeout: float = 600) -> tuple[Phase, list[float]]:
     """One client's round trips alternating with the same call in process, so both see the same state of
-    the machine (a few percent matter here): (the server phase, the in-process median ms)."""
+    the machine (a few percent matter here): (the server phase, the in-process call times in ms)."""
     phase = Phase("single", workload.op, workload.size, 1, rounds)
     call = codec.encode if workload.op == "encode" else codec.decode
     channel = grpc.insecure_channel(target, options=CHANNEL_OPTIONS)
@@ -130,29 +151,33 @@ def single_client(target: str, codec, workload: Workload, rounds: int,
             call(workload.codec_input)
             local_ms.append((time.perf_counter() - began) * 1e3)
         if batch_stats:
-            phase.mean_batch = _mean_batch(before, batch_stats())
+            phase.count_batches(before, batch_stats())
     finally:
         channel.close()
     phase.seconds = sum(phase.latencies_ms) / 1e3
-    return phase, statistics.median(local_ms)
+    return phase, local_ms
 
 
 def drive(target: str, workload: Workload, clients: int, requests: int, name: str,
-          batch_stats: Callable[[], tuple[float, float]] | None = None, timeout: float = 600) -> Phase:
+          batch_stats: Callable[[], tuple[float, float]] | None = None, timeout: float = 600,
+          warm_up: bool = True) -> Phase:
     """`requests` calls from `clients` concurrent clients, each with its own channel and one call in
-    flight, after one warm-up call each. The clients are tasks of one asyncio loop (grpc.aio) rather
-    than threads: the load generator shares the machine with the server, and 16 threads contending
-    for the GIL would cost the server more CPU than the calls themselves."""
-    return asyncio.run(_drive(target, workload, clients, requests, name, batch_stats, timeout))
+    flight, after one warm-up call each (`warm_up`; else after connecting). The clients are tasks of
+    one asyncio loop (grpc.aio) rather than threads: the load generator shares the machine with the
+    server, and 16 threads contending for the GIL would cost the server more CPU than the calls themselves."""
+    return asyncio.run(_drive(target, workload, clients, requests, name, batch_stats, timeout, warm_up))
 
 
 async def _drive(target: str, workload: Workload, clients: int, requests: int, name: str,
-                 batch_stats: Callable[[], tuple[float, float]] | None, timeout: float) -> Phase:
+                 batch_stats: Callable[[], tuple[float, float]] | None, timeout: float, warm_up: bool) -> Phase:
     phase = Phase(name, workload.op, workload.size, clients, requests)
     channels = [grpc.aio.insecure_channel(target, options=CHANNEL_OPTIONS) for _ in range(clients)]
     try:
         stubs = [getattr(pb_grpc.LatentdStub(channel), _rpc(workload)) for channel in channels]
-        await asyncio.gather(*(stub(workload.request, timeout=timeout) for stub in stubs))
+        if warm_up:
+            await asyncio.gather(*(stub(workload.request, timeout=timeout) for stub in stubs))
+        else:
+            await asyncio.wait_for(asyncio.gather(*(channel.channel_ready() for channel in channels)), timeout)
         remaining = requests
 
         async def client(stub) -> None:
@@ -171,7 +196,7 @@ async def _drive(target: str, workload: Workload, clients: int, requests: int, n
         await asyncio.gather(*(client(stub) for stub in stubs))
         phase.seconds = time.perf_counter() - began
         if batch_stats:
-            phase.mean_batch = _mean_batch(before, await asyncio.to_thread(batch_stats))
+            phase.count_batches(before, await asyncio.to_thread(batch_stats))
     finally:
         await asyncio.gather(*(channel.close() for channel in channels))
     return phase
@@ -235,16 +260,26 @@ TARGET_SINGLE_OVERHEAD = 0.10  # one client's round trip over the in-process cal
 
 @dataclass
 class Row:
-    """Everything measured for one operation and image size."""
+    """Everything measured for one operation and image size, summed over the rounds."""
 
     op: str
     size: int
     in_process_batch: int = 0
-    in_process_images_per_s: float = 0.0
-    in_process_single_ms: float = 0.0
+    in_process_images: int = 0
+    in_process_seconds: float = 0.0
+    in_process_single: list[float] = field(default_factory=list)  # ms of the calls paired with `single`
     batched: Phase | None = None
     unbatched: Phase | None = None
     single: Phase | None = None
+    round_shares: list[float] = field(default_factory=list)  # concurrent_share of each round alone
+
+    @property
+    def in_process_images_per_s(self) -> float:
+        return self.in_process_images / self.in_process_seconds if self.in_process_seconds else 0.0
+
+    @property
+    def in_process_single_ms(self) -> float:
+        return statistics.median(self.in_process_single) if self.in_process_single else 0.0
 
     @property
     def concurrent_share(self) -> float | None:
@@ -264,6 +299,13 @@ class Row:
             return None
         return statistics.median(self.single.latencies_ms) / self.in_process_single_ms - 1.0
 
+    def add(self, label: str, phase: Phase) -> None:
+        """Merge one round's phase into the row's phase of that label ("batched", "unbatched", "single")."""
+        if getattr(self, label) is None:
+            setattr(self, label, phase)
+        else:
+            getattr(self, label).merge(phase)
+
     def to_dict(self) -> dict:
         return {"op": self.op, "size": self.size, "in_process_batch": self.in_process_batch,
                 "in_process_images_per_s": self.in_process_images_per_s,
@@ -271,23 +313,26 @@ class Row:
                 "batched": self.batched.to_dict() if self.batched else None,
                 "unbatched": self.unbatched.to_dict() if self.unbatched else None,
                 "single": self.single.to_dict() if self.single else None,
-                "concurrent_share": self.concurrent_share, "batching_gain": self.batching_gain,
-                "single_overhead": self.single_overhead}
+                "concurrent_share": self.concurrent_share, "round_shares": self.round_shares,
+                "batching_gain": self.batching_gain, "single_overhead": self.single_overhead}
 
 
-def requests_for(size: int, base: int, clients: int) -> int:
-    """`base` requests at 256x256, scaled by pixel count so every size takes comparable time, and at
-    least two per client so that every client is busy throughout."""
-    return max(2 * clients, int(base * (256 / size) ** 2))
+def requests_for(size: int, base: int, clients: int, rounds: int = 1) -> int:
+    """Requests per round: `base` per phase at 256x256, scaled by pixel count so every size takes
+    comparable time and split over the rounds, and at least one per client so that every client is
+    busy at the start of every round."""
+    return max(clients, math.ceil(base * (256 / size) ** 2 / rounds))
 
 
 def bench_serve(model: str = "default", *, sizes: tuple[int, ...] = (64, 256, 512), ops: tuple[str, ...] = OPERATIONS,
-                clients: int = 16, requests: int = 64, max_batch_size: int = 8, target: str | None = None,
-                device: str | None = None, progress: Callable[[str], None] = lambda message: None) -> list[Row]:
-    """Measure every (op, size): the in-process codec at its best batch size, then right after it the
-    server batched (C clients, and 1 client alternating with single in-process calls) and the server
-    with batching off (C clients). Both servers run throughout, and each workload's phases follow one
-    another, so that every comparison is made within a minute or two of the machine's time."""
+                clients: int = 16, requests: int = 64, max_batch_size: int = 8, rounds: int = 3,
+                target: str | None = None, device: str | None = None,
+                progress: Callable[[str], None] = lambda message: None) -> list[Row]:
+    """Measure every (op, size): the in-process codec's best batch size, then `rounds` rounds of the
+    in-process codec at that batch, the server batched (C clients, and 1 client alternating with
+    single in-process calls) and the server with batching off (C clients). Both servers run
+    throughout; interleaving the rounds gives every comparison the same drift of the machine's speed
+    (10% from minute to minute here), and the rounds' own shares show the spread."""
     from latentd.vae.codec import load_codec
 
     codec = load_codec(model, device=device)
@@ -301,17 +346,28 @@ def bench_serve(model: str = "default", *, sizes: tuple[int, ...] = (64, 256, 51
                    {label: stack.enter_context(ServerProcess("bench", model, batch, extra))
                     for label, batch in (("batched", max_batch_size), ("unbatched", 1))})
         for key, workload in workloads.items():
-            n = requests_for(workload.size, requests, clients)
-            progress(f"in-process: {workload.op} {workload.size}px")
-            rows[key].in_process_batch, rows[key].in_process_images_per_s = in_process_throughput(
-                codec, workload, batches, n)
-            for label, server in servers.items():
-                address = target or server.target
-                stats = server.batch_stats(workload.op) if server else None
-                progress(f"{label}: {workload.op} {workload.size}px, {clients} clients, {n} requests")
-                setattr(rows[key], label, drive(address, workload, clients, n, label, stats))
-                if label == "batched":
-                    progress(f"single client, alternating with in-process calls: {workload.op} {workload.size}px")
-                    rows[key].single, rows[key].in_process_single_ms = single_client(
-                        address, codec, workload, max(4, n // 4), stats)
+            row, n = rows[key], requests_for(workload.size, requests, clients, rounds)
+            progress(f"in-process best batch: {workload.op} {workload.size}px")
+            row.in_process_batch = best_batch(codec, workload, batches, n)
+            for index in range(rounds):
+                progress(f"round {index + 1}/{rounds}: {workload.op} {workload.size}px, {clients} clients, "
+                         f"{n} requests per server")
+                _round(row, codec, workload, servers, target, clients, n, first=index == 0)
     return list(rows.values())
+
+
+def _round(row: Row, codec, workload: Workload, servers: dict, target: str | None, clients: int, requests: int,
+           first: bool) -> None:
+    """One round of a workload: in process, then each server (the batched one also with one client)."""
+    images, seconds = in_process_run(codec, workload, row.in_process_batch, requests)
+    row.in_process_images += images
+    row.in_process_seconds += seconds
+    for label, server in servers.items():
+        stats = server.batch_stats(workload.op) if server else None
+        phase = drive(target or server.target, workload, clients, requests, label, stats, warm_up=first)
+        row.add(label, phase)
+        if label == "batched":
+            row.round_shares.append(phase.images_per_s * seconds / images)
+            single, local_ms = single_client(target or server.target, codec, workload, max(2, requests // 4), stats)
+            row.add("single", single)
+            row.in_process_single += local_ms

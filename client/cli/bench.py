@@ -62,7 +62,11 @@ def add_parser(subparsers: argparse._SubParsersAction) -> None:
                        help="soak instead: steady load for S seconds over the ops and sizes given; report "
                             "requests, errors by code, p99 latency and server memory per minute")
     serve.add_argument("--requests", type=int, default=64,
-                       help="requests per phase at 256x256, scaled by pixel count for other sizes (default: 64)")
+                       help="requests per phase at 256x256, scaled by pixel count for other sizes and split "
+                            "over the rounds (default: 64)")
+    serve.add_argument("--rounds", type=int, default=3,
+                       help="interleaved rounds of in-process, batched and unbatched measurements per workload, "
+                            "so that all see the same drift of the machine's speed (default: 3)")
     serve.add_argument("--max-batch-size", type=int, default=8, help="the server's batch size (default: 8)")
     serve.add_argument("--target", metavar="HOST:PORT", help="measure a running server instead of starting one "
                                                              "(no batching-off phase, no batch sizes)")
@@ -164,6 +168,14 @@ def _pct(value: float | None) -> str:
     return "-" if value is None else f"{value * 100:.0f}%"
 
 
+def _share(row) -> str:
+    """The concurrent share and, over several rounds, the range of the rounds' own shares."""
+    if len(row.round_shares) < 2:
+        return _pct(row.concurrent_share)
+    low, high = min(row.round_shares), max(row.round_shares)
+    return f"{_pct(row.concurrent_share)} ({low * 100:.0f}-{high * 100:.0f})"
+
+
 def _num(value: float | None, spec: str) -> str:
     return "-" if value is None else format(value, spec)
 
@@ -207,7 +219,7 @@ def run_serve(args: argparse.Namespace) -> int:
 
     from latentd.server.loadtest import TARGET_CONCURRENT_SHARE, TARGET_SINGLE_OVERHEAD, bench_serve
 
-    _positive(args, "clients", "requests", "max_batch_size")
+    _positive(args, "clients", "requests", "max_batch_size", "rounds")
     if any(size < 8 for size in args.sizes):
         raise CommandError("--sizes must be at least 8 pixels", EXIT_USAGE)
     if args.duration is not None:
@@ -215,7 +227,8 @@ def run_serve(args: argparse.Namespace) -> int:
             raise CommandError("--duration must be positive", EXIT_USAGE)
         return run_soak(args)
     rows = bench_serve(args.model, sizes=tuple(args.sizes), ops=tuple(args.ops), clients=args.clients,
-                       requests=args.requests, max_batch_size=args.max_batch_size, target=args.target,
+                       requests=args.requests, max_batch_size=args.max_batch_size, rounds=args.rounds,
+                       target=args.target,
                        device=args.device, progress=lambda message: print(f"  {message}", file=sys.stderr))
     failed = sum((row.batched.errors if row.batched else 0) + (row.single.errors if row.single else 0)
                  + (row.unbatched.errors if row.unbatched else 0) for row in rows)
@@ -223,15 +236,15 @@ def run_serve(args: argparse.Namespace) -> int:
         print(json.dumps({"model": args.model, "clients": args.clients, "rows": [row.to_dict() for row in rows]},
                          indent=2))
         return EXIT_OK if not failed else EXIT_FAILED
-    print(f"bench serve: model {args.model}, {args.clients} clients, server max batch {args.max_batch_size}; "
-          f"images/s and ms per request")
-    print(f"{'op':<7}{'size':>5} {'in-proc':>8} {'(batch)':>7} {'server':>8} {'share':>6} {'p50':>7} {'p95':>7} "
+    print(f"bench serve: model {args.model}, {args.clients} clients, server max batch {args.max_batch_size}, "
+          f"{args.rounds} rounds; images/s and ms per request; share over all rounds (each round's range)")
+    print(f"{'op':<7}{'size':>5} {'in-proc':>8} {'(batch)':>7} {'server':>8} {'share':>14} {'p50':>7} {'p95':>7} "
           f"{'p99':>7} {'batch':>6} {'no-batch':>9} {'gain':>6} {'1-client':>9} {'in-proc':>8} {'overhead':>9} "
           f"{'errors':>6}")
     for row in rows:
         b, u, s1 = row.batched, row.unbatched, row.single
         print(f"{row.op:<7}{row.size:>5} {row.in_process_images_per_s:>8.2f} {row.in_process_batch:>7} "
-              f"{_num(b and b.images_per_s, '8.2f'):>8} {_pct(row.concurrent_share):>6} "
+              f"{_num(b and b.images_per_s, '8.2f'):>8} {_share(row):>14} "
               f"{_num(b and b.percentile(50), '7.0f'):>7} {_num(b and b.percentile(95), '7.0f'):>7} "
               f"{_num(b and b.percentile(99), '7.0f'):>7} {_num(b and b.mean_batch, '6.2f'):>6} "
               f"{_num(u and u.images_per_s, '9.2f'):>9} {_num(row.batching_gain, '5.2f'):>5}x "

@@ -12,14 +12,17 @@ from latentd.client.cli import main
 @pytest.mark.slow
 def test_bench_serve_reports_every_phase(model_dirs, capsys):
     code = main(["bench", "serve", "--model", model_dirs["tiny"], "--sizes", "128", "--clients", "2",
-                 "--requests", "1", "--max-batch-size", "4", "--json"])
+                 "--requests", "1", "--max-batch-size", "4", "--rounds", "2",
+                 "--json"])
     report = json.loads(capsys.readouterr().out)
     assert code == 0
     assert [(row["op"], row["size"]) for row in report["rows"]] == [("encode", 128), ("decode", 128)]
     for row in report["rows"]:
         assert row["batched"]["errors"] == 0 and row["batched"]["images_per_s"] > 0
         assert row["batched"]["mean_batch"] >= 1 and row["unbatched"]["mean_batch"] == 1
-        assert row["batched"]["requests"] == 4  # 4 at 128x128 (1 at 256x256), at least two per client
+        # 4 at 128x128 (1 at 256x256) over 2 rounds, at least one per client and round
+        assert row["batched"]["requests"] == 4 and len(row["round_shares"]) == 2
+        assert row["single"]["requests"] == 4  # two per round
         assert row["in_process_images_per_s"] > 0 and row["single_overhead"] is not None
         assert row["batching_gain"] > 0 and row["concurrent_share"] > 0
 
