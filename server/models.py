@@ -97,10 +97,10 @@ class ModelPool:
     """Loads every configured model, owns their batchers, and hands them to the servicer by name.
 
     All torch work of the server (loading, warm-up, batches, the latent-space RPCs) runs on one
-    thread, `compute`. Why: on CPU, libgomp gives each thread that starts parallel work its own
-    OpenMP team, and once a process holds more team threads than cores, every team stops
-    spin-waiting, so each parallel region pays a wake-up: encoding a 64x64 image took twice as long
-    on a second thread as on the first (2 cores). One thread also keeps two computations from
+    thread, reached through `submit` and `run`. Why: on CPU, libgomp gives each thread that starts
+    parallel work its own OpenMP team, and once a process holds more team threads than cores, every
+    team stops spin-waiting, so each parallel region pays a wake-up: encoding a 64x64 image took
+    twice as long on a second thread as on the first (2 cores). One thread also keeps two computations from
     fighting over the same cores.
     """
 
@@ -108,11 +108,15 @@ class ModelPool:
         self.settings = settings
         self._on_batch = on_batch
         self._models: dict[str, ServedModel] = {}
-        self.compute = concurrent.futures.ThreadPoolExecutor(max_workers=1, thread_name_prefix="latentd-compute")
+        self._compute = concurrent.futures.ThreadPoolExecutor(max_workers=1, thread_name_prefix="latentd-compute")
+
+    def submit(self, fn: Callable[..., Any], *args: Any) -> concurrent.futures.Future:
+        """fn(*args) on the compute thread; the future of its result."""
+        return self._compute.submit(fn, *args)
 
     def run(self, fn: Callable[..., Any], *args: Any) -> Any:
         """fn(*args) on the compute thread, waiting for its result (or exception)."""
-        return self.compute.submit(fn, *args).result()
+        return self.submit(fn, *args).result()
 
     @property
     def names(self) -> list[str]:
@@ -166,4 +170,4 @@ class ModelPool:
         for model in self._models.values():
             model.batcher.stop(timeout)
         # Not waiting: a batch still running past the grace period must not hold up the exit.
-        self.compute.shutdown(wait=False, cancel_futures=True)
+        self._compute.shutdown(wait=False, cancel_futures=True)

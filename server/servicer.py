@@ -88,7 +88,7 @@ class LatentdServicer(pb_grpc.LatentdServicer):
 
     async def _compute(self, fn: Callable[[], Any]) -> Any:
         """fn() on the pool's compute thread, where all torch work runs (see ModelPool)."""
-        return await asyncio.wrap_future(self.pool.compute.submit(fn))
+        return await asyncio.wrap_future(self.pool.submit(fn))
 
     @staticmethod
     async def _off_loop(fn: Callable[[], Any], needed: bool) -> Any:
