@@ -27,6 +27,27 @@ OPERATIONS = ("encode", "decode")
 CHANNEL_OPTIONS = [("grpc.max_receive_message_length", 256 << 20)]  # decoded 512x512 floats exceed the 4 MB default
 
 
+@dataclass(frozen=True)
+class ServerCounters:
+    """What a server's metrics endpoint counts: items and model calls of one operation, and the CPU
+    seconds of the whole server process (every thread: compute, gRPC, handlers)."""
+
+    batch_items: float = 0.0
+    batch_calls: float = 0.0
+    cpu_seconds: float = 0.0
+
+    def __add__(self, other: "ServerCounters") -> "ServerCounters":
+        return ServerCounters(self.batch_items + other.batch_items, self.batch_calls + other.batch_calls,
+                              self.cpu_seconds + other.cpu_seconds)
+
+    def __sub__(self, other: "ServerCounters") -> "ServerCounters":
+        return ServerCounters(self.batch_items - other.batch_items, self.batch_calls - other.batch_calls,
+                              self.cpu_seconds - other.cpu_seconds)
+
+
+Counters = Callable[[], ServerCounters]
+
+
 @dataclass
 class Phase:
     """One measured workload: `requests` single-image calls spread over `clients` threads."""
@@ -39,17 +60,24 @@ class Phase:
     seconds: float = 0.0
     latencies_ms: list[float] = field(default_factory=list)
     errors: int = 0
-    batch_items: float = 0.0  # items and model calls the server counted during the phase
-    batch_calls: float = 0.0
+    server: ServerCounters | None = None  # the server's counts during the phase (None: no metrics)
+    client_cpu_seconds: float = 0.0  # of the load generator's process
 
     @property
     def mean_batch(self) -> float | None:
-        return self.batch_items / self.batch_calls if self.batch_calls else None
+        return self.server.batch_items / self.server.batch_calls if self.server and self.server.batch_calls else None
 
-    def count_batches(self, before: tuple[float, float], after: tuple[float, float]) -> None:
-        """Add the server's batch-size (sum, count) growth between two readings."""
-        self.batch_items += after[0] - before[0]
-        self.batch_calls += after[1] - before[1]
+    def cpu_ms_per_request(self, seconds: float | None) -> float | None:
+        done = self.requests - self.errors
+        return seconds * 1e3 / done if seconds is not None and done else None
+
+    @property
+    def server_cpu_ms(self) -> float | None:
+        return self.cpu_ms_per_request(self.server.cpu_seconds if self.server else None)
+
+    @property
+    def client_cpu_ms(self) -> float | None:
+        return self.cpu_ms_per_request(self.client_cpu_seconds)
 
     def merge(self, other: "Phase") -> None:
         """Add another round of the same workload."""
@@ -57,8 +85,9 @@ class Phase:
         self.seconds += other.seconds
         self.latencies_ms += other.latencies_ms
         self.errors += other.errors
-        self.batch_items += other.batch_items
-        self.batch_calls += other.batch_calls
+        self.client_cpu_seconds += other.client_cpu_seconds
+        if other.server is not None:
+            self.server = other.server if self.server is None else self.server + other.server
 
     @property
     def images_per_s(self) -> float:
@@ -71,7 +100,8 @@ class Phase:
         return {"name": self.name, "op": self.op, "size": self.size, "clients": self.clients,
                 "requests": self.requests, "errors": self.errors, "images_per_s": self.images_per_s,
                 "p50_ms": self.percentile(50), "p95_ms": self.percentile(95), "p99_ms": self.percentile(99),
-                "mean_batch": self.mean_batch}
+                "mean_batch": self.mean_batch, "server_cpu_ms": self.server_cpu_ms,
+                "client_cpu_ms": self.client_cpu_ms}
 
 
 @dataclass
@@ -99,16 +129,16 @@ def make_workload(codec, op: str, size: int, model: str) -> Workload:
     return Workload(op, size, request, latents)
 
 
-def in_process_run(codec, workload: Workload, batch: int, images: int) -> tuple[int, float]:
-    """(images, seconds) of the codec called directly on batches of `batch` copies of the workload's
-    input (already warmed up at that shape), about `images` in all."""
+def in_process_run(codec, workload: Workload, batch: int, images: int) -> tuple[int, float, float]:
+    """(images, seconds, CPU seconds of this process) of the codec called directly on batches of
+    `batch` copies of the workload's input (already warmed up at that shape), about `images` in all."""
     call = codec.encode if workload.op == "encode" else codec.decode
     inputs = [workload.codec_input] * batch
     calls = max(1, images // batch)
-    started = time.perf_counter()
+    started, cpu_started = time.perf_counter(), time.process_time()
     for _ in range(calls):
         call(inputs)
-    return calls * batch, time.perf_counter() - started
+    return calls * batch, time.perf_counter() - started, time.process_time() - cpu_started
 
 
 def best_batch(codec, workload: Workload, batch_sizes: tuple[int, ...], images: int) -> int:
@@ -117,7 +147,7 @@ def best_batch(codec, workload: Workload, batch_sizes: tuple[int, ...], images: 
     rates = {}
     for batch in batch_sizes:
         call([workload.codec_input] * batch)  # warm-up at this shape
-        done, seconds = in_process_run(codec, workload, batch, images)
+        done, seconds, _ = in_process_run(codec, workload, batch, images)
         rates[batch] = done / seconds
     return max(rates, key=rates.get)
 
@@ -127,8 +157,7 @@ def _rpc(workload: Workload) -> str:
 
 
 def single_client(target: str, codec, workload: Workload, rounds: int,
-                  batch_stats: Callable[[], tuple[float, float]] | None = None,
-                  timeout: float = 600) -> tuple[Phase, list[float]]:
+                  counters: Counters | None = None, timeout: float = 600) -> tuple[Phase, list[float]]:
     """One client's round trips alternating with the same call in process, so both see the same state of
     the machine (a few percent matter here): (the server phase, the in-process call times in ms)."""
     phase = Phase("single", workload.op, workload.size, 1, rounds)
@@ -139,7 +168,7 @@ def single_client(target: str, codec, workload: Workload, rounds: int,
     try:
         stub(workload.request, timeout=timeout)
         call(workload.codec_input)
-        before = batch_stats() if batch_stats else None
+        before = counters() if counters else None
         for _ in range(rounds):
             began = time.perf_counter()
             try:
@@ -150,8 +179,8 @@ def single_client(target: str, codec, workload: Workload, rounds: int,
             began = time.perf_counter()
             call(workload.codec_input)
             local_ms.append((time.perf_counter() - began) * 1e3)
-        if batch_stats:
-            phase.count_batches(before, batch_stats())
+        if counters:
+            phase.server = counters() - before  # includes the in-process calls' idle time: CPU only
     finally:
         channel.close()
     phase.seconds = sum(phase.latencies_ms) / 1e3
@@ -159,17 +188,16 @@ def single_client(target: str, codec, workload: Workload, rounds: int,
 
 
 def drive(target: str, workload: Workload, clients: int, requests: int, name: str,
-          batch_stats: Callable[[], tuple[float, float]] | None = None, timeout: float = 600,
-          warm_up: bool = True) -> Phase:
+          counters: Counters | None = None, timeout: float = 600, warm_up: bool = True) -> Phase:
     """`requests` calls from `clients` concurrent clients, each with its own channel and one call in
     flight, after one warm-up call each (`warm_up`; else after connecting). The clients are tasks of
     one asyncio loop (grpc.aio) rather than threads: the load generator shares the machine with the
     server, and 16 threads contending for the GIL would cost the server more CPU than the calls themselves."""
-    return asyncio.run(_drive(target, workload, clients, requests, name, batch_stats, timeout, warm_up))
+    return asyncio.run(_drive(target, workload, clients, requests, name, counters, timeout, warm_up))
 
 
 async def _drive(target: str, workload: Workload, clients: int, requests: int, name: str,
-                 batch_stats: Callable[[], tuple[float, float]] | None, timeout: float, warm_up: bool) -> Phase:
+                 counters: Counters | None, timeout: float, warm_up: bool) -> Phase:
     phase = Phase(name, workload.op, workload.size, clients, requests)
     channels = [grpc.aio.insecure_channel(target, options=CHANNEL_OPTIONS) for _ in range(clients)]
     try:
@@ -191,12 +219,13 @@ async def _drive(target: str, workload: Workload, clients: int, requests: int, n
                 except grpc.RpcError:
                     phase.errors += 1
 
-        before = await asyncio.to_thread(batch_stats) if batch_stats else None
-        began = time.perf_counter()
+        before = await asyncio.to_thread(counters) if counters else None
+        began, cpu_began = time.perf_counter(), time.process_time()
         await asyncio.gather(*(client(stub) for stub in stubs))
         phase.seconds = time.perf_counter() - began
-        if batch_stats:
-            phase.count_batches(before, await asyncio.to_thread(batch_stats))
+        phase.client_cpu_seconds = time.process_time() - cpu_began
+        if counters:
+            phase.server = await asyncio.to_thread(counters) - before
     finally:
         await asyncio.gather(*(channel.close() for channel in channels))
     return phase
@@ -234,14 +263,17 @@ class ServerProcess:
     def target(self) -> str:
         return f"127.0.0.1:{self.port}"
 
-    def batch_stats(self, op: str) -> Callable[[], tuple[float, float]]:
-        def read() -> tuple[float, float]:
+    def counters(self, op: str) -> Counters:
+        """A reader of this server's counters for `op` (its Prometheus endpoint)."""
+        def read() -> ServerCounters:
             text = urllib.request.urlopen(f"http://127.0.0.1:{self.metrics_port}/metrics", timeout=10).read().decode()
-            values = {}
-            for suffix in ("sum", "count"):
-                found = re.search(rf'latentd_batch_size_{suffix}\{{[^}}]*op="{op}"[^}}]*\}} ([0-9.e+]+)', text)
-                values[suffix] = float(found.group(1)) if found else 0.0
-            return values["sum"], values["count"]
+
+            def value(pattern: str) -> float:
+                found = re.search(pattern + r" ([0-9.e+]+)", text)
+                return float(found.group(1)) if found else 0.0
+            labels = rf'\{{[^}}]*op="{op}"[^}}]*\}}'
+            return ServerCounters(value("latentd_batch_size_sum" + labels), value("latentd_batch_size_count" + labels),
+                                  value("process_cpu_seconds_total"))
         return read
 
     def __exit__(self, *exc) -> None:
@@ -267,6 +299,7 @@ class Row:
     in_process_batch: int = 0
     in_process_images: int = 0
     in_process_seconds: float = 0.0
+    in_process_cpu_seconds: float = 0.0
     in_process_single: list[float] = field(default_factory=list)  # ms of the calls paired with `single`
     batched: Phase | None = None
     unbatched: Phase | None = None
@@ -276,6 +309,11 @@ class Row:
     @property
     def in_process_images_per_s(self) -> float:
         return self.in_process_images / self.in_process_seconds if self.in_process_seconds else 0.0
+
+    @property
+    def in_process_cpu_ms(self) -> float | None:
+        """CPU per image in process (all cores' time), to set beside the server's and clients'."""
+        return self.in_process_cpu_seconds * 1e3 / self.in_process_images if self.in_process_images else None
 
     @property
     def in_process_single_ms(self) -> float:
@@ -309,7 +347,7 @@ class Row:
     def to_dict(self) -> dict:
         return {"op": self.op, "size": self.size, "in_process_batch": self.in_process_batch,
                 "in_process_images_per_s": self.in_process_images_per_s,
-                "in_process_single_ms": self.in_process_single_ms,
+                "in_process_single_ms": self.in_process_single_ms, "in_process_cpu_ms": self.in_process_cpu_ms,
                 "batched": self.batched.to_dict() if self.batched else None,
                 "unbatched": self.unbatched.to_dict() if self.unbatched else None,
                 "single": self.single.to_dict() if self.single else None,
@@ -359,15 +397,17 @@ def bench_serve(model: str = "default", *, sizes: tuple[int, ...] = (64, 256, 51
 def _round(row: Row, codec, workload: Workload, servers: dict, target: str | None, clients: int, requests: int,
            first: bool) -> None:
     """One round of a workload: in process, then each server (the batched one also with one client)."""
-    images, seconds = in_process_run(codec, workload, row.in_process_batch, requests)
+    images, seconds, cpu_seconds = in_process_run(codec, workload, row.in_process_batch, requests)
     row.in_process_images += images
     row.in_process_seconds += seconds
+    row.in_process_cpu_seconds += cpu_seconds
     for label, server in servers.items():
-        stats = server.batch_stats(workload.op) if server else None
-        phase = drive(target or server.target, workload, clients, requests, label, stats, warm_up=first)
+        counters = server.counters(workload.op) if server else None
+        phase = drive(target or server.target, workload, clients, requests, label, counters, warm_up=first)
         row.add(label, phase)
         if label == "batched":
             row.round_shares.append(phase.images_per_s * seconds / images)
-            single, local_ms = single_client(target or server.target, codec, workload, max(2, requests // 4), stats)
+            single, local_ms = single_client(target or server.target, codec, workload, max(2, requests // 4),
+                                             counters)
             row.add("single", single)
             row.in_process_single += local_ms

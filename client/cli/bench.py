@@ -168,6 +168,19 @@ def _pct(value: float | None) -> str:
     return "-" if value is None else f"{value * 100:.0f}%"
 
 
+def _print_cpu(rows: list, clients: int) -> None:
+    """Where the cores' time goes per image: the codec alone, the batched server process, its clients."""
+    if not any(row.batched and row.batched.server_cpu_ms for row in rows):
+        return  # --target: no server metrics to read
+    print(f"CPU ms per image (all threads): in process, the batched server, its {clients} clients (one process)")
+    print(f"{'op':<7}{'size':>5} {'in-proc':>8} {'server':>8} {'clients':>8} {'serving':>8}")
+    for row in rows:
+        server, clients_ms = row.batched.server_cpu_ms, row.batched.client_cpu_ms
+        extra = None if server is None or row.in_process_cpu_ms is None else server - row.in_process_cpu_ms
+        print(f"{row.op:<7}{row.size:>5} {_num(row.in_process_cpu_ms, '8.2f'):>8} {_num(server, '8.2f'):>8} "
+              f"{_num(clients_ms, '8.2f'):>8} {_num(extra, '+8.2f'):>8}")
+
+
 def _share(row) -> str:
     """The concurrent share and, over several rounds, the range of the rounds' own shares."""
     if len(row.round_shares) < 2:
@@ -250,6 +263,7 @@ def run_serve(args: argparse.Namespace) -> int:
               f"{_num(u and u.images_per_s, '9.2f'):>9} {_num(row.batching_gain, '5.2f'):>5}x "
               f"{_num(s1 and s1.percentile(50), '9.1f'):>9} {row.in_process_single_ms:>8.1f} "
               f"{_pct(row.single_overhead):>9} {(b.errors if b else 0):>6}")
+    _print_cpu(rows, args.clients)
     print(f"targets: share >= {TARGET_CONCURRENT_SHARE:.0%} of in-process batched throughput at {args.clients} "
           f"clients; one client's overhead <= {TARGET_SINGLE_OVERHEAD:.0%} at 512x512; gain > 1x (batching on vs off)")
     for row in rows:

@@ -23,6 +23,9 @@ def test_bench_serve_reports_every_phase(model_dirs, capsys):
         # 4 at 128x128 (1 at 256x256) over 2 rounds, at least one per client and round
         assert row["batched"]["requests"] == 4 and len(row["round_shares"]) == 2
         assert row["single"]["requests"] == 4  # two per round
+        # CPU accounting: the server process (from its metrics) and the clients both did work
+        assert row["batched"]["server_cpu_ms"] > 0 and row["batched"]["client_cpu_ms"] > 0
+        assert row["in_process_cpu_ms"] > 0
         assert row["in_process_images_per_s"] > 0 and row["single_overhead"] is not None
         assert row["batching_gain"] > 0 and row["concurrent_share"] > 0
 

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from latentd.server.loadtest import Phase, Row, requests_for
+from latentd.server.loadtest import Phase, Row, ServerCounters, requests_for
 
 
 def test_requests_are_split_over_rounds_but_keep_every_client_busy():
@@ -13,21 +13,26 @@ def test_requests_are_split_over_rounds_but_keep_every_client_busy():
 
 def test_rounds_merge_into_one_phase_with_the_overall_mean_batch():
     row = Row("encode", 64)
-    first = Phase("batched", "encode", 64, 2, 4, seconds=1.0, latencies_ms=[10, 20, 30, 40])
-    first.count_batches((0, 0), (4, 1))
-    second = Phase("batched", "encode", 64, 2, 4, seconds=3.0, latencies_ms=[50, 60], errors=2)
-    second.count_batches((4, 1), (6, 3))
+    first = Phase("batched", "encode", 64, 2, 4, seconds=1.0, latencies_ms=[10, 20, 30, 40],
+                  server=ServerCounters(4, 1, 2.5) - ServerCounters(0, 0, 2.0), client_cpu_seconds=0.1)
+    second = Phase("batched", "encode", 64, 2, 4, seconds=3.0, latencies_ms=[50, 60], errors=2,
+                   server=ServerCounters(6, 3, 3.0) - ServerCounters(4, 1, 2.5), client_cpu_seconds=0.2)
     row.add("batched", first)
     row.add("batched", second)
     merged = row.batched
     assert (merged.requests, merged.errors, merged.seconds) == (8, 2, 4.0)
     assert merged.images_per_s == 6 / 4.0 and merged.mean_batch == 6 / 3
     assert merged.latencies_ms == [10, 20, 30, 40, 50, 60]
+    # CPU per answered request: 1.0 s of the server and 0.3 s of the clients over 6
+    assert abs(merged.server_cpu_ms - 1000 / 6) < 1e-9 and abs(merged.client_cpu_ms - 300 / 6) < 1e-9
 
 
 def test_shares_compare_totals_and_the_single_client_uses_medians():
-    row = Row("decode", 512, in_process_images=10, in_process_seconds=5.0, in_process_single=[100, 300, 200])
+    row = Row("decode", 512, in_process_images=10, in_process_seconds=5.0, in_process_cpu_seconds=9.0,
+              in_process_single=[100, 300, 200])
     row.add("batched", Phase("batched", "decode", 512, 16, 8, seconds=8.0))
     row.add("single", Phase("single", "decode", 512, 1, 3, latencies_ms=[210, 230, 220]))
     assert row.concurrent_share == (8 / 8.0) / (10 / 5.0)
     assert abs(row.single_overhead - 0.10) < 1e-9
+    assert row.in_process_cpu_ms == 900.0
+    assert Phase("unbatched", "decode", 512, 16, 8).mean_batch is None  # no metrics (--target)
