@@ -5,15 +5,8 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import math
-import os
-import re
-import statistics
-import subprocess
-import sys
-import threading
 import time
-import urllib.request
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Callable
 
 import grpc
@@ -23,85 +16,11 @@ from latentd.client.tensors import to_tensor
 from latentd.v1 import latentd_pb2 as pb
 from latentd.v1 import latentd_pb2_grpc as pb_grpc
 
+from .bench_results import Counters, Phase, Row
+from .server_process import ServerProcess
+
 OPERATIONS = ("encode", "decode")
 CHANNEL_OPTIONS = [("grpc.max_receive_message_length", 256 << 20)]  # decoded 512x512 floats exceed the 4 MB default
-
-
-@dataclass(frozen=True)
-class ServerCounters:
-    """What a server's metrics endpoint counts: items and model calls of one operation, and the CPU
-    seconds of the whole server process (every thread: compute, gRPC, handlers)."""
-
-    batch_items: float = 0.0
-    batch_calls: float = 0.0
-    cpu_seconds: float = 0.0
-
-    def __add__(self, other: "ServerCounters") -> "ServerCounters":
-        return ServerCounters(self.batch_items + other.batch_items, self.batch_calls + other.batch_calls,
-                              self.cpu_seconds + other.cpu_seconds)
-
-    def __sub__(self, other: "ServerCounters") -> "ServerCounters":
-        return ServerCounters(self.batch_items - other.batch_items, self.batch_calls - other.batch_calls,
-                              self.cpu_seconds - other.cpu_seconds)
-
-
-Counters = Callable[[], ServerCounters]
-
-
-@dataclass
-class Phase:
-    """One measured workload: `requests` single-image calls spread over `clients` threads."""
-
-    name: str
-    op: str
-    size: int
-    clients: int
-    requests: int
-    seconds: float = 0.0
-    latencies_ms: list[float] = field(default_factory=list)
-    errors: int = 0
-    server: ServerCounters | None = None  # the server's counts during the phase (None: no metrics)
-    client_cpu_seconds: float = 0.0  # of the load generator's process
-
-    @property
-    def mean_batch(self) -> float | None:
-        return self.server.batch_items / self.server.batch_calls if self.server and self.server.batch_calls else None
-
-    def cpu_ms_per_request(self, seconds: float | None) -> float | None:
-        done = self.requests - self.errors
-        return seconds * 1e3 / done if seconds is not None and done else None
-
-    @property
-    def server_cpu_ms(self) -> float | None:
-        return self.cpu_ms_per_request(self.server.cpu_seconds if self.server else None)
-
-    @property
-    def client_cpu_ms(self) -> float | None:
-        return self.cpu_ms_per_request(self.client_cpu_seconds)
-
-    def merge(self, other: "Phase") -> None:
-        """Add another round of the same workload."""
-        self.requests += other.requests
-        self.seconds += other.seconds
-        self.latencies_ms += other.latencies_ms
-        self.errors += other.errors
-        self.client_cpu_seconds += other.client_cpu_seconds
-        if other.server is not None:
-            self.server = other.server if self.server is None else self.server + other.server
-
-    @property
-    def images_per_s(self) -> float:
-        return (self.requests - self.errors) / self.seconds if self.seconds else 0.0
-
-    def percentile(self, q: float) -> float | None:
-        return float(np.percentile(self.latencies_ms, q)) if self.latencies_ms else None
-
-    def to_dict(self) -> dict:
-        return {"name": self.name, "op": self.op, "size": self.size, "clients": self.clients,
-                "requests": self.requests, "errors": self.errors, "images_per_s": self.images_per_s,
-                "p50_ms": self.percentile(50), "p95_ms": self.percentile(95), "p99_ms": self.percentile(99),
-                "mean_batch": self.mean_batch, "server_cpu_ms": self.server_cpu_ms,
-                "client_cpu_ms": self.client_cpu_ms}
 
 
 @dataclass
@@ -229,130 +148,6 @@ async def _drive(target: str, workload: Workload, clients: int, requests: int, n
     finally:
         await asyncio.gather(*(channel.close() for channel in channels))
     return phase
-
-
-class ServerProcess:
-    """`latentd serve` in a subprocess on a free port, with metrics, stopped with SIGTERM."""
-
-    def __init__(self, model: str, source: str, max_batch_size: int, extra: tuple[str, ...] = ()) -> None:
-        self.args = [sys.executable, "-m", "latentd.client.cli", "serve", "--port", "0", "--metrics-port", "0",
-                     "--model", f"{model}={source}", "--max-batch-size", str(max_batch_size), *extra]
-        self.process: subprocess.Popen | None = None
-        self.port = self.metrics_port = 0
-
-    def __enter__(self) -> "ServerProcess":
-        # The start-up lines give the ports; the per-request lines would only cost time here.
-        env = {**os.environ, "LATENTD_LOG_REQUESTS": "false"}
-        self.process = subprocess.Popen(self.args, stderr=subprocess.PIPE, text=True, env=env)
-        lines = []
-        deadline = time.monotonic() + 600
-        while time.monotonic() < deadline:
-            line = self.process.stderr.readline()
-            if not line and self.process.poll() is not None:
-                raise RuntimeError("server exited during start-up: " + "".join(lines[-5:]))
-            lines.append(line)
-            listening = re.search(r"listening on [^:]+:(\d+), metrics on :(\d+)", line)
-            if listening:
-                self.port, self.metrics_port = int(listening.group(1)), int(listening.group(2))
-            if line and "serving " in line:
-                break
-        threading.Thread(target=self.process.stderr.read, daemon=True).start()  # keep the pipe drained
-        return self
-
-    @property
-    def target(self) -> str:
-        return f"127.0.0.1:{self.port}"
-
-    def counters(self, op: str) -> Counters:
-        """A reader of this server's counters for `op` (its Prometheus endpoint)."""
-        def read() -> ServerCounters:
-            text = urllib.request.urlopen(f"http://127.0.0.1:{self.metrics_port}/metrics", timeout=10).read().decode()
-
-            def value(pattern: str) -> float:
-                found = re.search(pattern + r" ([0-9.e+]+)", text)
-                return float(found.group(1)) if found else 0.0
-            labels = rf'\{{[^}}]*op="{op}"[^}}]*\}}'
-            return ServerCounters(value("latentd_batch_size_sum" + labels), value("latentd_batch_size_count" + labels),
-                                  value("process_cpu_seconds_total"))
-        return read
-
-    def __exit__(self, *exc) -> None:
-        if self.process and self.process.poll() is None:
-            self.process.terminate()
-            try:
-                self.process.wait(60)
-            except subprocess.TimeoutExpired:
-                self.process.kill()
-
-
-# Targets of the service issue, printed next to the figures (never asserted).
-TARGET_CONCURRENT_SHARE = 0.90  # server at 16 clients vs in-process batched throughput
-TARGET_SINGLE_OVERHEAD = 0.10  # one client's round trip over the in-process call, at 512x512
-
-
-@dataclass
-class Row:
-    """Everything measured for one operation and image size, summed over the rounds."""
-
-    op: str
-    size: int
-    in_process_batch: int = 0
-    in_process_images: int = 0
-    in_process_seconds: float = 0.0
-    in_process_cpu_seconds: float = 0.0
-    in_process_single: list[float] = field(default_factory=list)  # ms of the calls paired with `single`
-    batched: Phase | None = None
-    unbatched: Phase | None = None
-    single: Phase | None = None
-    round_shares: list[float] = field(default_factory=list)  # concurrent_share of each round alone
-
-    @property
-    def in_process_images_per_s(self) -> float:
-        return self.in_process_images / self.in_process_seconds if self.in_process_seconds else 0.0
-
-    @property
-    def in_process_cpu_ms(self) -> float | None:
-        """CPU per image in process (all cores' time), to set beside the server's and clients'."""
-        return self.in_process_cpu_seconds * 1e3 / self.in_process_images if self.in_process_images else None
-
-    @property
-    def in_process_single_ms(self) -> float:
-        return statistics.median(self.in_process_single) if self.in_process_single else 0.0
-
-    @property
-    def concurrent_share(self) -> float | None:
-        if not self.batched or not self.in_process_images_per_s:
-            return None
-        return self.batched.images_per_s / self.in_process_images_per_s
-
-    @property
-    def batching_gain(self) -> float | None:
-        if not self.batched or not self.unbatched or not self.unbatched.images_per_s:
-            return None
-        return self.batched.images_per_s / self.unbatched.images_per_s
-
-    @property
-    def single_overhead(self) -> float | None:
-        if not self.single or not self.single.latencies_ms or not self.in_process_single_ms:
-            return None
-        return statistics.median(self.single.latencies_ms) / self.in_process_single_ms - 1.0
-
-    def add(self, label: str, phase: Phase) -> None:
-        """Merge one round's phase into the row's phase of that label ("batched", "unbatched", "single")."""
-        if getattr(self, label) is None:
-            setattr(self, label, phase)
-        else:
-            getattr(self, label).merge(phase)
-
-    def to_dict(self) -> dict:
-        return {"op": self.op, "size": self.size, "in_process_batch": self.in_process_batch,
-                "in_process_images_per_s": self.in_process_images_per_s,
-                "in_process_single_ms": self.in_process_single_ms, "in_process_cpu_ms": self.in_process_cpu_ms,
-                "batched": self.batched.to_dict() if self.batched else None,
-                "unbatched": self.unbatched.to_dict() if self.unbatched else None,
-                "single": self.single.to_dict() if self.single else None,
-                "concurrent_share": self.concurrent_share, "round_shares": self.round_shares,
-                "batching_gain": self.batching_gain, "single_overhead": self.single_overhead}
 
 
 def requests_for(size: int, base: int, clients: int, rounds: int = 1) -> int:

@@ -194,7 +194,8 @@ def _num(value: float | None, spec: str) -> str:
 
 
 def run_soak(args: argparse.Namespace) -> int:
-    from latentd.server.loadtest import ServerProcess, make_workload
+    from latentd.server.loadtest import make_workload
+    from latentd.server.server_process import ServerProcess
     from latentd.server.soak import soak
     from latentd.vae.codec import load_codec
 
@@ -230,7 +231,8 @@ def run_soak(args: argparse.Namespace) -> int:
 def run_serve(args: argparse.Namespace) -> int:
     import sys
 
-    from latentd.server.loadtest import TARGET_CONCURRENT_SHARE, TARGET_SINGLE_OVERHEAD, bench_serve
+    from latentd.server.bench_results import TARGET_CONCURRENT_SHARE, TARGET_SINGLE_OVERHEAD
+    from latentd.server.loadtest import bench_serve
 
     _positive(args, "clients", "requests", "max_batch_size", "rounds")
     if any(size < 8 for size in args.sizes):

@@ -2,7 +2,8 @@
 
 from __future__ import annotations
 
-from latentd.server.loadtest import Phase, Row, ServerCounters, requests_for
+from latentd.server.bench_results import Phase, Row, ServerCounters
+from latentd.server.loadtest import requests_for
 
 
 def test_requests_are_split_over_rounds_but_keep_every_client_busy():

@@ -1,0 +1,67 @@
+"""`latentd serve` as a subprocess for benchmarks: start on free ports, read its counters, stop it."""
+
+from __future__ import annotations
+
+import os
+import re
+import subprocess
+import sys
+import threading
+import time
+import urllib.request
+
+from .bench_results import Counters, ServerCounters
+
+
+class ServerProcess:
+    """`latentd serve` in a subprocess on a free port, with metrics, stopped with SIGTERM."""
+
+    def __init__(self, model: str, source: str, max_batch_size: int, extra: tuple[str, ...] = ()) -> None:
+        self.args = [sys.executable, "-m", "latentd.client.cli", "serve", "--port", "0", "--metrics-port", "0",
+                     "--model", f"{model}={source}", "--max-batch-size", str(max_batch_size), *extra]
+        self.process: subprocess.Popen | None = None
+        self.port = self.metrics_port = 0
+
+    def __enter__(self) -> "ServerProcess":
+        # The start-up lines give the ports; the per-request lines would only cost time here.
+        env = {**os.environ, "LATENTD_LOG_REQUESTS": "false"}
+        self.process = subprocess.Popen(self.args, stderr=subprocess.PIPE, text=True, env=env)
+        lines = []
+        deadline = time.monotonic() + 600
+        while time.monotonic() < deadline:
+            line = self.process.stderr.readline()
+            if not line and self.process.poll() is not None:
+                raise RuntimeError("server exited during start-up: " + "".join(lines[-5:]))
+            lines.append(line)
+            listening = re.search(r"listening on [^:]+:(\d+), metrics on :(\d+)", line)
+            if listening:
+                self.port, self.metrics_port = int(listening.group(1)), int(listening.group(2))
+            if line and "serving " in line:
+                break
+        threading.Thread(target=self.process.stderr.read, daemon=True).start()  # keep the pipe drained
+        return self
+
+    @property
+    def target(self) -> str:
+        return f"127.0.0.1:{self.port}"
+
+    def counters(self, op: str) -> Counters:
+        """A reader of this server's counters for `op` (its Prometheus endpoint)."""
+        def read() -> ServerCounters:
+            text = urllib.request.urlopen(f"http://127.0.0.1:{self.metrics_port}/metrics", timeout=10).read().decode()
+
+            def value(pattern: str) -> float:
+                found = re.search(pattern + r" ([0-9.e+]+)", text)
+                return float(found.group(1)) if found else 0.0
+            labels = rf'\{{[^}}]*op="{op}"[^}}]*\}}'
+            return ServerCounters(value("latentd_batch_size_sum" + labels), value("latentd_batch_size_count" + labels),
+                                  value("process_cpu_seconds_total"))
+        return read
+
+    def __exit__(self, *exc) -> None:
+        if self.process and self.process.poll() is None:
+            self.process.terminate()
+            try:
+                self.process.wait(60)
+            except subprocess.TimeoutExpired:
+                self.process.kill()
