@@ -8,6 +8,8 @@ import traceback
 from importlib import metadata
 from typing import Sequence
 
+from latentd.vae.allocator import retain_freed_memory
+
 from . import bench, decode, encode, eval_rd, evaluate, health, info, inspect, models, roundtrip, serve, train, verify
 from .common import EXIT_FAILED, EXIT_USAGE, CommandError, one_line
 
@@ -48,6 +50,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     if not getattr(args, "run", None):
         parser.print_help(sys.stderr)
         return EXIT_USAGE
+    retain_freed_memory()  # every command runs models repeatedly: 11-18% faster 512x512 calls on CPU
     try:
         return int(args.run(args) or 0)
     except KeyboardInterrupt:
