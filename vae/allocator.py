@@ -7,22 +7,26 @@ import ctypes.util
 import platform
 
 # mallopt parameters (glibc <malloc.h>).
-M_TRIM_THRESHOLD, M_MMAP_THRESHOLD = -1, -3
+M_TRIM_THRESHOLD, M_MMAP_THRESHOLD, M_ARENA_MAX = -1, -3, -8
 # Buffers up to this size come from the heap instead of fresh mmap()s, and freed heap memory up to
 # this much above the top stays mapped. Why: a 512x512 forward pass allocates activations of up to
 # 130 MB, above glibc's largest dynamic mmap threshold (32 MB), so by default every call maps them
 # anew and page-faults and zeroes every page of them again.
 MMAP_THRESHOLD = 1 << 30
 TRIM_THRESHOLD = 2 << 30
+# One arena for all threads: a thread's own arena grows in heaps of at most 64 MB, so the buffers
+# above would still be mapped anew on every call of a server's compute thread.
+ARENA_MAX = 1
 
 
 def retain_freed_memory() -> bool:
     """Ask glibc's malloc to reuse freed memory across model calls rather than return it to the
     system; True if applied (Linux with glibc), False elsewhere. Process-wide, and resident memory
     then stays near its peak: meant for processes that run the codec repeatedly (a server, an
-    evaluation, an archive job). The latentd CLI calls it once at start."""
+    evaluation, an archive job). Call it before starting threads (a thread keeps the arena it first
+    allocated from); the latentd CLI calls it once at start."""
     if platform.system() != "Linux" or platform.libc_ver()[0] != "glibc":
         return False
     libc = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6")
-    return bool(libc.mallopt(M_MMAP_THRESHOLD, MMAP_THRESHOLD)) and bool(libc.mallopt(M_TRIM_THRESHOLD,
-                                                                                          TRIM_THRESHOLD))
+    settings = ((M_ARENA_MAX, ARENA_MAX), (M_MMAP_THRESHOLD, MMAP_THRESHOLD), (M_TRIM_THRESHOLD, TRIM_THRESHOLD))
+    return all([bool(libc.mallopt(parameter, value)) for parameter, value in settings])
