@@ -48,10 +48,14 @@ def make_workload(codec, op: str, size: int, model: str) -> Workload:
     return Workload(op, size, request, latents)
 
 
+def _codec_call(codec, workload: Workload) -> Callable:
+    return codec.encode if workload.op == "encode" else codec.decode
+
+
 def in_process_run(codec, workload: Workload, batch: int, images: int) -> tuple[int, float, float]:
     """(images, seconds, CPU seconds of this process) of the codec called directly on batches of
     `batch` copies of the workload's input (already warmed up at that shape), about `images` in all."""
-    call = codec.encode if workload.op == "encode" else codec.decode
+    call = _codec_call(codec, workload)
     inputs = [workload.codec_input] * batch
     calls = max(1, images // batch)
     started, cpu_started = time.perf_counter(), time.process_time()
@@ -62,10 +66,9 @@ def in_process_run(codec, workload: Workload, batch: int, images: int) -> tuple[
 
 def best_batch(codec, workload: Workload, batch_sizes: tuple[int, ...], images: int) -> int:
     """The batch size at which the codec is fastest on this workload (each warmed up first)."""
-    call = codec.encode if workload.op == "encode" else codec.decode
     rates = {}
     for batch in batch_sizes:
-        call([workload.codec_input] * batch)  # warm-up at this shape
+        in_process_run(codec, workload, batch, batch)  # warm-up: one call at this shape
         done, seconds, _ = in_process_run(codec, workload, batch, images)
         rates[batch] = done / seconds
     return max(rates, key=rates.get)
@@ -80,7 +83,7 @@ def single_client(target: str, codec, workload: Workload, rounds: int,
     """One client's round trips alternating with the same call in process, so both see the same state of
     the machine (a few percent matter here): (the server phase, the in-process call times in ms)."""
     phase = Phase("single", workload.op, workload.size, 1, rounds)
-    call = codec.encode if workload.op == "encode" else codec.decode
+    call = _codec_call(codec, workload)
     channel = grpc.insecure_channel(target, options=CHANNEL_OPTIONS)
     stub = getattr(pb_grpc.LatentdStub(channel), _rpc(workload))
     local_ms = []
@@ -197,12 +200,12 @@ def _round(row: Row, codec, workload: Workload, servers: dict, target: str | Non
     row.in_process_seconds += seconds
     row.in_process_cpu_seconds += cpu_seconds
     for label, server in servers.items():
+        address = target or server.target
         counters = server.counters(workload.op) if server else None
-        phase = drive(target or server.target, workload, clients, requests, label, counters, warm_up=first)
+        phase = drive(address, workload, clients, requests, label, counters, warm_up=first)
         row.add(label, phase)
         if label == "batched":
-            row.round_shares.append(phase.images_per_s * seconds / images)
-            single, local_ms = single_client(target or server.target, codec, workload, max(2, requests // 4),
-                                             counters)
+            row.round_shares.append(phase.images_per_s / (images / seconds))
+            single, local_ms = single_client(address, codec, workload, max(2, requests // 4), counters)
             row.add("single", single)
             row.in_process_single += local_ms

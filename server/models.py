@@ -100,8 +100,8 @@ class ModelPool:
     thread, reached through `submit` and `run`. Why: on CPU, libgomp gives each thread that starts
     parallel work its own OpenMP team, and once a process holds more team threads than cores, every
     team stops spin-waiting, so each parallel region pays a wake-up: encoding a 64x64 image took
-    twice as long on a second thread as on the first (2 cores). One thread also keeps two computations from
-    fighting over the same cores.
+    twice as long on a second thread as on the first (2 cores). One thread also keeps two
+    computations from fighting over the same cores.
     """
 
     def __init__(self, settings: ServerSettings, on_batch: Callable[[str, BatchStats], None] | None = None) -> None:

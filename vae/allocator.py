@@ -19,14 +19,20 @@ TRIM_THRESHOLD = 2 << 30
 ARENA_MAX = 1
 
 
+def has_glibc_malloc() -> bool:
+    """Whether this process's malloc is glibc's (the only one these settings apply to)."""
+    return platform.system() == "Linux" and platform.libc_ver()[0] == "glibc"
+
+
 def retain_freed_memory() -> bool:
     """Ask glibc's malloc to reuse freed memory across model calls rather than return it to the
     system; True if applied (Linux with glibc), False elsewhere. Process-wide, and resident memory
     then stays near its peak: meant for processes that run the codec repeatedly (a server, an
     evaluation, an archive job). Call it before starting threads (a thread keeps the arena it first
     allocated from); the latentd CLI calls it once at start."""
-    if platform.system() != "Linux" or platform.libc_ver()[0] != "glibc":
+    if not has_glibc_malloc():
         return False
     libc = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6")
     settings = ((M_ARENA_MAX, ARENA_MAX), (M_MMAP_THRESHOLD, MMAP_THRESHOLD), (M_TRIM_THRESHOLD, TRIM_THRESHOLD))
+    # A list, not a generator: every setting is applied even if an earlier one is refused.
     return all([bool(libc.mallopt(parameter, value)) for parameter, value in settings])

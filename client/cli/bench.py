@@ -243,8 +243,8 @@ def run_serve(args: argparse.Namespace) -> int:
         return run_soak(args)
     rows = bench_serve(args.model, sizes=tuple(args.sizes), ops=tuple(args.ops), clients=args.clients,
                        requests=args.requests, max_batch_size=args.max_batch_size, rounds=args.rounds,
-                       target=args.target,
-                       device=args.device, progress=lambda message: print(f"  {message}", file=sys.stderr))
+                       target=args.target, device=args.device,
+                       progress=lambda message: print(f"  {message}", file=sys.stderr))
     failed = sum((row.batched.errors if row.batched else 0) + (row.single.errors if row.single else 0)
                  + (row.unbatched.errors if row.unbatched else 0) for row in rows)
     if args.json:

@@ -2,11 +2,12 @@
 
 from __future__ import annotations
 
-import platform
 import subprocess
 import sys
 
 import pytest
+
+from latentd.vae.allocator import has_glibc_malloc
 
 # Allocate, touch and free 256 MB (on the main thread or a worker, like a server's compute thread);
 # print how much resident memory the process kept (MB).
@@ -33,7 +34,7 @@ print(resident_mb() - before)
 """
 
 
-@pytest.mark.skipif(platform.system() != "Linux" or platform.libc_ver()[0] != "glibc", reason="glibc only")
+@pytest.mark.skipif(not has_glibc_malloc(), reason="glibc only")
 @pytest.mark.parametrize("thread", ["main", "worker"])
 def test_a_freed_buffer_stays_mapped_for_reuse(thread):
     def kept_mb(mode: str) -> float:
