@@ -97,7 +97,7 @@ class Row:
 
     op: str
     size: int
-    in_process_batch: int = 0
+    in_process_rates: dict[int, float] = field(default_factory=dict)  # images/s by batch size, from the sweep
     in_process_images: int = 0
     in_process_seconds: float = 0.0
     in_process_cpu_seconds: float = 0.0
@@ -106,6 +106,11 @@ class Row:
     unbatched: Phase | None = None
     single: Phase | None = None
     round_shares: list[float] = field(default_factory=list)  # concurrent_share of each round alone
+
+    @property
+    def in_process_batch(self) -> int:
+        """The batch size at which the codec was fastest in the sweep (1 before it ran)."""
+        return max(self.in_process_rates, key=self.in_process_rates.get) if self.in_process_rates else 1
 
     @property
     def in_process_images_per_s(self) -> float:
@@ -147,6 +152,7 @@ class Row:
 
     def to_dict(self) -> dict:
         return {"op": self.op, "size": self.size, "in_process_batch": self.in_process_batch,
+                "in_process_rates": self.in_process_rates,
                 "in_process_images_per_s": self.in_process_images_per_s,
                 "in_process_single_ms": self.in_process_single_ms, "in_process_cpu_ms": self.in_process_cpu_ms,
                 "batched": self.batched.to_dict() if self.batched else None,

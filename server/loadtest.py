@@ -64,14 +64,14 @@ def in_process_run(codec, workload: Workload, batch: int, images: int) -> tuple[
     return calls * batch, time.perf_counter() - started, time.process_time() - cpu_started
 
 
-def best_batch(codec, workload: Workload, batch_sizes: tuple[int, ...], images: int) -> int:
-    """The batch size at which the codec is fastest on this workload (each warmed up first)."""
+def batch_sweep(codec, workload: Workload, batch_sizes: tuple[int, ...], images: int) -> dict[int, float]:
+    """The codec's images/s on this workload at each batch size (each warmed up first)."""
     rates = {}
     for batch in batch_sizes:
         in_process_run(codec, workload, batch, batch)  # warm-up: one call at this shape
         done, seconds, _ = in_process_run(codec, workload, batch, images)
         rates[batch] = done / seconds
-    return max(rates, key=rates.get)
+    return rates
 
 
 def _rpc(workload: Workload) -> str:
@@ -183,8 +183,8 @@ def bench_serve(model: str = "default", *, sizes: tuple[int, ...] = (64, 256, 51
                     for label, batch in (("batched", max_batch_size), ("unbatched", 1))})
         for key, workload in workloads.items():
             row, n = rows[key], requests_for(workload.size, requests, clients, rounds)
-            progress(f"in-process best batch: {workload.op} {workload.size}px")
-            row.in_process_batch = best_batch(codec, workload, batches, n)
+            progress(f"in-process batch sweep: {workload.op} {workload.size}px")
+            row.in_process_rates = batch_sweep(codec, workload, batches, n)
             for index in range(rounds):
                 progress(f"round {index + 1}/{rounds}: {workload.op} {workload.size}px, {clients} clients, "
                          f"{n} requests per server")

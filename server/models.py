@@ -22,9 +22,11 @@ logger = logging.getLogger(__name__)
 # Batch keys: ("encode", is_uint8, height, width, tiling) and ("decode", channels, h, w, tiling). Items of one
 # key have one shape, so a batch is one forward pass; the codec splits it further to bound memory.
 ENCODE, DECODE = "encode", "decode"
-# max_batch_pixels on CPU when not set: on the 2 cores measured (README: batching), sharing a call
-# gains up to 1.7x for 64x64 images, ~1.1x up to two 256x256 ones, and loses beyond.
-CPU_BATCH_PIXELS = 2 * 256 * 256
+# max_batch_pixels on CPU when not set: four 512x512 images, which bounds a call's memory. On the 2 cores
+# measured (README: the service under load, the batch sweep), a call of 8 gains 1.7-2x at 64x64 and
+# 1.00-1.05x at 256x256 and 512x512, now that freed memory is kept for the next call (vae/allocator.py);
+# before that, 512x512 batches were slower than single calls and the budget was two 256x256 images.
+CPU_BATCH_PIXELS = 4 * 512 * 512
 
 
 class NotReadyError(Exception):

@@ -181,6 +181,16 @@ def _print_cpu(rows: list, clients: int) -> None:
               f"{_num(clients_ms, '8.2f'):>8} {_num(extra, '+8.2f'):>8}")
 
 
+def _print_sweep(rows: list) -> None:
+    """The in-process batch-size sweep: where batching stops paying on this machine (the server's pixel budget)."""
+    print("in-process images/s by batch size (one sweep before the rounds; x: against batch 1)")
+    for row in rows:
+        one = row.in_process_rates.get(1)
+        rates = "  ".join(f"{batch}: {rate:.2f}" + (f" ({rate / one:.2f}x)" if one else "")
+                          for batch, rate in row.in_process_rates.items())
+        print(f"{row.op:<7}{row.size:>5}  {rates}")
+
+
 def _share(row) -> str:
     """The concurrent share and, over several rounds, the range of the rounds' own shares."""
     if len(row.round_shares) < 2:
@@ -265,6 +275,7 @@ def run_serve(args: argparse.Namespace) -> int:
               f"{_num(u and u.images_per_s, '9.2f'):>9} {_num(row.batching_gain, '5.2f'):>5}x "
               f"{_num(s1 and s1.percentile(50), '9.1f'):>9} {row.in_process_single_ms:>8.1f} "
               f"{_pct(row.single_overhead):>9} {(b.errors if b else 0):>6}")
+    _print_sweep(rows)
     _print_cpu(rows, args.clients)
     print(f"targets: share >= {TARGET_CONCURRENT_SHARE:.0%} of in-process batched throughput at {args.clients} "
           f"clients; one client's overhead <= {TARGET_SINGLE_OVERHEAD:.0%} at 512x512; gain > 1x (batching on vs off)")

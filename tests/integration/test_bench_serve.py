@@ -26,6 +26,9 @@ def test_bench_serve_reports_every_phase(model_dirs, capsys):
         # CPU accounting: the server process (from its metrics) and the clients both did work
         assert row["batched"]["server_cpu_ms"] > 0 and row["batched"]["client_cpu_ms"] > 0
         assert row["in_process_cpu_ms"] > 0
+        # the sweep: every batch size up to the server's, the best one used for the rounds
+        rates = {int(batch): rate for batch, rate in row["in_process_rates"].items()}
+        assert sorted(rates) == [1, 2, 4] and row["in_process_batch"] == max(rates, key=rates.get)
         assert row["in_process_images_per_s"] > 0 and row["single_overhead"] is not None
         assert row["batching_gain"] > 0 and row["concurrent_share"] > 0
 

@@ -37,3 +37,8 @@ def test_shares_compare_totals_and_the_single_client_uses_medians():
     assert abs(row.single_overhead - 0.10) < 1e-9
     assert row.in_process_cpu_ms == 900.0
     assert Phase("unbatched", "decode", 512, 16, 8).mean_batch is None  # no metrics (--target)
+
+
+def test_the_rounds_use_the_fastest_batch_of_the_sweep():
+    assert Row("encode", 512).in_process_batch == 1  # before the sweep
+    assert Row("encode", 512, in_process_rates={1: 4.6, 2: 4.8, 4: 4.7}).in_process_batch == 2

@@ -86,8 +86,10 @@ def test_batch_pixel_policy():
     args = build_parser().parse_args(["serve", "--max-batch-pixels", "65536"])
     assert batch_pixel_limit(settings_from_args(args, environ={}), "cuda") == 65536
     encode = lambda side: ("encode", True, side, side, "auto")  # noqa: E731
-    assert items_per_call(encode(64), CPU_BATCH_PIXELS, factor=8) == 32
-    assert items_per_call(encode(256), CPU_BATCH_PIXELS, factor=8) == 2
-    assert items_per_call(encode(512), CPU_BATCH_PIXELS, factor=8) == 1
-    assert items_per_call(("decode", 4, 32, 32, "auto"), CPU_BATCH_PIXELS, factor=8) == 2  # 256x256 pixels out
+    budget = 2 * 256 * 256
+    assert items_per_call(encode(64), budget, factor=8) == 32
+    assert items_per_call(encode(256), budget, factor=8) == 2
+    assert items_per_call(encode(512), budget, factor=8) == 1
+    assert items_per_call(("decode", 4, 32, 32, "auto"), budget, factor=8) == 2  # 256x256 pixels out
+    assert items_per_call(encode(512), CPU_BATCH_PIXELS, factor=8) == 4
     assert items_per_call(encode(512), 0, factor=8) >= 1 << 20
