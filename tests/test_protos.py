@@ -23,5 +23,6 @@ def test_the_installed_package_serves_the_contract():
     from latentd.v1 import latentd_pb2, latentd_pb2_grpc
 
     service = latentd_pb2.DESCRIPTOR.services_by_name["Latentd"]
-    assert {"Encode", "Decode", "EncodeStream", "DecodeStream", "ListModels", "GetModel"} <= set(service.methods_by_name)
+    expected = {"Encode", "Decode", "EncodeStream", "DecodeStream", "ListModels", "GetModel"}
+    assert expected <= set(service.methods_by_name)
     assert hasattr(latentd_pb2_grpc, "LatentdServicer")

@@ -103,7 +103,8 @@ def bench_codec(
         if run >= warmup:
             samples["decode"].append((t_base, t_ours))
     timings = [
-        Timing(op, statistics.median(b for b, _ in pairs) * 1e3 / batch, statistics.median(o for _, o in pairs) * 1e3 / batch)
+        Timing(op, statistics.median(base for base, _ in pairs) * 1e3 / batch,
+               statistics.median(ours for _, ours in pairs) * 1e3 / batch)
         for op, pairs in samples.items()
     ]
     return CodecBenchResult(

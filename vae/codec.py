@@ -158,7 +158,8 @@ class Codec:
         items = images_to_tensors(images, max_pixels=self.options.max_pixels, background=self.options.background)
         return self._posteriors(items.tensors, tiling)
 
-    def _posteriors(self, tensors: list[torch.Tensor], tiling: Tiling) -> list[tuple[torch.Tensor, torch.Tensor | None]]:
+    def _posteriors(self, tensors: list[torch.Tensor],
+                    tiling: Tiling) -> list[tuple[torch.Tensor, torch.Tensor | None]]:
         channels = self.info.latent_channels
         return [
             (moment[:channels], moment[channels:] if self.info.has_posterior else None)

@@ -37,7 +37,8 @@ def parse_dtype(dtype: str | torch.dtype | None) -> torch.dtype | None:
     try:
         return DTYPES[dtype.lower()]
     except KeyError:
-        raise InvalidInputError(f"unknown dtype {dtype!r}; use one of float32, float16, bfloat16", field="dtype") from None
+        raise InvalidInputError(f"unknown dtype {dtype!r}; use one of float32, float16, bfloat16",
+                                field="dtype") from None
 
 
 def default_device() -> torch.device:

@@ -54,7 +54,8 @@ def load_model(
         raise ModelNotFoundError(f"random weights need a registered architecture name, not {text!r}")
     path = Path(text).expanduser()
     if path.is_dir():
-        folder = path / "vae" if not (path / _CONFIG_NAME).is_file() and (path / "vae" / _CONFIG_NAME).is_file() else path
+        nested = not (path / _CONFIG_NAME).is_file() and (path / "vae" / _CONFIG_NAME).is_file()  # a pipeline folder
+        folder = path / "vae" if nested else path
         return LoadedModel(_from_pretrained(str(folder), None, True), folder.name or text, f"folder {folder}")
     if path.is_file():
         if path.suffix.lower() not in SINGLE_FILE_SUFFIXES:

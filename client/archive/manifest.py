@@ -89,8 +89,8 @@ class Manifest:
 
     def set_meta(self, values: dict[str, Any]) -> None:
         with self.connection:
-            self.connection.executemany("INSERT OR REPLACE INTO meta VALUES (?, ?)",
-                                        [(k, json.dumps(v) if not isinstance(v, str) else v) for k, v in values.items()])
+            rows = [(key, value if isinstance(value, str) else json.dumps(value)) for key, value in values.items()]
+            self.connection.executemany("INSERT OR REPLACE INTO meta VALUES (?, ?)", rows)
 
     def keys(self) -> set[str]:
         return {row[0] for row in self.connection.execute("SELECT key FROM items")}

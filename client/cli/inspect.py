@@ -28,8 +28,8 @@ def run(args: argparse.Namespace) -> int:
         totals = archive.manifest.totals()
         shards = archive.manifest.shards()
         failures = archive.failures()
-        report = {"archive": str(args.archive), "settings": archive.meta, "counts": counts, "latent_bytes": totals["bytes"],
-                  "pixels": totals["pixels"], "mean_bpp": totals["mean_bpp"],
+        report = {"archive": str(args.archive), "settings": archive.meta, "counts": counts,
+                  "latent_bytes": totals["bytes"], "pixels": totals["pixels"], "mean_bpp": totals["mean_bpp"],
                   "bpp": totals["bytes"] * 8 / totals["pixels"] if totals["pixels"] else None,
                   "shards": len(shards), "shard_bytes": sum(row["bytes"] for row in shards)}
         if args.failures:

@@ -14,7 +14,8 @@ def add_parser(subparsers: argparse._SubParsersAction) -> None:
         description="Train the KL-VAE from a YAML/TOML config. Any config key can be overridden as "
                     "`--section.key VALUE`, e.g. `--optim.lr 2e-4 --data.batch_size 16`. "
                     "Several GPUs: `accelerate launch --multi_gpu -m latentd.client.cli train CONFIG`; "
-                    "several CPU processes: `torchrun --standalone --nproc_per_node N -m latentd.client.cli train CONFIG`.")
+                    "several CPU processes: "
+                    "`torchrun --standalone --nproc_per_node N -m latentd.client.cli train CONFIG`.")
     train.add_argument("config", type=Path, help="YAML or TOML training config")
     train.add_argument("--resume", metavar="latest|auto|CHECKPOINT",
                        help="continue from the run's newest checkpoint (auto: or start fresh when there is "

@@ -93,9 +93,9 @@ def test_concurrent_clients_get_their_own_results_batched_together(start_server)
     for index, image in enumerate(images):
         np.testing.assert_allclose(np.frombuffer(results[index], "<f4"), codec.encode(image).numpy().ravel(),
                                    rtol=1e-5, atol=1e-5)
-    sizes = harness.server.metrics.registry.get_sample_value("latentd_batch_size_sum", {"model": "tiny", "op": "encode"})
-    calls = harness.server.metrics.registry.get_sample_value("latentd_batch_size_count",
-                                                             {"model": "tiny", "op": "encode"})
+    labels = {"model": "tiny", "op": "encode"}
+    sizes = harness.server.metrics.registry.get_sample_value("latentd_batch_size_sum", labels)
+    calls = harness.server.metrics.registry.get_sample_value("latentd_batch_size_count", labels)
     assert sizes == 12 and calls < 12  # 12 requests shared fewer model calls
 
 

@@ -21,7 +21,8 @@ def test_psnr_known_value():
 
 def test_ssim_and_ms_ssim():
     image = smooth_image(200, 240)
-    noisy = np.clip(image.astype(int) + np.random.default_rng(0).integers(-20, 20, image.shape), 0, 255).astype(np.uint8)
+    noise = np.random.default_rng(0).integers(-20, 20, image.shape)
+    noisy = np.clip(image.astype(int) + noise, 0, 255).astype(np.uint8)
     assert ssim(image, image) == pytest.approx(1.0)
     assert 0 < ssim(image, noisy) < 1
     assert ms_ssim(image, image) == pytest.approx(1.0)

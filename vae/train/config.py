@@ -132,10 +132,14 @@ class TrainConfig:
             (self.loss.reconstruction in ("l1", "l2"), "loss.reconstruction must be l1 or l2"),
             (self.loss.beta.schedule in ("constant", "linear", "cyclical"),
              "loss.beta.schedule must be constant, linear or cyclical"),
-            (self.runtime.precision in ("auto", "no", "fp16", "bf16"), "runtime.precision must be auto, no, fp16, bf16"),
-            (self.data.crop_size > 0 and self.data.batch_size > 0, "data.crop_size and data.batch_size must be positive"),
-            (self.optim.max_steps > 0 and self.optim.grad_accum > 0, "optim.max_steps and optim.grad_accum must be positive"),
-            (self.runtime.save_every > 0 and self.runtime.val_every > 0, "runtime.save_every and val_every must be positive"),
+            (self.runtime.precision in ("auto", "no", "fp16", "bf16"),
+             "runtime.precision must be auto, no, fp16, bf16"),
+            (self.data.crop_size > 0 and self.data.batch_size > 0,
+             "data.crop_size and data.batch_size must be positive"),
+            (self.optim.max_steps > 0 and self.optim.grad_accum > 0,
+             "optim.max_steps and optim.grad_accum must be positive"),
+            (self.runtime.save_every > 0 and self.runtime.val_every > 0,
+             "runtime.save_every and val_every must be positive"),
             (bool(self.data.train_dirs), "data.train_dirs must name at least one folder"),
             (not (self.loss.lpips_weight > 0 and not self.loss.lpips_weights),
              "loss.lpips_weight needs loss.lpips_weights: a local LPIPS safetensors file (they cannot be downloaded)"),
@@ -225,7 +229,8 @@ def load_config(path: str | Path | None, overrides: dict[str, str] | None = None
             else:
                 values = yaml.safe_load(text) or {}
         except (yaml.YAMLError, tomllib.TOMLDecodeError, ValueError) as exc:
-            raise InvalidInputError(f"config {path} is not valid: {' '.join(str(exc).split())}", field="config") from exc
+            message = " ".join(str(exc).split())
+            raise InvalidInputError(f"config {path} is not valid: {message}", field="config") from exc
         if not isinstance(values, dict):
             raise InvalidInputError(f"config {path} must hold a mapping of sections", field="config")
     config = _from_dict(TrainConfig, values, "")

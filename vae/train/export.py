@@ -56,7 +56,8 @@ def _trained_model(checkpoint: Path, config: TrainConfig) -> tuple[nn.Module, bo
 
 
 @torch.inference_mode()
-def latent_statistics(model: nn.Module, files: list[Path], *, count: int, crop: int, seed: int = 0) -> tuple[float, float]:
+def latent_statistics(model: nn.Module, files: list[Path], *, count: int, crop: int,
+                      seed: int = 0) -> tuple[float, float]:
     """Mean and standard deviation of posterior samples over `count` random training crops.
 
     Stable Diffusion measured its 0.18215 the same way: 1 / std of z ~ q(z|x) on training data.

@@ -95,7 +95,8 @@ class Logbook:
                "val_kl_per_channel": " ".join(f"{v:.4g}" for v in result.kl_per_channel)}
         self._write(row)
         if self._bar is not None:
-            self._bar.write(f"step {step}: val PSNR {result.psnr:.2f} dB, MS-SSIM {result.ms_ssim or float('nan'):.4f}, "
+            ms_ssim = result.ms_ssim or float("nan")
+            self._bar.write(f"step {step}: val PSNR {result.psnr:.2f} dB, MS-SSIM {ms_ssim:.4f}, "
                             f"active units {result.active_units}/{len(result.kl_per_channel)}")
 
     def _write(self, row: dict) -> None:
