@@ -2,18 +2,17 @@
 
 from __future__ import annotations
 
+import contextlib
 import copy
 import statistics
-import time
 from dataclasses import dataclass, field
-from typing import Callable
 
 import numpy as np
 import torch
 
+from .bench_baseline import BaselineProcess, diffusers_call, load_for_bench, timed
 from .codec import Codec, CodecOptions
 from .convert import tensor_to_uint8
-from .loading import load_model
 from .metrics import psnr
 
 # Agreement required between latentd's and diffusers' outputs (relative L2 error).
@@ -22,14 +21,22 @@ AGREEMENT_TOLERANCE = 1e-4
 
 @dataclass(frozen=True)
 class Timing:
-    """Median milliseconds per image of one operation, baseline and latentd."""
+    """Median milliseconds per image of one operation: plain diffusers in this process (with whatever the
+    process set, such as the CLI's malloc setting), plain diffusers alone in a process of its own, latentd."""
 
     operation: str
     baseline_ms: float
     latentd_ms: float
+    alone_ms: float | None = None
 
     @property
     def speedup(self) -> float:
+        """Over plain diffusers as a program that uses it alone runs it (this process's if not measured)."""
+        return (self.alone_ms or self.baseline_ms) / self.latentd_ms
+
+    @property
+    def same_process_speedup(self) -> float:
+        """Like for like: one process, the same process-wide settings; what latentd's module rewrites add."""
         return self.baseline_ms / self.latentd_ms
 
 
@@ -45,23 +52,17 @@ class CodecBenchResult:
     timings: list[Timing]
     latent_rel_error: float
     image_rel_error: float
+    alone_rel_error: float | None = None  # the separate process's latents against this process's diffusers
     profile: str | None = None
 
     @property
     def agrees(self) -> bool:
-        return max(self.latent_rel_error, self.image_rel_error) < AGREEMENT_TOLERANCE
+        errors = [self.latent_rel_error, self.image_rel_error, self.alone_rel_error]
+        return max(error for error in errors if error is not None) < AGREEMENT_TOLERANCE
 
 
 def relative_error(a: torch.Tensor, b: torch.Tensor) -> float:
     return float((a.double() - b.double()).norm() / b.double().norm().clamp_min(1e-30))
-
-
-def _timed(fn: Callable[[], torch.Tensor]) -> tuple[float, torch.Tensor]:
-    started = time.perf_counter()
-    result = fn()
-    if torch.cuda.is_available():
-        torch.cuda.synchronize()
-    return time.perf_counter() - started, result
 
 
 def bench_codec(
@@ -75,59 +76,55 @@ def bench_codec(
     device: str | None = None,
     dtype: str | None = None,
     profile: bool = False,
+    alone: bool = True,
 ) -> CodecBenchResult:
     """Time diffusers' `encode(x).latent_dist.mode()` / `decode(z).sample` (fp32, default memory
-    format, no_grad) against latentd's `Codec.encode` / `Codec.decode` on copies of one model.
+    format, no_grad) against latentd's `Codec.encode` / `Codec.decode` on copies of one model, and
+    (`alone`) the same diffusers calls in a separate process (BaselineProcess), run by run interleaved.
 
     `model` is anything `load_model` accepts; registered architectures without weights here get
     seeded random weights, which time the same as trained ones.
     """
-    baseline = _load_for_bench(model, seed)
+    baseline = load_for_bench(model, seed)
     codec = Codec(copy.deepcopy(baseline), name=model, device=device, dtype=dtype,
                   options=CodecOptions(max_batch_pixels=max(batch * size * size, 1)))
-    baseline = baseline.to(codec.placement.device)
-    generator = torch.Generator().manual_seed(seed)
-    images = torch.rand(batch, 3, size, size, generator=generator) * 2 - 1
-    samples: dict[str, list[tuple[float, float]]] = {"encode": [], "decode": []}
-    latents_base = latents_ours = decoded_base = decoded_ours = None
-    for run in range(warmup + runs):
-        with torch.no_grad():
-            t_base, latents_base = _timed(
-                lambda: baseline.encode(images.to(codec.placement.device)).latent_dist.mode().cpu())
-        t_ours, latents_ours = _timed(lambda: codec.encode(images, scaled=False))
-        if run >= warmup:
-            samples["encode"].append((t_base, t_ours))
-        with torch.no_grad():
-            t_base, decoded_base = _timed(lambda: baseline.decode(latents_base.to(codec.placement.device)).sample.cpu())
-        t_ours, decoded_ours = _timed(lambda: codec.decode(latents_base, scaled=False, output="tensor"))
-        if run >= warmup:
-            samples["decode"].append((t_base, t_ours))
-    timings = [
-        Timing(op, statistics.median(base for base, _ in pairs) * 1e3 / batch,
-               statistics.median(ours for _, ours in pairs) * 1e3 / batch)
-        for op, pairs in samples.items()
-    ]
+    place = codec.placement.device
+    baseline = baseline.to(place)
+    images = torch.rand(batch, 3, size, size, generator=torch.Generator().manual_seed(seed)) * 2 - 1
+    samples: dict[str, list[tuple[float, float, float | None]]] = {"encode": [], "decode": []}
+    with contextlib.ExitStack() as stack:
+        separate = stack.enter_context(BaselineProcess(model, seed, place)) if alone else None
+        for run in range(warmup + runs):
+            t_base, latents_base = timed(lambda: diffusers_call(baseline, "encode", images, place))
+            t_alone, latents_alone = separate.run("encode", images) if separate else (None, None)
+            t_ours, latents_ours = timed(lambda: codec.encode(images, scaled=False))
+            t_base_d, decoded_base = timed(lambda: diffusers_call(baseline, "decode", latents_base, place))
+            t_alone_d = separate.run("decode", latents_base)[0] if separate else None
+            t_ours_d, decoded_ours = timed(lambda: codec.decode(latents_base, scaled=False, output="tensor"))
+            if run >= warmup:
+                samples["encode"].append((t_base, t_ours, t_alone))
+                samples["decode"].append((t_base_d, t_ours_d, t_alone_d))
+    timings = [Timing(op, *(_median_ms([sample[index] for sample in triples], batch) for index in range(3)))
+               for op, triples in samples.items()]
     return CodecBenchResult(
         model=model,
         size=size,
         batch=batch,
-        device=str(codec.placement.device),
+        device=str(place),
         dtype=str(codec.placement.dtype).removeprefix("torch."),
         threads=torch.get_num_threads(),
         runs=runs,
         timings=timings,
         latent_rel_error=relative_error(latents_ours, latents_base),
         image_rel_error=relative_error(decoded_ours, decoded_base),
+        alone_rel_error=relative_error(latents_alone, latents_base) if separate else None,
         profile=_profile_decode(codec, latents_base) if profile else None,
     )
 
 
-def _load_for_bench(model: str, seed: int) -> torch.nn.Module:
-    from .registry import get_spec, is_registered
-
-    if is_registered(model) and get_spec(model).packaged_path() is None:
-        return load_model(model, random_seed=seed).model
-    return load_model(model).model
+def _median_ms(seconds: list[float | None], batch: int) -> float | None:
+    """Median milliseconds per image, None for a baseline that was not run."""
+    return None if None in seconds else statistics.median(seconds) * 1e3 / batch
 
 
 def _profile_decode(codec: Codec, latents: torch.Tensor, rows: int = 12) -> str:
@@ -170,18 +167,18 @@ def bench_tiling(
     from .imageio import open_image
     from .tiling import tile_spans
 
-    loaded = _load_for_bench(model, seed)
+    loaded = load_for_bench(model, seed)
     options = CodecOptions(tile_size=tile_size, tile_overlap=tile_overlap, max_batch_pixels=size * size)
     codec = Codec(loaded, name=model, device=device, dtype=dtype, options=options)
     pixels = _bench_image(open_image(image) if image else None, size, seed)
     latents = codec.encode(pixels, tiling="on")
-    t_tiled, tiled = _timed(lambda: codec.decode(latents, tiling="on"))
+    t_tiled, tiled = timed(lambda: codec.decode(latents, tiling="on"))
     grid = latents.shape[-1]
     unit, overlap = tile_size // codec.factor, tile_overlap // codec.factor
     tiles = len(tile_spans(latents.shape[-2], unit, overlap)) * len(tile_spans(grid, unit, overlap))
     result = TilingBenchResult(model, size, tile_size, tile_overlap, None, t_tiled * 1e3, None, tiles)
     if untiled:
-        t_untiled, full = _timed(lambda: codec.decode(latents, tiling="off"))
+        t_untiled, full = timed(lambda: codec.decode(latents, tiling="off"))
         result.untiled_ms = t_untiled * 1e3
         result.psnr_tiled_vs_untiled = psnr(tiled, full)
     return result

@@ -22,7 +22,9 @@ def add_parser(subparsers: argparse._SubParsersAction) -> None:
     codec = kinds.add_parser(
         "codec", help="latentd encode/decode vs plain diffusers on the same weights",
         description="Time latentd's encode and decode against plain diffusers (fp32, default memory format) on "
-                    "the same weights, after warm-up, median of several runs; check both give the same latents.")
+                    "the same weights, after warm-up, median of several runs; check both give the same latents. "
+                    "diffusers runs twice per run: alone in a process of its own, as a program using it gets it, "
+                    "and in this process, with latentd's process-wide settings (like for like).")
     codec.add_argument("--model", default="sd",
                        help="registered name, folder, checkpoint or Hub id; registered architectures without "
                             "local weights use seeded random weights (default: sd)")
@@ -31,6 +33,8 @@ def add_parser(subparsers: argparse._SubParsersAction) -> None:
     codec.add_argument("--runs", type=int, default=3, help="timed runs; the median is reported (default: 3)")
     codec.add_argument("--warmup", type=int, default=1, help="untimed runs first (default: 1)")
     codec.add_argument("--profile", action="store_true", help="also print where one latentd decode spends its time")
+    codec.add_argument("--same-process", action="store_true",
+                       help="skip the separate diffusers process (compare like for like only)")
     _add_common(codec)
     codec.set_defaults(run=run_codec)
 
@@ -124,22 +128,27 @@ def run_codec(args: argparse.Namespace) -> int:
 
     _positive(args, "size", "batch", "runs")
     result = bench_codec(args.model, size=args.size, batch=args.batch, runs=args.runs, warmup=max(args.warmup, 0),
-                         seed=args.seed, device=args.device, dtype=args.dtype, profile=args.profile)
+                         seed=args.seed, device=args.device, dtype=args.dtype, profile=args.profile,
+                         alone=not args.same_process)
     if args.json:
         print(json.dumps({**asdict(result), "speedups": {t.operation: t.speedup for t in result.timings},
+                          "same_process_speedups": {t.operation: t.same_process_speedup for t in result.timings},
                           "agrees": result.agrees}, indent=2))
         return EXIT_OK if result.agrees else EXIT_FAILED
     print(f"bench codec: model {result.model}, {result.size}x{result.size}, batch {result.batch}, "
           f"{result.device} ({result.dtype}), {result.threads} threads, median of {result.runs} runs")
-    print(f"{'operation':<10} {'diffusers ms/img':>17} {'latentd ms/img':>15} {'speed-up':>9}  target")
+    print("ms per image; diffusers alone: in a process of its own; here: in this process, with its settings")
+    print(f"{'operation':<10} {'diffusers alone':>16} {'diffusers here':>15} {'latentd':>9} {'speed-up':>9} "
+          f"{'like for like':>14}  target")
     for timing in result.timings:
         target = TARGETS.get(timing.operation)
         verdict = "" if target is None else f">= {target:.2f}x {'met' if timing.speedup >= target else 'MISSED'}"
-        print(f"{timing.operation:<10} {timing.baseline_ms:>17.1f} {timing.latentd_ms:>15.1f} "
-              f"{timing.speedup:>8.2f}x  {verdict}")
+        print(f"{timing.operation:<10} {_num(timing.alone_ms, '16.1f'):>16} {timing.baseline_ms:>15.1f} "
+              f"{timing.latentd_ms:>9.1f} {timing.speedup:>8.2f}x {timing.same_process_speedup:>13.2f}x  {verdict}")
     status = "ok" if result.agrees else "MISMATCH"
+    alone = "" if result.alone_rel_error is None else f", separate process {result.alone_rel_error:.2e}"
     print(f"agreement with diffusers: latents rel. error {result.latent_rel_error:.2e}, images rel. error "
-          f"{result.image_rel_error:.2e} (tolerance {AGREEMENT_TOLERANCE:.0e}): {status}")
+          f"{result.image_rel_error:.2e}{alone} (tolerance {AGREEMENT_TOLERANCE:.0e}): {status}")
     if result.profile:
         print("\nprofile of one latentd decode (by operator, self time):")
         print(result.profile)

@@ -103,12 +103,17 @@ def test_bench_codec_compares_with_diffusers(tiny_model_dir, capsys):
     assert result["agrees"] and result["latent_rel_error"] < 1e-4
     assert {t["operation"] for t in result["timings"]} == {"encode", "decode"}
     assert all(t["baseline_ms"] > 0 and t["latentd_ms"] > 0 for t in result["timings"])
+    # diffusers alone in its own process: same weights (the latents agree), its own timings
+    assert result["alone_rel_error"] < 1e-4 and all(t["alone_ms"] > 0 for t in result["timings"])
+    assert set(result["same_process_speedups"]) == {"encode", "decode"}
 
 
 def test_bench_codec_table_and_profile(tiny_model_dir, capsys):
-    assert main(["bench", "codec", "--model", str(tiny_model_dir), "--size", "16", "--runs", "1", "--profile"]) == 0
+    assert main(["bench", "codec", "--model", str(tiny_model_dir), "--size", "16", "--runs", "1", "--profile",
+                 "--same-process"]) == 0
     out = capsys.readouterr().out
-    assert "speed-up" in out and "agreement with diffusers" in out and "Self CPU" in out
+    assert "speed-up" in out and "like for like" in out and "agreement with diffusers" in out and "Self CPU" in out
+    assert "separate process" not in out  # --same-process: no second diffusers
 
 
 def test_bench_tiling(tiny_model_dir, capsys):
