@@ -54,9 +54,19 @@ def _map_errors(behaviour: Callable, streaming: bool) -> Callable:
 class ErrorInterceptor(grpc.aio.ServerInterceptor):
     """Every exception a handler raises leaves as a gRPC status (see `status.STATUS_TABLE`)."""
 
+    def __init__(self) -> None:
+        # method -> (its handler, the wrapped one): the wrapping is done once per method, not per call
+        # (for 64x64 images the per-request work is a large part of a request's cost).
+        self._wrapped: dict[str, tuple[grpc.RpcMethodHandler, grpc.RpcMethodHandler]] = {}
+
     async def intercept_service(self, continuation: Callable[..., Awaitable], details: grpc.HandlerCallDetails):
         handler = await continuation(details)
-        return _rewrap(handler, _map_errors) if handler is not None else None
+        if handler is None:
+            return None
+        cached = self._wrapped.get(details.method)
+        if cached is None or cached[0] is not handler:
+            cached = self._wrapped[details.method] = (handler, _rewrap(handler, _map_errors))
+        return cached[1]
 
 
 class AuthInterceptor(grpc.aio.ServerInterceptor):
