@@ -104,8 +104,11 @@ def bench_codec(
             if run >= warmup:
                 samples["encode"].append((t_base, t_ours, t_alone))
                 samples["decode"].append((t_base_d, t_ours_d, t_alone_d))
-    timings = [Timing(op, *(_median_ms([sample[index] for sample in triples], batch) for index in range(3)))
-               for op, triples in samples.items()]
+    timings = []
+    for op, triples in samples.items():
+        base, ours, alone_s = zip(*triples)
+        timings.append(Timing(op, baseline_ms=_median_ms(base, batch), latentd_ms=_median_ms(ours, batch),
+                              alone_ms=_median_ms(alone_s, batch)))
     return CodecBenchResult(
         model=model,
         size=size,
@@ -122,7 +125,7 @@ def bench_codec(
     )
 
 
-def _median_ms(seconds: list[float | None], batch: int) -> float | None:
+def _median_ms(seconds: tuple[float | None, ...], batch: int) -> float | None:
     """Median milliseconds per image, None for a baseline that was not run."""
     return None if None in seconds else statistics.median(seconds) * 1e3 / batch
 
