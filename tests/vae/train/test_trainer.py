@@ -128,6 +128,13 @@ def test_corrupt_files_are_skipped_and_counted(write_config, image_folders):
     assert json.loads((summary.checkpoint / STATE_FILE).read_text())["skipped_files"] == 1
 
 
+def test_fewer_images_than_one_batch_is_a_clear_error(write_config):
+    # 10 images, batch 16 with drop_last: an epoch without a single step would loop forever.
+    with pytest.raises(InvalidInputError, match="no full batch of 16") as caught:
+        training_function(load_config(write_config(data={"batch_size": 16})), progress=False, export=False)
+    assert caught.value.field == "data.batch_size"
+
+
 def test_non_finite_steps_are_skipped_then_stop_with_a_checkpoint(write_config, monkeypatch):
     import latentd.vae.train.trainer as trainer
 
