@@ -113,7 +113,6 @@ class TrainingRun:
     """What one run holds, built once by `start_run` and used by every step."""
 
     config: TrainConfig
-    run_dir: Path
     accelerator: Any
     module: nn.Module  # the prepared AutoencoderForTraining: what DDP synchronises
     vae: nn.Module  # the AutoencoderKL inside it
@@ -125,6 +124,10 @@ class TrainingRun:
     lpips: nn.Module | None = None
     discriminator: nn.Module | None = None
     d_optimizer: torch.optim.Optimizer | None = None
+
+    @property
+    def run_dir(self) -> Path:
+        return Path(self.config.runtime.output_dir)
 
 
 def start_run(config: TrainConfig, resume: str | None) -> TrainingRun:
@@ -168,5 +171,5 @@ def start_run(config: TrainConfig, resume: str | None) -> TrainingRun:
         config.save(run_dir / "config.yaml")
     if accelerator.log_with:
         accelerator.init_trackers("latentd-vae")
-    return TrainingRun(config, run_dir, accelerator, module, vae, optimizer, train_loader, loaders.validation, ema,
+    return TrainingRun(config, accelerator, module, vae, optimizer, train_loader, loaders.validation, ema,
                        state, lpips, discriminator, d_optimizer)
