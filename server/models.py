@@ -9,19 +9,15 @@ import time
 from dataclasses import dataclass
 from typing import Any, Callable, Hashable
 
-import numpy as np
-
 from latentd.vae.codec import Codec, CodecOptions, load_codec
 from latentd.vae.errors import InvalidInputError
 
 from .batcher import Batcher, BatchStats
+from .jobs import DECODE, predict, warm_up
 from .settings import ServerSettings
 
 logger = logging.getLogger(__name__)
 
-# Batch keys: ("encode", is_uint8, height, width, tiling) and ("decode", channels, h, w, tiling). Items of one
-# key have one shape, so a batch is one forward pass; the codec splits it further to bound memory.
-ENCODE, DECODE = "encode", "decode"
 # max_batch_pixels on CPU when not set: four 512x512 images, which bounds a call's memory. On the 2 cores
 # measured (README: the service under load, the batch sweep), a call of 8 gains 1.7-2x at 64x64 and
 # 1.00-1.05x at 256x256 and 512x512, now that freed memory is kept for the next call (vae/allocator.py);
@@ -31,45 +27,6 @@ CPU_BATCH_PIXELS = 4 * 512 * 512
 
 class NotReadyError(Exception):
     """A request arrived before the models finished loading (health is NOT_SERVING until then)."""
-
-
-@dataclass(frozen=True)
-class DecodeItem:
-    latents: Any  # a float32 torch tensor [C, h, w]
-    size: tuple[int, int]  # crop to (height, width)
-    scaled: bool = True  # diffusers-scaled latents (else raw z)
-
-
-@dataclass
-class Job:
-    """One image (encode: uint8 [H, W, 3]) or latent (decode: DecodeItem) on its way through a batch;
-    `finish` turns its model output into plain arrays on the compute thread (see ModelPool); the batch
-    stamps its compute window on it for the request's log line."""
-
-    data: Any
-    finish: Callable[[Any], Any] | None = None
-    started: float = 0.0
-    finished: float = 0.0
-
-
-def predict(codec: Codec, key: Hashable, jobs: list[Job]) -> list[Any]:
-    """One batch of one key through the codec: posteriors for encode, float images for decode, each
-    passed through its job's `finish`."""
-    op, *_, tiling = key
-    started = time.monotonic()
-    if op == ENCODE:
-        outputs = codec.posterior([job.data for job in jobs], tiling=tiling)
-    elif op == DECODE:
-        latents = [codec.unscale(job.data.latents) if job.data.scaled else job.data.latents for job in jobs]
-        outputs = codec.decode(latents, scaled=False, output="tensor", tiling=tiling,
-                               sizes=[job.data.size for job in jobs])
-    else:
-        raise ValueError(f"unknown operation {op!r}")
-    outputs = [job.finish(output) if job.finish else output for job, output in zip(jobs, outputs)]
-    finished = time.monotonic()
-    for job in jobs:
-        job.started, job.finished = started, finished
-    return outputs
 
 
 def batch_pixel_limit(settings: ServerSettings, device_type: str) -> int:
@@ -133,7 +90,7 @@ class ModelPool:
                                                dtype=self.settings.dtype, options=options))
             pixel_limit = batch_pixel_limit(self.settings, codec.placement.device.type)
             batcher = Batcher(
-                name, lambda key, payloads, codec=codec: self.run(predict, codec, key, payloads),
+                name, lambda key, jobs, codec=codec: self.run(predict, codec, key, jobs),
                 max_batch_size=self.settings.max_batch_size,
                 max_delay_s=self.settings.max_batch_delay_ms / 1e3,
                 queue_limit=self.settings.queue_limit,
@@ -142,18 +99,11 @@ class ModelPool:
             )
             batcher.start()
             if self.settings.warmup:
-                self.run(self._warm_up, codec)
+                self.run(warm_up, codec)
             seconds = time.perf_counter() - started
             self._models[name] = ServedModel(name, source, codec, batcher, seconds)
             logger.info("model %s loaded from %s in %.2f s (%s on %s)", name, source, seconds,
                         codec.info.model_class, codec.placement.device)
-
-    @staticmethod
-    def _warm_up(codec: Codec) -> None:
-        # The first calls pay for allocator growth and kernel selection; clients should not.
-        side = 8 * codec.factor
-        latents = codec.encode(np.zeros((side, side, 3), np.uint8))
-        codec.decode(latents)
 
     @property
     def ready(self) -> bool:

@@ -5,7 +5,6 @@ from __future__ import annotations
 import asyncio
 import concurrent.futures
 import dataclasses
-import functools
 import logging
 import secrets
 import time
@@ -20,7 +19,8 @@ from latentd.vae.errors import InvalidInputError
 
 from . import wire
 from .metrics import ServerMetrics
-from .models import DECODE, ENCODE, Job, ModelPool, ServedModel
+from .jobs import DECODE, ENCODE, DecodeFinish, EncodeFinish, Job
+from .models import ModelPool, ServedModel
 from .settings import ServerSettings
 from .status import status_for
 
@@ -70,11 +70,10 @@ class LatentdServicer(pb_grpc.LatentdServicer):
     # ---- shared machinery ----------------------------------------------------------------------
 
     async def _run(self, served: ServedModel, key_of: Callable[[Any], tuple], data: list[Any],
-                   deadline: float | None, log: RequestLog,
-                   finish: Callable[[int, Any], Any] | None = None) -> list[Any]:
+                   deadline: float | None, log: RequestLog, finishes: list[Any]) -> list[Any]:
         """Submit one job per item and wait for all; on failure or cancellation the rest are cancelled.
-        `finish(index, output)` converts item `index`'s output on the compute thread."""
-        jobs = [Job(item, functools.partial(finish, index) if finish else None) for index, item in enumerate(data)]
+        `finishes[i]` converts item i's output where its batch runs (see models.Job)."""
+        jobs = [Job(item, finish) for item, finish in zip(data, finishes, strict=True)]
         futures: list[concurrent.futures.Future] = []
         submitted = time.monotonic()
         try:
@@ -138,20 +137,12 @@ class LatentdServicer(pb_grpc.LatentdServicer):
         sizes = [wire.image_size(image) for image in images]
         log.items, log.sizes = len(images), _sizes(sizes)
         seed = options.seed if options.HasField("seed") else secrets.randbits(63)
-        codec = served.codec
-
-        def finish(index: int, posterior: tuple) -> tuple:
-            mean, logvar = posterior
-            if options.posterior:
-                return wire.latents_array(mean), wire.latents_array(logvar)
-            latents = codec.latents_from_posterior(mean, logvar, sample=options.sample, seed=seed, index=index,
-                                                   scaled=not options.raw)
-            return wire.latents_array(latents), None
-
+        finishes = [EncodeFinish(posterior=options.posterior, sample=options.sample, seed=seed, index=index,
+                                 scaled=not options.raw) for index in range(len(images))]
         # uint8 and float inputs go through the codec separately (its conversion differs per kind).
         results = await self._run(
             served, lambda image: (ENCODE, isinstance(image, np.ndarray), *wire.image_size(image), tiling), images,
-            deadline, log, finish)
+            deadline, log, finishes)
         items = [pb.EncodedImage(latents=wire.latents_message(latents, dtype), height=height, width=width,
                                  logvar=None if logvar is None else wire.latents_message(logvar, dtype))
                  for (latents, logvar), (height, width) in zip(results, sizes)]
@@ -171,7 +162,7 @@ class LatentdServicer(pb_grpc.LatentdServicer):
                  for i, item in enumerate(request.items)]
         log.items, log.sizes = len(items), _sizes([item.size for item in items])
         arrays = await self._run(served, lambda item: (DECODE, *item.latents.shape, tiling), items, deadline, log,
-                                 lambda index, image: wire.image_array(image, output))
+                                 [DecodeFinish(output)] * len(items))
         return pb.DecodeResponse(id=request.id, model=served.name, images=await self._image_messages(arrays, output))
 
     async def _image_messages(self, arrays: list[np.ndarray], output: wire.OutputFormat) -> list[pb.Image]:

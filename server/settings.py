@@ -24,7 +24,7 @@ class ServerSettings:
     max_batch_size: int = 8  # images per model call
     max_batch_delay_ms: float = 5.0  # how long the first item of a batch waits for company
     # Image pixels per model call, summed over its items (a batch always takes at least one item).
-    # None: 131072 on CPU, where bigger calls stop paying (README: batching), unlimited on GPU; 0: unlimited.
+    # None: four 512x512 images on CPU, which bounds a call's memory, unlimited on GPU; 0: unlimited.
     max_batch_pixels: int | None = None
     queue_limit: int = 256  # images waiting per model; beyond it RESOURCE_EXHAUSTED
     stream_window: int = 16  # requests of one stream in flight (or answered but not yet read by the client)

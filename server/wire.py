@@ -14,7 +14,6 @@ from latentd.vae.errors import InvalidInputError
 from latentd.vae.imageio import check_pixel_limit, encode_image, open_image
 from latentd.vae.model_info import ModelInfo
 
-from .models import DecodeItem
 
 TILING = {pb.TILING_AUTO: "auto", pb.TILING_ON: "on", pb.TILING_OFF: "off"}
 LATENT_DTYPES = {pb.DTYPE_UNSPECIFIED: "float32", pb.FLOAT32: "float32", pb.FLOAT16: "float16",
@@ -42,6 +41,13 @@ def latent_dtype(value: int, field: str) -> str:
     if value not in LATENT_DTYPES:
         raise InvalidInputError(f"{field} must be FLOAT32, FLOAT16 or BFLOAT16", field=field)
     return LATENT_DTYPES[value]
+
+
+@dataclass(frozen=True)
+class DecodeItem:
+    latents: torch.Tensor  # float32 [C, h, w]
+    size: tuple[int, int]  # crop to (height, width)
+    scaled: bool = True  # diffusers-scaled latents (else raw z)
 
 
 @dataclass(frozen=True)

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import argparse
 
-from .common import EXIT_FAILED, EXIT_OK, add_server_args, client_from_args
+from .common import EXIT_FAILED, EXIT_OK, add_server_args
 
 
 def add_parser(subparsers: argparse._SubParsersAction) -> None:

@@ -26,7 +26,8 @@ def add_parser(subparsers: argparse._SubParsersAction) -> None:
     parser.add_argument("--max-batch-size", type=int, help="images per model call (default: 8)")
     parser.add_argument("--max-batch-delay-ms", type=float, help="how long a batch waits to fill (default: 5)")
     parser.add_argument("--max-batch-pixels", type=int, help="image pixels per model call, summed over its images "
-                                                             "(default: 131072 on CPU, unlimited on GPU; 0: unlimited)")
+                                                             "(default: four 512x512 images on CPU, unlimited on GPU; "
+                                                             "0: unlimited)")
     parser.add_argument("--queue-limit", type=int, help="images waiting per model before RESOURCE_EXHAUSTED "
                                                         "(default: 256)")
     parser.add_argument("--max-pixels", type=int, help="largest image in pixels (default: 4096x4096)")

@@ -1,0 +1,86 @@
+"""One batch of one key through a codec: the jobs it carries, what each wants of its output, and `predict`."""
+
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass
+from typing import Any, Callable, Hashable
+
+import numpy as np
+
+from latentd.vae.codec import Codec
+
+from . import wire
+
+# Batch keys: ("encode", is_uint8, height, width, tiling) and ("decode", channels, h, w, tiling). Items of one
+# key have one shape, so a batch is one forward pass; the codec splits it further to bound memory.
+ENCODE, DECODE = "encode", "decode"
+
+
+@dataclass(frozen=True)
+class EncodeFinish:
+    """What an encode request wants of its image's posterior: latents (the mean or a seeded draw,
+    scaled or raw) or the posterior itself. Plain data, so a compute process can receive it."""
+
+    posterior: bool = False
+    sample: bool = False
+    seed: int = 0
+    index: int = 0  # the image's place in its request: its stream of the seed (Codec.latents_from_posterior)
+    scaled: bool = True
+
+    def __call__(self, codec: Codec, output: tuple) -> tuple[np.ndarray, np.ndarray | None]:
+        mean, logvar = output
+        if self.posterior:
+            return wire.latents_array(mean), wire.latents_array(logvar)
+        latents = codec.latents_from_posterior(mean, logvar, sample=self.sample, seed=self.seed, index=self.index,
+                                               scaled=self.scaled)
+        return wire.latents_array(latents), None
+
+
+@dataclass(frozen=True)
+class DecodeFinish:
+    """A decoded image as the array its response message needs (see wire.image_array)."""
+
+    output: wire.OutputFormat
+
+    def __call__(self, codec: Codec, image: Any) -> np.ndarray:
+        return wire.image_array(image, self.output)
+
+
+@dataclass
+class Job:
+    """One image (encode: uint8 [H, W, 3]) or latent (decode: wire.DecodeItem) on its way through a
+    batch; `finish(codec, output)` turns its model output into plain arrays where the batch runs; the
+    batch stamps its compute window on it for the request's log line."""
+
+    data: Any
+    finish: Callable[[Codec, Any], Any] | None = None
+    started: float = 0.0
+    finished: float = 0.0
+
+
+def predict(codec: Codec, key: Hashable, jobs: list[Job]) -> list[Any]:
+    """One batch of one key through the codec: posteriors for encode, float images for decode, each
+    passed through its job's `finish`."""
+    op, *_, tiling = key
+    started = time.monotonic()
+    if op == ENCODE:
+        outputs = codec.posterior([job.data for job in jobs], tiling=tiling)
+    elif op == DECODE:
+        latents = [codec.unscale(job.data.latents) if job.data.scaled else job.data.latents for job in jobs]
+        outputs = codec.decode(latents, scaled=False, output="tensor", tiling=tiling,
+                               sizes=[job.data.size for job in jobs])
+    else:
+        raise ValueError(f"unknown operation {op!r}")
+    outputs = [job.finish(codec, output) if job.finish else output for job, output in zip(jobs, outputs)]
+    finished = time.monotonic()
+    for job in jobs:
+        job.started, job.finished = started, finished
+    return outputs
+
+
+def warm_up(codec: Codec) -> None:
+    """One small encode and decode: the first calls pay for allocator growth and kernel choice; clients should not."""
+    side = 8 * codec.factor
+    latents = codec.encode(np.zeros((side, side, 3), np.uint8))
+    codec.decode(latents)
