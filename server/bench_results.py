@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import statistics
-from dataclasses import dataclass, field
+from dataclasses import astuple, dataclass, field
 from typing import Callable
 
 import numpy as np
@@ -11,20 +11,19 @@ import numpy as np
 
 @dataclass(frozen=True)
 class ServerCounters:
-    """What a server's metrics endpoint counts: items and model calls of one operation, and the CPU
-    seconds of the whole server process (every thread: compute, gRPC, handlers)."""
+    """What a server's metrics endpoint counts: items, model calls and their seconds of one operation,
+    and the CPU seconds of the whole server process (every thread: compute, gRPC, handlers)."""
 
     batch_items: float = 0.0
     batch_calls: float = 0.0
     cpu_seconds: float = 0.0
+    compute_seconds: float = 0.0  # wall time inside model calls (latentd_compute_seconds)
 
     def __add__(self, other: "ServerCounters") -> "ServerCounters":
-        return ServerCounters(self.batch_items + other.batch_items, self.batch_calls + other.batch_calls,
-                              self.cpu_seconds + other.cpu_seconds)
+        return ServerCounters(*(mine + theirs for mine, theirs in zip(astuple(self), astuple(other))))
 
     def __sub__(self, other: "ServerCounters") -> "ServerCounters":
-        return ServerCounters(self.batch_items - other.batch_items, self.batch_calls - other.batch_calls,
-                              self.cpu_seconds - other.cpu_seconds)
+        return ServerCounters(*(mine - theirs for mine, theirs in zip(astuple(self), astuple(other))))
 
 
 Counters = Callable[[], ServerCounters]
@@ -61,6 +60,14 @@ class Phase:
     def client_cpu_ms(self) -> float | None:
         return self.cpu_ms_per_request(self.client_cpu_seconds)
 
+    @property
+    def model_ms(self) -> float | None:
+        """Wall ms per image inside the server's model calls: against the in-process codec's, it tells
+        a slower model call (cores shared with serving) from time spent outside the calls."""
+        if not self.server or not self.server.batch_items:
+            return None
+        return self.server.compute_seconds * 1e3 / self.server.batch_items
+
     def merge(self, other: "Phase") -> None:
         """Add another round of the same workload."""
         self.requests += other.requests
@@ -83,7 +90,7 @@ class Phase:
                 "requests": self.requests, "errors": self.errors, "images_per_s": self.images_per_s,
                 "p50_ms": self.percentile(50), "p95_ms": self.percentile(95), "p99_ms": self.percentile(99),
                 "mean_batch": self.mean_batch, "server_cpu_ms": self.server_cpu_ms,
-                "client_cpu_ms": self.client_cpu_ms}
+                "client_cpu_ms": self.client_cpu_ms, "model_ms": self.model_ms}
 
 
 # Targets of the service issue, printed next to the figures (never asserted).
@@ -122,6 +129,11 @@ class Row:
         return self.in_process_cpu_seconds * 1e3 / self.in_process_images if self.in_process_images else None
 
     @property
+    def in_process_ms(self) -> float | None:
+        """Wall ms per image of the in-process codec at its best batch (compare Phase.model_ms)."""
+        return self.in_process_seconds * 1e3 / self.in_process_images if self.in_process_images else None
+
+    @property
     def in_process_single_ms(self) -> float:
         return statistics.median(self.in_process_single) if self.in_process_single else 0.0
 
@@ -155,6 +167,7 @@ class Row:
                 "in_process_rates": self.in_process_rates,
                 "in_process_images_per_s": self.in_process_images_per_s,
                 "in_process_single_ms": self.in_process_single_ms, "in_process_cpu_ms": self.in_process_cpu_ms,
+                "in_process_ms": self.in_process_ms,
                 "batched": self.batched.to_dict() if self.batched else None,
                 "unbatched": self.unbatched.to_dict() if self.unbatched else None,
                 "single": self.single.to_dict() if self.single else None,

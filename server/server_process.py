@@ -55,7 +55,7 @@ class ServerProcess:
                 return float(found.group(1)) if found else 0.0
             labels = rf'\{{[^}}]*op="{op}"[^}}]*\}}'
             return ServerCounters(value("latentd_batch_size_sum" + labels), value("latentd_batch_size_count" + labels),
-                                  value("process_cpu_seconds_total"))
+                                  value("process_cpu_seconds_total"), value("latentd_compute_seconds_sum" + labels))
         return read
 
     def __exit__(self, *exc) -> None:

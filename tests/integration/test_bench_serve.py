@@ -26,6 +26,8 @@ def test_bench_serve_reports_every_phase(model_dirs, capsys):
         # CPU accounting: the server process (from its metrics) and the clients both did work
         assert row["batched"]["server_cpu_ms"] > 0 and row["batched"]["client_cpu_ms"] > 0
         assert row["in_process_cpu_ms"] > 0
+        # model time per image, in process and inside the server's model calls (its compute-time metric)
+        assert row["in_process_ms"] > 0 and row["batched"]["model_ms"] > 0
         # the sweep: every batch size up to the server's, the best one used for the rounds
         rates = {int(batch): rate for batch, rate in row["in_process_rates"].items()}
         assert sorted(rates) == [1, 2, 4] and row["in_process_batch"] == max(rates, key=rates.get)

@@ -15,9 +15,9 @@ def test_requests_are_split_over_rounds_but_keep_every_client_busy():
 def test_rounds_merge_into_one_phase_with_the_overall_mean_batch():
     row = Row("encode", 64)
     first = Phase("batched", "encode", 64, 2, 4, seconds=1.0, latencies_ms=[10, 20, 30, 40],
-                  server=ServerCounters(4, 1, 2.5) - ServerCounters(0, 0, 2.0), client_cpu_seconds=0.1)
+                  server=ServerCounters(4, 1, 2.5, 0.5) - ServerCounters(0, 0, 2.0, 0.1), client_cpu_seconds=0.1)
     second = Phase("batched", "encode", 64, 2, 4, seconds=3.0, latencies_ms=[50, 60], errors=2,
-                   server=ServerCounters(6, 3, 3.0) - ServerCounters(4, 1, 2.5), client_cpu_seconds=0.2)
+                   server=ServerCounters(6, 3, 3.0, 0.9) - ServerCounters(4, 1, 2.5, 0.5), client_cpu_seconds=0.2)
     row.add("batched", first)
     row.add("batched", second)
     merged = row.batched
@@ -26,6 +26,8 @@ def test_rounds_merge_into_one_phase_with_the_overall_mean_batch():
     assert merged.latencies_ms == [10, 20, 30, 40, 50, 60]
     # CPU per answered request: 1.0 s of the server and 0.3 s of the clients over 6
     assert abs(merged.server_cpu_ms - 1000 / 6) < 1e-9 and abs(merged.client_cpu_ms - 300 / 6) < 1e-9
+    # model time per image computed: 0.8 s inside model calls over 6 items
+    assert abs(merged.model_ms - 800 / 6) < 1e-9
 
 
 def test_shares_compare_totals_and_the_single_client_uses_medians():
@@ -35,7 +37,7 @@ def test_shares_compare_totals_and_the_single_client_uses_medians():
     row.add("single", Phase("single", "decode", 512, 1, 3, latencies_ms=[210, 230, 220]))
     assert row.concurrent_share == (8 / 8.0) / (10 / 5.0)
     assert abs(row.single_overhead - 0.10) < 1e-9
-    assert row.in_process_cpu_ms == 900.0
+    assert row.in_process_cpu_ms == 900.0 and row.in_process_ms == 500.0
     assert Phase("unbatched", "decode", 512, 16, 8).mean_batch is None  # no metrics (--target)
 
 
