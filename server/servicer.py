@@ -72,7 +72,7 @@ class LatentdServicer(pb_grpc.LatentdServicer):
     async def _run(self, served: ServedModel, key_of: Callable[[Any], tuple], data: list[Any],
                    deadline: float | None, log: RequestLog, finishes: list[Any]) -> list[Any]:
         """Submit one job per item and wait for all; on failure or cancellation the rest are cancelled.
-        `finishes[i]` converts item i's output where its batch runs (see models.Job)."""
+        `finishes[i]` converts item i's output where its batch runs (see jobs.Job)."""
         jobs = [Job(item, finish) for item, finish in zip(data, finishes, strict=True)]
         futures: list[concurrent.futures.Future] = []
         submitted = time.monotonic()
