@@ -112,6 +112,7 @@ class Row:
     batched: Phase | None = None
     unbatched: Phase | None = None
     single: Phase | None = None
+    floor: Phase | None = None  # the floor server (gRPC alone, no model): what serving costs at the least
     round_shares: list[float] = field(default_factory=list)  # concurrent_share of each round alone
 
     @property
@@ -156,7 +157,7 @@ class Row:
         return statistics.median(self.single.latencies_ms) / self.in_process_single_ms - 1.0
 
     def add(self, label: str, phase: Phase) -> None:
-        """Merge one round's phase into the row's phase of that label ("batched", "unbatched", "single")."""
+        """Merge one round's phase into the row's phase of that label ("batched", "unbatched", "single", "floor")."""
         if getattr(self, label) is None:
             setattr(self, label, phase)
         else:
@@ -171,5 +172,6 @@ class Row:
                 "batched": self.batched.to_dict() if self.batched else None,
                 "unbatched": self.unbatched.to_dict() if self.unbatched else None,
                 "single": self.single.to_dict() if self.single else None,
+                "floor": self.floor.to_dict() if self.floor else None,
                 "concurrent_share": self.concurrent_share, "round_shares": self.round_shares,
                 "batching_gain": self.batching_gain, "single_overhead": self.single_overhead}

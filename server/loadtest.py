@@ -166,9 +166,10 @@ def bench_serve(model: str = "default", *, sizes: tuple[int, ...] = (64, 256, 51
                 progress: Callable[[str], None] = lambda message: None) -> list[Row]:
     """Measure every (op, size): the in-process codec's best batch size, then `rounds` rounds of the
     in-process codec at that batch, the server batched (C clients, and 1 client alternating with
-    single in-process calls) and the server with batching off (C clients). Both servers run
-    throughout; interleaving the rounds gives every comparison the same drift of the machine's speed
-    (10% from minute to minute here), and the rounds' own shares show the spread."""
+    single in-process calls), the server with batching off (C clients) and the floor server (C
+    clients: gRPC alone, no model; see floor_server.py). All servers run throughout; interleaving the
+    rounds gives every comparison the same drift of the machine's speed (10% from minute to minute
+    here), and the rounds' own shares show the spread."""
     from latentd.vae.codec import load_codec
 
     codec = load_codec(model, device=device)
@@ -179,8 +180,9 @@ def bench_serve(model: str = "default", *, sizes: tuple[int, ...] = (64, 256, 51
     batches = tuple(sorted({size for size in (1, 2, 4, 8, 16, 32) if size < max_batch_size} | {max_batch_size}))
     with contextlib.ExitStack() as stack:
         servers = ({"batched": None} if target is not None else
-                   {label: stack.enter_context(ServerProcess("bench", model, batch, extra))
-                    for label, batch in (("batched", max_batch_size), ("unbatched", 1))})
+                   {label: stack.enter_context(ServerProcess.latentd("bench", model, batch, extra))
+                    for label, batch in (("batched", max_batch_size), ("unbatched", 1))}
+                   | {"floor": stack.enter_context(ServerProcess.floor(codec.factor, codec.info.latent_channels))})
         for key, workload in workloads.items():
             row, n = rows[key], requests_for(workload.size, requests, clients, rounds)
             progress(f"in-process batch sweep: {workload.op} {workload.size}px")

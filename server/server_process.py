@@ -14,13 +14,25 @@ from .bench_results import Counters, ServerCounters
 
 
 class ServerProcess:
-    """`latentd serve` in a subprocess on a free port, with metrics, stopped with SIGTERM."""
+    """`latentd serve` in a subprocess on a free port, with metrics, stopped with SIGTERM (or, with
+    `floor`, the bare gRPC server of floor_server.py: the same start-up lines and process metrics)."""
 
-    def __init__(self, model: str, source: str, max_batch_size: int, extra: tuple[str, ...] = ()) -> None:
-        self.args = [sys.executable, "-m", "latentd.client.cli", "serve", "--port", "0", "--metrics-port", "0",
-                     "--model", f"{model}={source}", "--max-batch-size", str(max_batch_size), *extra]
+    def __init__(self, args: list[str]) -> None:
+        self.args = args
         self.process: subprocess.Popen | None = None
         self.port = self.metrics_port = 0
+
+    @classmethod
+    def latentd(cls, model: str, source: str, max_batch_size: int, extra: tuple[str, ...] = ()) -> "ServerProcess":
+        """`latentd serve` with one model, SOURCE served as MODEL."""
+        return cls([sys.executable, "-m", "latentd.client.cli", "serve", "--port", "0", "--metrics-port", "0",
+                    "--model", f"{model}={source}", "--max-batch-size", str(max_batch_size), *extra])
+
+    @classmethod
+    def floor(cls, factor: int, channels: int) -> "ServerProcess":
+        """The floor server for a model of this factor and latent channels."""
+        return cls([sys.executable, "-m", "latentd.server.floor_server", "--factor", str(factor),
+                    "--channels", str(channels)])
 
     def __enter__(self) -> "ServerProcess":
         # The start-up lines give the ports; the per-request lines would only cost time here.

@@ -28,11 +28,40 @@ def test_bench_serve_reports_every_phase(model_dirs, capsys):
         assert row["in_process_cpu_ms"] > 0
         # model time per image, in process and inside the server's model calls (its compute-time metric)
         assert row["in_process_ms"] > 0 and row["batched"]["model_ms"] > 0
+        # the floor server answered every request of both rounds (its CPU: test_floor_server_...)
+        assert row["floor"]["requests"] == 4 and row["floor"]["errors"] == 0 and row["floor"]["mean_batch"] is None
         # the sweep: every batch size up to the server's, the best one used for the rounds
         rates = {int(batch): rate for batch, rate in row["in_process_rates"].items()}
         assert sorted(rates) == [1, 2, 4] and row["in_process_batch"] == max(rates, key=rates.get)
         assert row["in_process_images_per_s"] > 0 and row["single_overhead"] is not None
         assert row["batching_gain"] > 0 and row["concurrent_share"] > 0
+
+
+def test_floor_server_answers_with_the_real_shapes_and_reports_its_cpu():
+    """The floor server (gRPC alone) sends messages of the sizes the real server sends, and its process
+    CPU is read from its metrics like the real server's."""
+    import grpc
+    import numpy as np
+
+    from latentd.client.tensors import from_tensor, to_tensor
+    from latentd.server.loadtest import Workload, drive
+    from latentd.server.server_process import ServerProcess
+    from latentd.v1 import latentd_pb2 as pb
+    from latentd.v1 import latentd_pb2_grpc as pb_grpc
+
+    image = np.zeros((40, 64, 3), np.uint8)
+    encode = pb.EncodeRequest(images=[pb.Image(pixels=to_tensor(image))])
+    with ServerProcess.floor(factor=8, channels=4) as server:
+        with grpc.insecure_channel(server.target) as channel:
+            stub = pb_grpc.LatentdStub(channel)
+            latents = stub.Encode(encode, timeout=30).items[0].latents
+            assert from_tensor(latents, "latents").shape == (4, 5, 8) and latents.dtype == pb.FLOAT32
+            decoded = stub.Decode(pb.DecodeRequest(items=[pb.Latents(latents=latents)]), timeout=30).images[0]
+            assert from_tensor(decoded.pixels, "pixels").shape == (40, 64, 3)
+        phase = drive(server.target, Workload("encode", 64, encode, image), clients=4, requests=400, name="floor",
+                      counters=server.counters("encode"))
+    assert phase.errors == 0 and phase.requests == 400
+    assert phase.server.cpu_seconds > 0 and phase.server.batch_calls == 0
 
 
 def test_bench_serve_rejects_bad_numbers(capsys):
