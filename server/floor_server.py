@@ -15,6 +15,7 @@ from prometheus_client import CollectorRegistry, ProcessCollector, start_http_se
 from latentd.client.tensors import to_tensor
 from latentd.v1 import latentd_pb2 as pb
 from latentd.v1 import latentd_pb2_grpc as pb_grpc
+from latentd.vae.model_info import latent_shape
 
 logger = logging.getLogger("latentd.server.floor")
 
@@ -30,7 +31,7 @@ class FloorServicer(pb_grpc.LatentdServicer):
         items = []
         for image in request.images:
             height, width = image.pixels.shape[0], image.pixels.shape[1]
-            latents = np.zeros((self.channels, -(-height // self.factor), -(-width // self.factor)), np.float32)
+            latents = np.zeros(latent_shape(self.channels, self.factor, height, width), np.float32)
             items.append(pb.EncodedImage(latents=to_tensor(latents), height=height, width=width))
         return pb.EncodeResponse(id=request.id, model=request.model, items=items)
 

@@ -29,7 +29,7 @@ from .imageio import DEFAULT_BACKGROUND, DEFAULT_MAX_PIXELS
 from .latent_ops import gaussian_like, interpolation_path
 from .loading import load_model
 from .metrics import mse, psnr
-from .model_info import ModelInfo, describe_model
+from .model_info import ModelInfo, describe_model, latent_shape
 from .tiling import tiled_map
 
 logger = logging.getLogger(__name__)
@@ -222,7 +222,7 @@ class Codec:
         if height * width > self.options.max_pixels:
             raise InvalidInputError(f"{height}x{width} exceeds the limit of {self.options.max_pixels} pixels",
                                     field="height")
-        shape = (self.info.latent_channels, -(-height // self.factor), -(-width // self.factor))
+        shape = latent_shape(self.info.latent_channels, self.factor, height, width)
         latents = [gaussian_like(shape, seed, index) for index in range(n)]
         decoded = self._decode_tensors(latents, "auto")
         return format_images([image[:, :height, :width] for image in decoded], "list", output)

@@ -28,6 +28,11 @@ class ModelInfo:
         return asdict(self)
 
 
+def latent_shape(channels: int, factor: int, height: int, width: int) -> tuple[int, int, int]:
+    """The latents [C, h, w] of a height x width image: each side divided by the factor, rounded up."""
+    return channels, -(-height // factor), -(-width // factor)
+
+
 def describe_model(model: nn.Module, name: str) -> ModelInfo:
     """Read a `ModelInfo` off a diffusers `AutoencoderKL` or `AutoencoderTiny`."""
     config = model.config
