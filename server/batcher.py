@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import concurrent.futures
+import contextlib
 import logging
 import queue
 import threading
@@ -27,6 +28,9 @@ logger = logging.getLogger(__name__)
 
 Predict = Callable[[Hashable, list[Any]], list[Any]]
 ItemsPerCall = Callable[[Hashable], int]
+# The compute slot for a call of a key: entered (perhaps waiting) before the call's items are admitted;
+# yields run(fn, *args), through which the call's predict runs (see models.ModelPool._hold).
+Hold = Callable[[Hashable], contextlib.AbstractContextManager[Callable[..., Any]]]
 
 # Marks "nothing came" in gather_batch, distinct from the None stop sentinel.
 _EMPTY: Any = object()
@@ -74,11 +78,13 @@ def gather_batch(
     poll_s: float = 0.1,
     clock: Callable[[], float] = time.monotonic,
     limit_for: Callable[[Hashable], int] | None = None,
+    delay_for: Callable[[], float] | None = None,
 ) -> list[WorkItem] | None:
     """Take up to max_items from source, waiting at most max_delay_s after the first; None means stop.
 
     `limit_for(key)` can lower max_items for the first item's key: when it allows one item, the
-    batch leaves at once instead of waiting for company it could not use.
+    batch leaves at once instead of waiting for company it could not use. `delay_for()`, asked when
+    the first item arrives, replaces max_delay_s (a delay that depends on what else is running then).
     """
     try:
         first = source.get(timeout=poll_s)
@@ -88,7 +94,7 @@ def gather_batch(
         return None
     batch = [first]
     limit = min(max_items, limit_for(first.key)) if limit_for is not None else max_items
-    deadline = clock() + max_delay_s
+    deadline = clock() + (delay_for() if delay_for is not None else max_delay_s)
     while len(batch) < limit:
         item = _next_item(source, deadline - clock())
         if item is _EMPTY:
@@ -140,7 +146,9 @@ def _settle(future: concurrent.futures.Future, *, result: Any = None, error: Bas
 
 
 class Batcher:
-    """One worker thread that calls predict(key, payloads) on batches of submitted items with equal keys."""
+    """Worker threads (one unless `workers` says more) that call predict(key, payloads) on batches of
+    submitted items with equal keys. Several workers gather and compute batches side by side, for a
+    predict that can run more than one batch at a time (see compute.ComputeLanes)."""
 
     def __init__(
         self,
@@ -153,10 +161,23 @@ class Batcher:
         on_batch: Callable[[BatchStats], None] | None = None,
         clock: Callable[[], float] = time.monotonic,
         items_per_call: ItemsPerCall | None = None,
+        workers: int = 1,
+        hold: Hold | None = None,
+        busy_delay_s: float | None = None,
     ) -> None:
         """`items_per_call(key)` caps the items of one key in one predict call below max_batch_size
-        (for example by pixels: on a CPU, big images gain nothing from sharing a call)."""
+        (for example by pixels: on a CPU, big images gain nothing from sharing a call). `hold(key)` is
+        the compute slot each call waits for: items are admitted (deadline, cancellation) once it
+        is held, so nothing expires between that check and the model. `busy_delay_s` (default:
+        max_delay_s) is how long a batch waits for company while another worker's batch computes."""
         _check_settings(max_batch_size, max_delay_s, queue_limit)
+        if busy_delay_s is not None and not busy_delay_s >= 0:
+            raise ValueError(f"busy_delay_s must be >= 0, got {busy_delay_s}")
+        self._busy_delay_s = max_delay_s if busy_delay_s is None else busy_delay_s
+        if workers < 1:
+            raise ValueError(f"workers must be >= 1, got {workers}")
+        self._workers = workers
+        self._hold = hold or (lambda key: contextlib.nullcontext(_call_here))
         self.name = name
         self._predict = predict
         self._max_batch_size = max_batch_size
@@ -168,9 +189,12 @@ class Batcher:
         # Unbounded, with our own count: the stop sentinel must fit even when queue_limit items wait.
         self._queue: queue.Queue[WorkItem | None] = queue.Queue()
         self._lock = threading.Lock()
+        self._gathering = threading.Lock()
         self._waiting = 0
         self._closed = False
-        self._thread: threading.Thread | None = None
+        self._threads: list[threading.Thread] = []
+        self._workers_left = 0
+        self._computing = 0  # workers between gathering a batch and finishing it
 
     @property
     def depth(self) -> int:
@@ -180,16 +204,19 @@ class Batcher:
 
     @property
     def running(self) -> bool:
-        return self._thread is not None and self._thread.is_alive()
+        return any(thread.is_alive() for thread in self._threads)
 
     def start(self) -> None:
         with self._lock:
             if self._closed:
                 raise RuntimeError(f"batcher {self.name!r} is stopped and cannot be restarted")
-            if self._thread is not None:
+            if self._threads:
                 return
-            self._thread = threading.Thread(target=self._run, name=f"batcher-{self.name}", daemon=True)
-        self._thread.start()
+            names = [f"batcher-{self.name}" + (f"-{i}" if self._workers > 1 else "") for i in range(self._workers)]
+            self._threads = [threading.Thread(target=self._run, name=name, daemon=True) for name in names]
+            self._workers_left = self._workers
+        for thread in self._threads:
+            thread.start()
 
     def submit(self, key: Hashable, payload: Any, *, deadline: float | None = None) -> concurrent.futures.Future:
         hash(key)  # an unhashable key is the caller's error, raised here rather than in the worker
@@ -206,33 +233,60 @@ class Batcher:
         return future
 
     def stop(self, timeout: float | None = None) -> None:
-        """Refuse new items, let the worker compute what is queued, then join it (up to timeout)."""
+        """Refuse new items, let the workers compute what is queued, then join them (up to timeout in all)."""
         with self._lock:
             if not self._closed:
                 self._closed = True
                 self._queue.put(None)
-            thread = self._thread
-        if thread is None:
+            threads = list(self._threads)
+        if not threads:
             self._fail_leftovers()  # never started: nobody will compute these
-        elif thread is not threading.current_thread():  # stop() from inside predict must not join itself
-            thread.join(timeout)
+        ends = None if timeout is None else time.monotonic() + timeout
+        for thread in threads:
+            if thread is not threading.current_thread():  # stop() from inside predict must not join itself
+                thread.join(None if ends is None else max(0.0, ends - time.monotonic()))
 
     # -- worker -----------------------------------------------------------------------------------
 
     def _run(self) -> None:
         while True:
             try:
-                batch = gather_batch(self._queue, self._max_batch_size, self._max_delay_s, clock=self._clock,
-                                     limit_for=self._limit)
+                # One worker gathers at a time: two gathering at once would share out the arrivals
+                # and both leave with half a batch.
+                with self._gathering:
+                    batch = gather_batch(self._queue, self._max_batch_size, self._max_delay_s, clock=self._clock,
+                                         limit_for=self._limit, delay_for=self._delay)
+                    if batch:
+                        self._computing_changed(+1)  # before the next worker gathers: it sees this one busy
             except Exception:  # gather over a plain queue should not fail, but the worker must not die
                 logger.exception("batcher %s: gathering failed", self.name)
                 continue
             if batch is None:
+                self._queue.put(None)  # the stop sentinel, for the other workers
                 break
+            if not batch:
+                continue
             self._taken(len(batch))
-            for group in self._groups(batch):
-                self._run_group(group)
-        self._fail_leftovers()
+            try:
+                for group in self._groups(batch):
+                    self._run_group(group)
+            finally:
+                self._computing_changed(-1)
+        with self._lock:
+            self._workers_left -= 1
+            last = self._workers_left == 0
+        if last:
+            self._fail_leftovers()
+
+    def _computing_changed(self, change: int) -> None:
+        with self._lock:
+            self._computing += change
+
+    def _delay(self) -> float:
+        """How long a batch whose first item just came waits for company: longer while another
+        worker's batch computes, when leaving early would only start a smaller batch beside it."""
+        with self._lock:
+            return self._busy_delay_s if self._computing else self._max_delay_s
 
     def _groups(self, batch: list[WorkItem]) -> list[list[WorkItem]]:
         try:
@@ -259,10 +313,12 @@ class Batcher:
         try:
             limit = self._limit(group[0].key)
             for start in range(0, len(group), limit):
-                # Admitted per call, so a deadline that passes while an earlier call runs still counts.
-                live = self._admit(group[start:start + limit])
-                if live:
-                    self._compute(group[0].key, live)
+                # Admitted per call, once its compute slot is held, so a deadline that passes while
+                # an earlier call runs still counts.
+                with self._hold(group[0].key) as run:
+                    live = self._admit(group[start:start + limit])
+                    if live:
+                        self._compute(group[0].key, live, run)
         except Exception as exc:  # a bug here fails this group only; the loop goes on
             logger.exception("batcher %s: unexpected error", self.name)
             for item in group:
@@ -282,11 +338,11 @@ class Batcher:
             live.append(item)
         return live
 
-    def _compute(self, key: Hashable, items: list[WorkItem]) -> None:
-        """predict on items; if it raises for several, retry each half so a bad item fails alone."""
+    def _compute(self, key: Hashable, items: list[WorkItem], run: Callable[..., Any]) -> None:
+        """predict on items (through `run`); if it raises for several, retry each half so a bad item fails alone."""
         start = self._clock()
         try:
-            outputs = self._predict(key, [item.payload for item in items])
+            outputs = run(self._predict, key, [item.payload for item in items])
         except Exception as exc:
             if len(items) == 1:
                 _settle(items[0].future, error=exc)
@@ -295,8 +351,8 @@ class Batcher:
             # failed=0: these items are not finished; the retries report how each of them ends.
             self._report(key, items, start, failed=0)
             middle = len(items) // 2
-            self._compute(key, items[:middle])
-            self._compute(key, items[middle:])
+            self._compute(key, items[:middle], run)
+            self._compute(key, items[middle:], run)
             return
         self._report(key, items, start, failed=self._deliver(items, outputs))
 
@@ -350,6 +406,10 @@ class Batcher:
             self._taken(1)
             if _claim(item.future):
                 _settle(item.future, error=BatcherClosedError(f"batcher {self.name!r} stopped"))
+
+
+def _call_here(fn: Callable[..., Any], *args: Any) -> Any:
+    return fn(*args)
 
 
 def _check_settings(max_batch_size: int, max_delay_s: float, queue_limit: int) -> None:

@@ -61,12 +61,13 @@ class Phase:
         return self.cpu_ms_per_request(self.client_cpu_seconds)
 
     @property
-    def model_ms(self) -> float | None:
-        """Wall ms per image inside the server's model calls: against the in-process codec's, it tells
-        a slower model call (cores shared with serving) from time spent outside the calls."""
-        if not self.server or not self.server.batch_items:
+    def calls_running(self) -> float | None:
+        """Model calls running at once in the server, on average over the phase: near 1 when one
+        compute lane was always busy, up to the lane count when batches ran side by side; below
+        that, the lanes waited for requests."""
+        if not self.server or not self.seconds:
             return None
-        return self.server.compute_seconds * 1e3 / self.server.batch_items
+        return self.server.compute_seconds / self.seconds
 
     def merge(self, other: "Phase") -> None:
         """Add another round of the same workload."""
@@ -90,7 +91,7 @@ class Phase:
                 "requests": self.requests, "errors": self.errors, "images_per_s": self.images_per_s,
                 "p50_ms": self.percentile(50), "p95_ms": self.percentile(95), "p99_ms": self.percentile(99),
                 "mean_batch": self.mean_batch, "server_cpu_ms": self.server_cpu_ms,
-                "client_cpu_ms": self.client_cpu_ms, "model_ms": self.model_ms}
+                "client_cpu_ms": self.client_cpu_ms, "calls_running": self.calls_running}
 
 
 # Targets of the service issue, printed next to the figures (never asserted).
@@ -130,11 +131,6 @@ class Row:
         return self.in_process_cpu_seconds * 1e3 / self.in_process_images if self.in_process_images else None
 
     @property
-    def in_process_ms(self) -> float | None:
-        """Wall ms per image of the in-process codec at its best batch (compare Phase.model_ms)."""
-        return self.in_process_seconds * 1e3 / self.in_process_images if self.in_process_images else None
-
-    @property
     def in_process_single_ms(self) -> float:
         return statistics.median(self.in_process_single) if self.in_process_single else 0.0
 
@@ -168,7 +164,6 @@ class Row:
                 "in_process_rates": self.in_process_rates,
                 "in_process_images_per_s": self.in_process_images_per_s,
                 "in_process_single_ms": self.in_process_single_ms, "in_process_cpu_ms": self.in_process_cpu_ms,
-                "in_process_ms": self.in_process_ms,
                 "batched": self.batched.to_dict() if self.batched else None,
                 "unbatched": self.unbatched.to_dict() if self.unbatched else None,
                 "single": self.single.to_dict() if self.single else None,

@@ -1,8 +1,9 @@
-"""The served models: one codec and one batcher per model, and the one thread that runs all their torch work."""
+"""The served models: one codec and one batcher per model, and the compute lanes that run all their torch work."""
 
 from __future__ import annotations
 
 import concurrent.futures
+import contextlib
 import functools
 import logging
 import time
@@ -13,6 +14,7 @@ from latentd.vae.codec import Codec, CodecOptions, load_codec
 from latentd.vae.errors import InvalidInputError
 
 from .batcher import Batcher, BatchStats
+from .compute import ComputeLanes
 from .jobs import DECODE, predict, warm_up
 from .settings import ServerSettings
 
@@ -36,11 +38,24 @@ def batch_pixel_limit(settings: ServerSettings, device_type: str) -> int:
     return CPU_BATCH_PIXELS if device_type == "cpu" else 0
 
 
+# The largest image (pixels) whose batches may run side by side on narrow compute lanes on a CPU.
+# Small images use the threads of one call badly: on the 2 cores measured, two one-thread lanes
+# encode 64x64 batches of 8 at 1.2-1.6x the images/s of one two-thread call. From 256x256 up, one
+# call uses them well, and lanes only made batching lose to single images side by side (`latentd
+# bench serve`: batching gain 0.90x / 0.88x at 256x256 with lanes there) or, at 512x512, the two
+# lanes' batches fight over memory (decode share 82%, against 99% on one lane).
+CPU_SHARED_PIXELS = 128 * 128
+
+
+def image_pixels(key: Hashable, factor: int) -> int:
+    """Pixels of one image of a batch key (a decode's output image)."""
+    op, _, height, width, _ = key
+    return height * width * (factor * factor if op == DECODE else 1)
+
+
 def items_per_call(key: Hashable, pixel_limit: int, factor: int) -> int:
     """How many items of one batch key fit in a call of `pixel_limit` image pixels (at least 1)."""
-    op, _, height, width, _ = key
-    pixels = height * width * (factor * factor if op == DECODE else 1)
-    return max(1, pixel_limit // pixels) if pixel_limit else 1 << 30
+    return max(1, pixel_limit // image_pixels(key, factor)) if pixel_limit else 1 << 30
 
 
 @dataclass
@@ -55,27 +70,29 @@ class ServedModel:
 class ModelPool:
     """Loads every configured model, owns their batchers, and hands them to the servicer by name.
 
-    All torch work of the server (loading, warm-up, batches, the latent-space RPCs) runs on one
-    thread, reached through `submit` and `run`. Why: on CPU, libgomp gives each thread that starts
-    parallel work its own OpenMP team, and once a process holds more team threads than cores, every
-    team stops spin-waiting, so each parallel region pays a wake-up: encoding a 64x64 image took
-    twice as long on a second thread as on the first (2 cores). One thread also keeps two
-    computations from fighting over the same cores.
+    All torch work of the server (loading, warm-up, batches, the latent-space RPCs) runs on the
+    compute lanes, reached through `submit` and `run`: one batch at a time with every intra-op thread,
+    or on a CPU, when requests queue up, `cpu_compute_lanes` batches side by side with a share of the
+    threads each (see compute.ComputeLanes). Why not a thread pool: on CPU, libgomp gives each thread
+    that starts parallel work its own OpenMP team, and once a process holds more team threads than
+    cores, every team stops spin-waiting, so each parallel region pays a wake-up: encoding a 64x64
+    image took twice as long on a second thread as on the first (2 cores). The lanes never ask for
+    more threads than one call with every thread has.
     """
 
     def __init__(self, settings: ServerSettings, on_batch: Callable[[str, BatchStats], None] | None = None) -> None:
         self.settings = settings
         self._on_batch = on_batch
         self._models: dict[str, ServedModel] = {}
-        self._compute = concurrent.futures.ThreadPoolExecutor(max_workers=1, thread_name_prefix="latentd-compute")
+        self._lanes = ComputeLanes(settings.cpu_compute_lanes)
 
     def submit(self, fn: Callable[..., Any], *args: Any) -> concurrent.futures.Future:
-        """fn(*args) on the compute thread; the future of its result."""
-        return self._compute.submit(fn, *args)
+        """fn(*args) on the wide compute lane; the future of its result."""
+        return self._lanes.submit(fn, *args)
 
     def run(self, fn: Callable[..., Any], *args: Any) -> Any:
-        """fn(*args) on the compute thread, waiting for its result (or exception)."""
-        return self.submit(fn, *args).result()
+        """fn(*args) on the wide compute lane, waiting for its result (or exception)."""
+        return self._lanes.run(fn, *args)
 
     @property
     def names(self) -> list[str]:
@@ -89,13 +106,17 @@ class ModelPool:
             codec = self.run(functools.partial(load_codec, source, device=self.settings.device,
                                                dtype=self.settings.dtype, options=options))
             pixel_limit = batch_pixel_limit(self.settings, codec.placement.device.type)
+            on_cpu = codec.placement.device.type == "cpu"
             batcher = Batcher(
-                name, lambda key, jobs, codec=codec: self.run(predict, codec, key, jobs),
+                name, functools.partial(predict, codec),
                 max_batch_size=self.settings.max_batch_size,
                 max_delay_s=self.settings.max_batch_delay_ms / 1e3,
                 queue_limit=self.settings.queue_limit,
                 on_batch=(lambda stats, name=name: self._on_batch(name, stats)) if self._on_batch else None,
                 items_per_call=functools.partial(items_per_call, pixel_limit=pixel_limit, factor=codec.factor),
+                workers=max(1, self._lanes.narrow_lanes) if on_cpu else 1,
+                busy_delay_s=self.settings.busy_batch_delay_ms / 1e3,
+                hold=functools.partial(self._hold, factor=codec.factor, on_cpu=on_cpu),
             )
             batcher.start()
             if self.settings.warmup:
@@ -104,6 +125,11 @@ class ModelPool:
             self._models[name] = ServedModel(name, source, codec, batcher, seconds)
             logger.info("model %s loaded from %s in %.2f s (%s on %s)", name, source, seconds,
                         codec.info.model_class, codec.placement.device)
+
+    def _hold(self, key: Hashable, factor: int, on_cpu: bool) -> contextlib.AbstractContextManager:
+        """The compute lane a batch of `key` waits for. Side by side only on a CPU (on a GPU batches
+        would share its memory, not its speed) and for small images (see CPU_SHARED_PIXELS)."""
+        return self._lanes.hold(shareable=on_cpu and image_pixels(key, factor) <= CPU_SHARED_PIXELS)
 
     @property
     def ready(self) -> bool:
@@ -122,4 +148,4 @@ class ModelPool:
         for model in self._models.values():
             model.batcher.stop(timeout)
         # Not waiting: a batch still running past the grace period must not hold up the exit.
-        self._compute.shutdown(wait=False, cancel_futures=True)
+        self._lanes.close()

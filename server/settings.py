@@ -23,9 +23,15 @@ class ServerSettings:
     dtype: str | None = None  # None: bf16/fp16 on GPU, fp32 on CPU
     max_batch_size: int = 8  # images per model call
     max_batch_delay_ms: float = 5.0  # how long the first item of a batch waits for company
+    # The same while another batch computes beside it on a CPU lane (see cpu_compute_lanes): one
+    # thread uses a bigger batch better, and the core it leaves meanwhile serves the requests.
+    busy_batch_delay_ms: float = 20.0
     # Image pixels per model call, summed over its items (a batch always takes at least one item).
     # None: four 512x512 images on CPU, which bounds a call's memory, unlimited on GPU; 0: unlimited.
     max_batch_pixels: int | None = None
+    # On a CPU, when requests queue up, this many batches run side by side on an equal share of the
+    # threads each (small images use threads better that way); a lone batch gets every thread. 1: off.
+    cpu_compute_lanes: int = 2
     queue_limit: int = 256  # images waiting per model; beyond it RESOURCE_EXHAUSTED
     stream_window: int = 16  # requests of one stream in flight (or answered but not yet read by the client)
     max_message_mb: int = 64  # gRPC send/receive message size limit
@@ -46,7 +52,9 @@ class ServerSettings:
             ("models", bool(self.models), "needs at least one model"),
             ("max_batch_size", self.max_batch_size >= 1, "must be at least 1"),
             ("max_batch_delay_ms", self.max_batch_delay_ms >= 0, "must be >= 0"),
+            ("busy_batch_delay_ms", self.busy_batch_delay_ms >= 0, "must be >= 0"),
             ("max_batch_pixels", self.max_batch_pixels is None or self.max_batch_pixels >= 0, "must be >= 0"),
+            ("cpu_compute_lanes", self.cpu_compute_lanes >= 1, "must be at least 1"),
             ("queue_limit", self.queue_limit >= 1, "must be at least 1"),
             ("stream_window", self.stream_window >= 1, "must be at least 1"),
             ("max_message_mb", self.max_message_mb >= 1, "must be at least 1"),

@@ -102,7 +102,9 @@ class Codec:
         # no fp32-only modules); the VAEs handled here have none.
         self._model = nn.Module.to(model, device=self.placement.device, dtype=self.placement.dtype,
                                    memory_format=torch.channels_last)
-        self._lock = threading.Lock()
+        # Guards the float32 retry's one-time move only: model calls themselves run concurrently when
+        # several threads call the codec (the server's compute lanes do; see server/compute.py).
+        self._fp32_lock = threading.Lock()
         self.info: ModelInfo = describe_model(self._model, name)
         self.options.validate(self.info.downsampling_factor)
 
@@ -310,7 +312,7 @@ class Codec:
 
     def _run(self, fn: Callable[..., torch.Tensor], batch: torch.Tensor) -> torch.Tensor:
         """Run `fn` on one batch; on NaN/inf in half precision, run it again in float32."""
-        with self._lock, torch.inference_mode():
+        with torch.inference_mode():
             result = fn(batch).float()
             if not torch.isfinite(result).all() and self.placement.low_precision:
                 logger.warning("%s: non-finite output in %s; retrying the batch in float32",
@@ -322,10 +324,11 @@ class Codec:
 
     def _float32_model(self) -> nn.Module:
         assert self._fp32_model is not None  # kept whenever the codec runs in low precision
-        if not self._fp32_ready:
-            with torch.inference_mode(False):  # ordinary parameters, not inference tensors
-                nn.Module.to(self._fp32_model, device=self.placement.device, memory_format=torch.channels_last)
-            self._fp32_ready = True
+        with self._fp32_lock:
+            if not self._fp32_ready:
+                with torch.inference_mode(False):  # ordinary parameters, not inference tensors
+                    nn.Module.to(self._fp32_model, device=self.placement.device, memory_format=torch.channels_last)
+                self._fp32_ready = True
         return self._fp32_model
 
 

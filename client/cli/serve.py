@@ -28,6 +28,13 @@ def add_parser(subparsers: argparse._SubParsersAction) -> None:
     parser.add_argument("--max-batch-pixels", type=int, help="image pixels per model call, summed over its images "
                                                              "(default: four 512x512 images on CPU, unlimited on GPU; "
                                                              "0: unlimited)")
+    parser.add_argument("--busy-batch-delay-ms", type=float,
+                        help="how long a batch waits to fill while another batch computes on a CPU lane "
+                             "(default: 20)")
+    parser.add_argument("--cpu-compute-lanes", type=int,
+                        help="on a CPU, batches run side by side on this many lanes, each with an equal share of "
+                             "the threads, when requests queue up; a lone batch gets every thread (default: 2; "
+                             "1: one batch at a time)")
     parser.add_argument("--queue-limit", type=int, help="images waiting per model before RESOURCE_EXHAUSTED "
                                                         "(default: 256)")
     parser.add_argument("--max-pixels", type=int, help="largest image in pixels (default: 4096x4096)")
@@ -47,8 +54,9 @@ def add_parser(subparsers: argparse._SubParsersAction) -> None:
 
 
 FLAG_SETTINGS = ("host", "port", "models", "device", "dtype", "max_batch_size", "max_batch_delay_ms",
-                 "max_batch_pixels", "queue_limit", "max_pixels", "max_message_mb", "metrics_port", "metrics_host",
-                 "tls_cert", "tls_key", "tls_client_ca", "grace_s", "warmup")
+                 "busy_batch_delay_ms", "max_batch_pixels", "cpu_compute_lanes", "queue_limit", "max_pixels",
+                 "max_message_mb", "metrics_port", "metrics_host", "tls_cert", "tls_key", "tls_client_ca", "grace_s",
+                 "warmup")
 
 
 def settings_from_args(args: argparse.Namespace, environ=None):

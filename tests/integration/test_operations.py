@@ -48,7 +48,8 @@ def _wait_until(condition, timeout=10.0):
 
 
 def test_a_full_queue_answers_resource_exhausted(start_server):
-    harness = start_server(max_batch_size=1, queue_limit=1)
+    # One compute lane, so one batcher worker: every request but the one computing waits in the queue.
+    harness = start_server(max_batch_size=1, queue_limit=1, cpu_compute_lanes=1)
     gate = Gate(harness.codec())
     request = encode_request([smooth_image(16, 16)])
     with ThreadPoolExecutor(2) as pool:
@@ -65,7 +66,9 @@ def test_a_full_queue_answers_resource_exhausted(start_server):
 
 
 def test_an_expired_deadline_is_not_computed(start_server):
-    harness = start_server(max_batch_size=1)
+    # Two compute lanes (the default): the second batcher worker takes the request at once and waits
+    # for a lane; the deadline is checked once it holds one.
+    harness = start_server(max_batch_size=1, cpu_compute_lanes=2)
     gate = Gate(harness.codec())
     with ThreadPoolExecutor(1) as pool:
         blocker = pool.submit(harness.stub.Encode, encode_request([smooth_image(16, 16)]), timeout=30)
@@ -81,7 +84,7 @@ def test_an_expired_deadline_is_not_computed(start_server):
 
 
 def test_a_cancelled_request_is_not_computed(start_server):
-    harness = start_server(max_batch_size=1)
+    harness = start_server(max_batch_size=1, cpu_compute_lanes=1)  # one batcher worker: the request waits queued
     gate = Gate(harness.codec())
     with ThreadPoolExecutor(1) as pool:
         blocker = pool.submit(harness.stub.Encode, encode_request([smooth_image(16, 16)]), timeout=30)

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import io
 import threading
+from concurrent.futures import ThreadPoolExecutor
 
 import grpc
 import numpy as np
@@ -204,9 +205,9 @@ def test_streams_answer_every_request_by_id_and_report_bad_ones_in_band(start_se
     assert all(Image.open(io.BytesIO(r.images[0].encoded)).format == "JPEG" for r in decoded.values())
 
 
-def test_all_torch_work_runs_on_the_one_compute_thread(start_server, monkeypatch):
-    """Loading, warm-up, batches, conversions and the latent-space RPCs all run on `latentd-compute`
-    (one OpenMP team on CPU: see ModelPool)."""
+def test_all_torch_work_of_lone_requests_runs_on_the_wide_compute_lane(start_server, monkeypatch):
+    """Loading, warm-up, batches, conversions and the latent-space RPCs all run on the compute lanes;
+    requests one at a time all take the wide one, `latentd-compute`, with every thread (see ModelPool)."""
     threads: dict[str, set[str]] = {}
 
     def recorded(owner, name):
@@ -237,4 +238,51 @@ def test_all_torch_work_runs_on_the_one_compute_thread(start_server, monkeypatch
     harness.stub.AnomalyScore(pb.AnomalyScoreRequest(images=[pb.Image(encoded=png(image))]), timeout=30)
     assert set(threads) == {"load_codec", "encode", "decode", "posterior", "unscale", "latents_from_posterior",
                             "interpolate", "sample_prior", "anomaly_score", "latents_array", "image_array"}
-    assert {name for names in threads.values() for name in names} == {"latentd-compute_0"}
+    assert {name for names in threads.values() for name in names} == {"latentd-compute"}
+
+
+@pytest.mark.skipif(torch.get_num_threads() < 2, reason="narrow lanes need at least 2 intra-op threads")
+def test_batches_that_meet_run_side_by_side_on_narrow_lanes(start_server, monkeypatch):
+    """Batches ready while another computes wait for its threads, then take narrow lanes with a share
+    of them each. Results stay those of the codec (within float rounding: the thread count, like the
+    batch size, may change the last bits)."""
+    harness = start_server(max_batch_size=1, cpu_compute_lanes=2)
+    first_in, release = threading.Event(), threading.Event()
+    calls: list[tuple[str, int]] = []
+    original = Codec.posterior
+
+    def posterior(self, images, **kwargs):
+        calls.append((threading.current_thread().name, torch.get_num_threads()))
+        if len(calls) == 1:
+            first_in.set()
+            assert release.wait(30)
+        return original(self, images, **kwargs)
+
+    monkeypatch.setattr(Codec, "posterior", posterior)
+
+    def meet(images):
+        """The first image's batch computes while the others' become ready."""
+        calls.clear()
+        first_in.clear()
+        release.clear()
+        with ThreadPoolExecutor(len(images)) as pool:
+            first = pool.submit(harness.stub.Encode, encode_request(images[:1]), timeout=30)
+            assert first_in.wait(10)
+            rest = [pool.submit(harness.stub.Encode, encode_request([image]), timeout=30) for image in images[1:]]
+            release.set()
+            return [first.result(30)] + [future.result(30) for future in rest]
+
+    images = [smooth_image(24, 24, seed=s) for s in range(3)]
+    responses = meet(images)
+    processes = torch.get_num_threads()
+    share = processes // 2
+    assert calls[0] == ("latentd-compute", processes)
+    assert len(calls) == 3 and all(lane in (("latentd-compute-0", share), ("latentd-compute-1", share))
+                                   for lane in calls[1:])
+    # An image above models.CPU_SHARED_PIXELS keeps every thread, even when batches meet.
+    meet([smooth_image(24, 24), smooth_image(264, 264)])
+    assert len(calls) == 2 and calls[1] == ("latentd-compute", processes)
+    monkeypatch.setattr(Codec, "posterior", original)
+    for image, response in zip(images, responses):
+        np.testing.assert_allclose(from_tensor(response.items[0].latents, "latents"),
+                                   harness.codec().encode(image).numpy(), rtol=1e-5, atol=1e-5)

@@ -146,6 +146,14 @@ def test_gather_sentinel_after_items_returns_them_then_stop():
     assert gather_batch(queue_of(c, None), max_items=2, max_delay_s=WAIT) == [c]
 
 
+def test_gather_asks_delay_for_when_the_first_item_comes():
+    asked: list[float] = []
+    clock = FakeClock(now=10.0)
+    source = queue_of(item(), item())
+    batch = gather_batch(source, 8, max_delay_s=60.0, clock=clock, delay_for=lambda: asked.append(clock.now) or 0.0)
+    assert len(batch) == 2 and asked == [10.0]  # a delay of 0: only what is already queued joins
+
+
 def test_gather_limit_for_the_first_key_stops_early_without_waiting():
     big, small = item("big", 1), item("small", 2)
     source = queue_of(big, small)
@@ -396,7 +404,8 @@ def test_submit_after_stop_is_refused_and_stop_is_idempotent(make_batcher):
         batcher.start()
 
 
-def test_stop_computes_everything_already_queued(make_batcher):
+@pytest.mark.parametrize("workers", [1, 3])
+def test_stop_computes_everything_already_queued(make_batcher, workers):
     entered, release = threading.Event(), threading.Event()
 
     def predict(key, payloads):
@@ -404,7 +413,7 @@ def test_stop_computes_everything_already_queued(make_batcher):
         release.wait(WAIT)
         return [p * 2 for p in payloads]
 
-    batcher = make_batcher(predict, max_batch_size=2)
+    batcher = make_batcher(predict, max_batch_size=2, workers=workers)
     batcher.start()
     futures = [batcher.submit("k", 0)]
     assert entered.wait(WAIT)
@@ -478,8 +487,95 @@ def test_unhashable_key_is_refused_at_submit(make_batcher):
 
 @pytest.mark.parametrize(
     "setting, value",
-    [("max_batch_size", 0), ("max_delay_s", -0.001), ("max_delay_s", float("nan")), ("queue_limit", 0)],
+    [("max_batch_size", 0), ("max_delay_s", -0.001), ("max_delay_s", float("nan")), ("queue_limit", 0),
+     ("workers", 0), ("busy_delay_s", -1.0)],
 )
 def test_constructor_rejects_bad_settings(setting, value):
     with pytest.raises(ValueError, match=setting):
         Batcher("bad", doubling([]), **{setting: value})
+
+
+# -- several workers and a compute slot ----------------------------------------------------------------
+
+
+def test_workers_compute_batches_side_by_side(make_batcher):
+    both_in = threading.Barrier(2, timeout=WAIT)  # broken, and the items failed, if the calls take turns
+
+    def predict(key, payloads):
+        both_in.wait()
+        return payloads
+
+    batcher = make_batcher(predict, max_batch_size=1, workers=2)
+    batcher.start()
+    assert sorted(t.name for t in threading.enumerate() if t.name.startswith("batcher-test")) == [
+        "batcher-test-0", "batcher-test-1"]
+    futures = [batcher.submit("k", i) for i in range(2)]
+    assert [f.result(timeout=WAIT) for f in futures] == [0, 1]
+
+
+def test_one_worker_gathers_at_a_time_so_a_burst_is_one_batch(make_batcher):
+    sizes: list[int] = []
+    batcher = make_batcher(doubling(sizes), max_batch_size=8, max_delay_s=0.5, workers=2)
+    batcher.start()
+    futures = [batcher.submit("k", i) for i in range(8)]
+    assert [f.result(timeout=WAIT) for f in futures] == [2 * i for i in range(8)]
+    assert sizes == [8]  # two workers gathering at once would have shared the burst out
+
+
+def test_items_are_admitted_once_the_compute_slot_is_held(make_batcher):
+    """A deadline that passes while the call waits for its slot is not computed; predict runs through
+    what the slot yields."""
+    slot_free = threading.Event()
+    ran_through_slot: list[int] = []
+
+    class Slot:
+        def __init__(self, key):
+            assert key == "k"
+
+        def __enter__(self):
+            assert slot_free.wait(WAIT)
+            return lambda fn, *args: ran_through_slot.append(1) or fn(*args)
+
+        def __exit__(self, *exc):
+            return False
+
+    seen: list = []
+    batcher = make_batcher(lambda key, payloads: seen.extend(payloads) or payloads, hold=Slot)
+    batcher.start()
+    expiring = batcher.submit("k", "late", deadline=time.monotonic() + 0.05)
+    time.sleep(0.2)  # the worker has gathered the item and waits for the slot while its deadline passes
+    slot_free.set()
+    with pytest.raises(DeadlineExpiredError):
+        expiring.result(timeout=WAIT)
+    assert batcher.submit("k", "on time").result(timeout=WAIT) == "on time"
+    assert seen == ["on time"] and ran_through_slot == [1]
+
+
+def test_a_batch_waits_longer_for_company_while_another_computes(make_batcher):
+    sizes: list[int] = []
+    first_in, release = threading.Event(), threading.Event()
+
+    def predict(key, payloads):
+        sizes.append(len(payloads))
+        if len(sizes) == 1:
+            first_in.set()
+            assert release.wait(WAIT)
+        return payloads
+
+    batcher = make_batcher(predict, max_batch_size=8, max_delay_s=0.0, busy_delay_s=0.5, workers=2)
+    batcher.start()
+    first = batcher.submit("k", 0)  # alone: leaves at once (max_delay_s 0)
+    assert first_in.wait(WAIT)
+    second = batcher.submit("k", 1)  # while the first computes: waits up to busy_delay_s for company
+    time.sleep(0.1)
+    third = batcher.submit("k", 2)
+    release.set()
+    assert [f.result(timeout=WAIT) for f in (first, second, third)] == [0, 1, 2]
+    assert sizes == [1, 2]
+    # Nothing computing any more: a lone item leaves at once again (waiting busy_delay_s, it would
+    # have taken the next one along), whichever worker takes it.
+    fourth = batcher.submit("k", 3)
+    time.sleep(0.2)
+    fifth = batcher.submit("k", 4)
+    assert [f.result(timeout=WAIT) for f in (fourth, fifth)] == [3, 4]
+    assert sizes == [1, 2, 1, 1]

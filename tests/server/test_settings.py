@@ -41,6 +41,8 @@ def test_yaml_and_json_files(tmp_path):
     ({"port": 70000}, "port"),
     ({"max_batch_size": 0}, "max_batch_size"),
     ({"max_batch_pixels": -1}, "max_batch_pixels"),
+    ({"cpu_compute_lanes": 0}, "cpu_compute_lanes"),
+    ({"busy_batch_delay_ms": -1}, "busy_batch_delay_ms"),
     ({"queue_limit": "many"}, "queue_limit"),
     ({"warmup": "perhaps"}, "warmup"),
     ({"tls_cert": "c.pem"}, "tls_key"),
@@ -72,9 +74,9 @@ def test_cli_flags_and_token_file(tmp_path):
     tokens = tmp_path / "tokens"
     tokens.write_text("# comment\nalpha\n\nbeta\n")
     args = build_parser().parse_args(["serve", "--port", "0", "--model", "x=taesd", "--model", "y=sd",
-                                      "--auth-tokens-file", str(tokens), "--no-warmup"])
+                                      "--auth-tokens-file", str(tokens), "--no-warmup", "--cpu-compute-lanes", "1"])
     settings = settings_from_args(args, environ={})
-    assert settings.port == 0 and settings.models == {"x": "taesd", "y": "sd"}
+    assert settings.port == 0 and settings.models == {"x": "taesd", "y": "sd"} and settings.cpu_compute_lanes == 1
     assert settings.auth_tokens == ("alpha", "beta") and settings.warmup is False
 
 
