@@ -29,10 +29,10 @@ class ServerSettings:
     # Image pixels per model call, summed over its items (a batch always takes at least one item).
     # None: four 512x512 images on CPU, which bounds a call's memory, unlimited on GPU; 0: unlimited.
     max_batch_pixels: int | None = None
-    # On a CPU, when requests queue up, this many batches run side by side on an equal share of the
-    # threads each (small images use threads better that way); a lone batch gets every thread. 1: off.
+    # On a CPU, when batches of small images meet, this many run side by side on an equal share of
+    # the threads each (small images use threads better that way); a lone batch gets every thread. 1: off.
     cpu_compute_lanes: int = 2
-    queue_limit: int = 256  # images waiting per model; beyond it RESOURCE_EXHAUSTED
+    queue_limit: int = 256  # images waiting per model (beyond the batches its workers hold); then RESOURCE_EXHAUSTED
     stream_window: int = 16  # requests of one stream in flight (or answered but not yet read by the client)
     max_message_mb: int = 64  # gRPC send/receive message size limit
     max_pixels: int = 4096 * 4096  # per image, in and out
