@@ -76,8 +76,9 @@ class ComputeLanes:
 
     Why: a model call on small images parallelizes badly (on 2 cores, 64x64 encode batches of 8 side
     by side on one thread each ran 1.2-1.6x the images/s of the same batches one after the other on
-    two threads), while a lone large image needs every core for its latency. Why a thread per lane: torch keeps an intra-op thread count per thread, and
-    torch.set_num_threads empties oneDNN's kernel cache, so each thread keeps one count for good.
+    two threads), while a lone large image needs every core for its latency. Why a thread per lane:
+    torch keeps an intra-op thread count per thread, and torch.set_num_threads empties oneDNN's
+    kernel cache, so each thread keeps one count for good.
     """
 
     def __init__(self, split: int = 1, *, threads: int | None = None,

@@ -73,11 +73,11 @@ class ModelPool:
     All torch work of the server (loading, warm-up, batches, the latent-space RPCs) runs on the
     compute lanes, reached through `submit` and `run`: one batch at a time with every intra-op thread,
     or on a CPU, when batches of small images meet, `cpu_compute_lanes` of them side by side with a
-    share of the threads each (see compute.ComputeLanes and _hold). Why not a thread pool: on CPU, libgomp gives each thread
-    that starts parallel work its own OpenMP team, and once a process holds more team threads than
-    cores, every team stops spin-waiting, so each parallel region pays a wake-up: encoding a 64x64
-    image took twice as long on a second thread as on the first (2 cores). The lanes never ask for
-    more threads than one call with every thread has.
+    share of the threads each (see compute.ComputeLanes and _hold). Why not a thread pool: on CPU,
+    libgomp gives each thread that starts parallel work its own OpenMP team, and once a process holds
+    more team threads than cores, every team stops spin-waiting, so each parallel region pays a
+    wake-up: encoding a 64x64 image took twice as long on a second thread as on the first (2 cores).
+    The lanes never ask for more threads than one call with every thread has.
     """
 
     def __init__(self, settings: ServerSettings, on_batch: Callable[[str, BatchStats], None] | None = None) -> None:
