@@ -86,7 +86,7 @@ class LatentdServicer(pb_grpc.LatentdServicer):
             log.note_jobs([job for job in jobs if job.finished], submitted)
 
     async def _compute(self, fn: Callable[[], Any]) -> Any:
-        """fn() on the pool's compute thread, where all torch work runs (see ModelPool)."""
+        """fn() on the pool's wide compute lane, where torch work outside batches runs (see ModelPool)."""
         return await asyncio.wrap_future(self.pool.submit(fn))
 
     @staticmethod
@@ -250,7 +250,7 @@ class LatentdServicer(pb_grpc.LatentdServicer):
             return self._model_info(self.pool.get(request.name))
         return await self._observed("GetModel", "", handle)
 
-    # ---- latent-space operations (not batched: one call each, on the compute thread) ----------
+    # ---- latent-space operations (not batched: one call each, on the wide compute lane) -------
 
     async def Interpolate(self, request, context):
         async def handle(log: RequestLog):

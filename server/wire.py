@@ -124,7 +124,7 @@ def read_latents(message: pb.Latents, field: str, info: ModelInfo, max_pixels: i
 
 
 def latents_array(latents: torch.Tensor) -> np.ndarray:
-    """Latents as a float32 CPU array (torch work: runs on the compute thread)."""
+    """Latents as a float32 CPU array (torch work: runs on a compute lane)."""
     return latents.detach().cpu().float().numpy()
 
 
@@ -134,7 +134,7 @@ def latents_message(latents: np.ndarray, dtype: str) -> pb.Tensor:
 
 def image_array(image: torch.Tensor, output: OutputFormat) -> np.ndarray:
     """A decoded float [3, H, W] image in [-1, 1] as the array its message needs: float32 [3, H, W]
-    for RAW_FLOAT, else uint8 [H, W, 3] (torch work: runs on the compute thread)."""
+    for RAW_FLOAT, else uint8 [H, W, 3] (torch work: runs on a compute lane)."""
     if output.format == pb.RAW_FLOAT:
         return image.float().cpu().numpy()
     return tensor_to_uint8(image.cpu())

@@ -15,7 +15,7 @@ M_TRIM_THRESHOLD, M_MMAP_THRESHOLD, M_ARENA_MAX = -1, -3, -8
 MMAP_THRESHOLD = 1 << 30
 TRIM_THRESHOLD = 2 << 30
 # One arena for all threads: a thread's own arena grows in heaps of at most 64 MB, so the buffers
-# above would still be mapped anew on every call of a server's compute thread.
+# above would still be mapped anew on every call on a server's compute lanes.
 ARENA_MAX = 1
 
 
