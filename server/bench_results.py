@@ -43,6 +43,9 @@ class Phase:
     errors: int = 0
     server: ServerCounters | None = None  # the server's counts during the phase (None: no metrics)
     client_cpu_seconds: float = 0.0  # of the load generator's process
+    # The machine's cores over the phase (core-seconds; 0 where unknown): idle, and in all.
+    cores_idle_seconds: float = 0.0
+    cores_seconds: float = 0.0
 
     @property
     def mean_batch(self) -> float | None:
@@ -69,6 +72,12 @@ class Phase:
             return None
         return self.server.compute_seconds / self.seconds
 
+    @property
+    def cores_idle(self) -> float | None:
+        """The share of the machine's core time that no process used during the phase (Linux only):
+        near 0 when serving is CPU-bound; above that, server and clients waited on each other."""
+        return self.cores_idle_seconds / self.cores_seconds if self.cores_seconds else None
+
     def merge(self, other: "Phase") -> None:
         """Add another round of the same workload."""
         self.requests += other.requests
@@ -76,6 +85,8 @@ class Phase:
         self.latencies_ms += other.latencies_ms
         self.errors += other.errors
         self.client_cpu_seconds += other.client_cpu_seconds
+        self.cores_idle_seconds += other.cores_idle_seconds
+        self.cores_seconds += other.cores_seconds
         if other.server is not None:
             self.server = other.server if self.server is None else self.server + other.server
 
@@ -91,7 +102,8 @@ class Phase:
                 "requests": self.requests, "errors": self.errors, "images_per_s": self.images_per_s,
                 "p50_ms": self.percentile(50), "p95_ms": self.percentile(95), "p99_ms": self.percentile(99),
                 "mean_batch": self.mean_batch, "server_cpu_ms": self.server_cpu_ms,
-                "client_cpu_ms": self.client_cpu_ms, "calls_running": self.calls_running}
+                "client_cpu_ms": self.client_cpu_ms, "calls_running": self.calls_running,
+                "cores_idle": self.cores_idle}
 
 
 # Targets of the service issue, printed next to the figures (never asserted).

@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import math
+import os
 import time
 from dataclasses import dataclass
 from typing import Callable
@@ -142,15 +143,33 @@ async def _drive(target: str, workload: Workload, clients: int, requests: int, n
                     phase.errors += 1
 
         before = await asyncio.to_thread(counters) if counters else None
-        began, cpu_began = time.perf_counter(), time.process_time()
+        began, cpu_began, cores_began = time.perf_counter(), time.process_time(), cores_time()
         await asyncio.gather(*(client(stub) for stub in stubs))
         phase.seconds = time.perf_counter() - began
         phase.client_cpu_seconds = time.process_time() - cpu_began
+        cores_ended = cores_time()
+        if cores_began and cores_ended:
+            phase.cores_idle_seconds = cores_ended[0] - cores_began[0]
+            phase.cores_seconds = cores_ended[1] - cores_began[1]
         if counters:
             phase.server = await asyncio.to_thread(counters) - before
     finally:
         await asyncio.gather(*(channel.close() for channel in channels))
     return phase
+
+
+def cores_time(stat: str = "/proc/stat") -> tuple[float, float] | None:
+    """(idle, all) core-seconds of this machine since boot, from Linux's /proc/stat; None elsewhere."""
+    try:
+        with open(stat) as file:
+            fields = [int(value) for value in file.readline().split()[1:9]]
+    except (OSError, ValueError):
+        return None
+    if len(fields) < 8:
+        return None
+    ticks = os.sysconf("SC_CLK_TCK")
+    # user nice system idle iowait irq softirq steal (guest time is already inside user and nice)
+    return (fields[3] + fields[4]) / ticks, sum(fields) / ticks
 
 
 def requests_for(size: int, base: int, clients: int, rounds: int = 1) -> int:

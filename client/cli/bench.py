@@ -179,21 +179,24 @@ def _pct(value: float | None) -> str:
 
 def _print_cpu(rows: list, clients: int) -> None:
     """Where the cores' time goes per image: the codec alone, the batched server process, its clients, and
-    the floor (a bare gRPC server and its clients); and how many model calls the server ran at once."""
+    the floor (a bare gRPC server and its clients); how many model calls the server ran at once; and how much
+    of the machine's core time went unused meanwhile."""
     if not any(row.batched and row.batched.server_cpu_ms for row in rows):
         return  # --target: no server metrics to read
     print(f"CPU ms per image (all threads): in process, the batched server, its {clients} clients (one process), "
           "and the floor: a bare gRPC server answering at once, and its clients; calls: model calls running at "
-          "once in the batched server, on average (1: one always busy; 2: two side by side)")
+          "once in the batched server, on average (1: one always busy; 2: two side by side); idle: the machine's core "
+          "time that nothing used while the batched server ran (server and clients waiting on each other)")
     print(f"{'op':<7}{'size':>5} {'in-proc':>8} {'server':>8} {'clients':>8} {'serving':>8} {'floor':>8} "
-          f"{'floor cl.':>9} {'calls':>6}")
+          f"{'floor cl.':>9} {'calls':>6} {'idle':>5}")
     for row in rows:
         server, clients_ms = row.batched.server_cpu_ms, row.batched.client_cpu_ms
         extra = None if server is None or row.in_process_cpu_ms is None else server - row.in_process_cpu_ms
         floor_ms, floor_clients_ms = (row.floor.server_cpu_ms, row.floor.client_cpu_ms) if row.floor else (None, None)
         print(f"{row.op:<7}{row.size:>5} {_num(row.in_process_cpu_ms, '8.2f'):>8} {_num(server, '8.2f'):>8} "
               f"{_num(clients_ms, '8.2f'):>8} {_num(extra, '+8.2f'):>8} {_num(floor_ms, '8.2f'):>8} "
-              f"{_num(floor_clients_ms, '9.2f'):>9} {_num(row.batched.calls_running, '6.2f'):>6}")
+              f"{_num(floor_clients_ms, '9.2f'):>9} {_num(row.batched.calls_running, '6.2f'):>6} "
+              f"{_pct(row.batched.cores_idle):>5}")
 
 
 def _print_sweep(rows: list) -> None:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import sys
 
 import pytest
 
@@ -28,6 +29,9 @@ def test_bench_serve_reports_every_phase(model_dirs, capsys):
         assert row["in_process_cpu_ms"] > 0
         # the server's model calls running at once (its compute-time metric over the phase)
         assert row["batched"]["calls_running"] > 0
+        # the machine's idle core time while the batched server ran: a share on Linux, None elsewhere
+        idle = row["batched"]["cores_idle"]
+        assert 0 <= idle < 1 if sys.platform == "linux" else idle is None
         # the floor server answered every request of both rounds (its CPU: test_floor_server_...)
         assert row["floor"]["requests"] == 4 and row["floor"]["errors"] == 0 and row["floor"]["mean_batch"] is None
         # the sweep: every batch size up to the server's, the best one used for the rounds

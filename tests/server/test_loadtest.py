@@ -2,8 +2,10 @@
 
 from __future__ import annotations
 
+import os
+
 from latentd.server.bench_results import Phase, Row, ServerCounters
-from latentd.server.loadtest import requests_for
+from latentd.server.loadtest import cores_time, requests_for
 
 
 def test_requests_are_split_over_rounds_but_keep_every_client_busy():
@@ -15,9 +17,11 @@ def test_requests_are_split_over_rounds_but_keep_every_client_busy():
 def test_rounds_merge_into_one_phase_with_the_overall_mean_batch():
     row = Row("encode", 64)
     first = Phase("batched", "encode", 64, 2, 4, seconds=1.0, latencies_ms=[10, 20, 30, 40],
-                  server=ServerCounters(4, 1, 2.5, 0.5) - ServerCounters(0, 0, 2.0, 0.1), client_cpu_seconds=0.1)
+                  server=ServerCounters(4, 1, 2.5, 0.5) - ServerCounters(0, 0, 2.0, 0.1), client_cpu_seconds=0.1,
+                  cores_idle_seconds=0.2, cores_seconds=2.0)
     second = Phase("batched", "encode", 64, 2, 4, seconds=3.0, latencies_ms=[50, 60], errors=2,
-                   server=ServerCounters(6, 3, 3.0, 0.9) - ServerCounters(4, 1, 2.5, 0.5), client_cpu_seconds=0.2)
+                   server=ServerCounters(6, 3, 3.0, 0.9) - ServerCounters(4, 1, 2.5, 0.5), client_cpu_seconds=0.2,
+                   cores_idle_seconds=1.0, cores_seconds=6.0)
     row.add("batched", first)
     row.add("batched", second)
     merged = row.batched
@@ -28,6 +32,21 @@ def test_rounds_merge_into_one_phase_with_the_overall_mean_batch():
     assert abs(merged.server_cpu_ms - 1000 / 6) < 1e-9 and abs(merged.client_cpu_ms - 300 / 6) < 1e-9
     # model calls running at once: 0.8 s inside model calls over the phase's 4 s
     assert abs(merged.calls_running - 0.8 / 4.0) < 1e-9
+    # idle core time over both rounds' core time, not the mean of the rounds' shares
+    assert abs(merged.cores_idle - 1.2 / 8.0) < 1e-9
+    assert Phase("floor", "encode", 64, 2, 4).cores_idle is None  # not measured (not Linux)
+
+
+def test_cores_time_reads_idle_and_all_core_time_from_proc_stat(tmp_path):
+    stat = tmp_path / "stat"
+    # user nice system idle iowait irq softirq steal guest guest_nice (guest is inside user already)
+    stat.write_text("cpu  100 5 20 300 10 1 2 3 50 0\ncpu0 50 2 10 150 5 0 1 1 25 0\n")
+    ticks = os.sysconf("SC_CLK_TCK")
+    assert cores_time(str(stat)) == (310 / ticks, 441 / ticks)
+    assert cores_time(str(tmp_path / "missing")) is None
+    for text in ("not a stat line\n", "cpu  1 2 3\n"):
+        stat.write_text(text)
+        assert cores_time(str(stat)) is None
 
 
 def test_shares_compare_totals_and_the_single_client_uses_medians():
