@@ -170,12 +170,8 @@ class Batcher:
         the compute slot each call waits for: items are admitted (deadline, cancellation) once it
         is held, so nothing expires between that check and the model. `busy_delay_s` (default:
         max_delay_s) is how long a batch waits for company while another worker's batch computes."""
-        _check_settings(max_batch_size, max_delay_s, queue_limit)
-        if busy_delay_s is not None and not busy_delay_s >= 0:
-            raise ValueError(f"busy_delay_s must be >= 0, got {busy_delay_s}")
+        _check_settings(max_batch_size, max_delay_s, queue_limit, busy_delay_s, workers)
         self._busy_delay_s = max_delay_s if busy_delay_s is None else busy_delay_s
-        if workers < 1:
-            raise ValueError(f"workers must be >= 1, got {workers}")
         self._workers = workers
         self._hold = hold or (lambda key: contextlib.nullcontext(_call_here))
         self.name = name
@@ -412,10 +408,15 @@ def _call_here(fn: Callable[..., Any], *args: Any) -> Any:
     return fn(*args)
 
 
-def _check_settings(max_batch_size: int, max_delay_s: float, queue_limit: int) -> None:
+def _check_settings(max_batch_size: int, max_delay_s: float, queue_limit: int, busy_delay_s: float | None,
+                    workers: int) -> None:
     if max_batch_size < 1:
         raise ValueError(f"max_batch_size must be >= 1, got {max_batch_size}")
     if not max_delay_s >= 0:  # `not >=` also rejects NaN
         raise ValueError(f"max_delay_s must be >= 0, got {max_delay_s}")
     if queue_limit < 1:
         raise ValueError(f"queue_limit must be >= 1, got {queue_limit}")
+    if busy_delay_s is not None and not busy_delay_s >= 0:
+        raise ValueError(f"busy_delay_s must be >= 0, got {busy_delay_s}")
+    if workers < 1:
+        raise ValueError(f"workers must be >= 1, got {workers}")
