@@ -194,8 +194,9 @@ def _split_hub_id(text: str) -> tuple[str, str | None]:
     return f"{owner}/{name}", rest[0] if rest else None
 
 
-def save_model(model: nn.Module, directory: str | os.PathLike) -> Path:
-    """Write `model` in diffusers format (config.json + safetensors) so `load_model` rebuilds it.
+def save_model(model: nn.Module, directory: str | os.PathLike, extras: dict[str, str] | None = None) -> Path:
+    """Write `model` in diffusers format (config.json + safetensors) so `load_model` rebuilds it, and
+    `extras` (file name -> text) beside them.
 
     The folder is written beside its target and renamed into place, so an interrupted save never
     leaves a folder that looks like a complete model (or half-overwrites an existing one).
@@ -208,6 +209,8 @@ def save_model(model: nn.Module, directory: str | os.PathLike) -> Path:
     shutil.rmtree(temp, ignore_errors=True)
     try:
         model.save_pretrained(str(temp), safe_serialization=True)
+        for name, text in (extras or {}).items():
+            (temp / name).write_text(text)
         if directory.exists():
             directory.rename(old)
         temp.rename(directory)

@@ -20,6 +20,8 @@ from ..errors import InvalidInputError
 _STEP_DIR = re.compile(r"^step-(\d{7})$")
 EMA_FILE = "ema.safetensors"
 STATE_FILE = "trainer_state.json"
+# Beside exported weights: the step they were trained to, so `model.continue_schedule` can go on from it.
+EXPORTED_STATE_FILE = "training_state.json"
 CONFIG_FILE = "config.yaml"
 
 
@@ -32,6 +34,7 @@ class TrainerState:
     bad_steps_total: int = 0
     bad_steps_in_a_row: int = 0
     train_seconds: float = 0.0
+    fresh_from: int = 0  # the step at which the optimizer's moments started from zero (warm-up counts from it)
 
 
 def checkpoints_dir(run_dir: Path) -> Path:
@@ -119,3 +122,17 @@ def load_checkpoint(accelerator, path: Path, ema) -> TrainerState:
     if (path / EMA_FILE).is_file():
         load_ema(ema, path / EMA_FILE)
     return TrainerState(**json.loads((path / STATE_FILE).read_text()))
+
+
+def exported_step(model_dir: str | Path) -> int:
+    """The training step recorded beside exported weights (0 when there is no record)."""
+    path = Path(model_dir) / EXPORTED_STATE_FILE
+    if not path.is_file():
+        return 0
+    try:
+        step = json.loads(path.read_text())["step"]
+    except (ValueError, KeyError, TypeError) as exc:
+        raise InvalidInputError(f"{path} is not a training state record: {exc}", field="model.init_from") from exc
+    if not isinstance(step, int) or step < 0:
+        raise InvalidInputError(f"{path}: step must be a non-negative integer", field="model.init_from")
+    return step

@@ -33,6 +33,10 @@ class ModelConfig:
     )
     # Start from these weights (anything `load_model` accepts) instead of random initialisation.
     init_from: str | None = None
+    # With init_from: continue the learning-rate schedule at the step that `latentd export` recorded
+    # beside those weights (training_state.json), so one long schedule chains across machines that
+    # keep no checkpoint. The optimizer's moments start from zero, so the warm-up runs again.
+    continue_schedule: bool = False
 
 
 @dataclass
@@ -82,6 +86,8 @@ class LossConfig:
 @dataclass
 class OptimConfig:
     lr: float = 5e-4
+    schedule: str = "cosine"  # cosine | wsd (constant, then a cosine over the last decay_ratio of max_steps)
+    decay_ratio: float = 0.2
     betas: list[float] = field(default_factory=lambda: [0.9, 0.99])
     weight_decay: float = 0.0
     warmup_steps: int = 500
@@ -132,6 +138,10 @@ class TrainConfig:
             (self.loss.reconstruction in ("l1", "l2"), "loss.reconstruction must be l1 or l2"),
             (self.loss.beta.schedule in ("constant", "linear", "cyclical"),
              "loss.beta.schedule must be constant, linear or cyclical"),
+            (self.optim.schedule in ("cosine", "wsd"), "optim.schedule must be cosine or wsd"),
+            (0 < self.optim.decay_ratio <= 1, "optim.decay_ratio must be in (0, 1]"),
+            (not (self.model.continue_schedule and not self.model.init_from),
+             "model.continue_schedule needs model.init_from"),
             (self.runtime.precision in ("auto", "no", "fp16", "bf16"),
              "runtime.precision must be auto, no, fp16, bf16"),
             (self.data.crop_size > 0 and self.data.batch_size > 0,

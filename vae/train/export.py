@@ -12,7 +12,7 @@ from torch import nn
 from ..devices import parse_dtype
 from ..errors import InvalidInputError
 from ..loading import save_model
-from .checkpoint import CONFIG_FILE, EMA_FILE, STATE_FILE, ema_weights, list_checkpoints
+from .checkpoint import CONFIG_FILE, EMA_FILE, EXPORTED_STATE_FILE, STATE_FILE, ema_weights, list_checkpoints
 from .config import TrainConfig, load_config
 from .data import CropDataset, EpochSampler, scan_images
 
@@ -96,6 +96,7 @@ def export_checkpoint(checkpoint: str | Path, output: str | Path, *, stat_images
     scaling, shift = 1.0 / std, mean
     model.register_to_config(scaling_factor=scaling, shift_factor=shift)
     target_dtype = parse_dtype(dtype or config.export.dtype)
-    output = save_model(nn.Module.to(model, dtype=target_dtype), output)
     step = json.loads((source / STATE_FILE).read_text())["step"]
+    record = json.dumps({"step": step, "schedule": config.optim.schedule, "max_steps": config.optim.max_steps})
+    output = save_model(nn.Module.to(model, dtype=target_dtype), output, extras={EXPORTED_STATE_FILE: record})
     return ExportResult(output, step, scaling, shift, used_ema)

@@ -14,7 +14,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from .config import BetaConfig, LossConfig
+from .config import BetaConfig, LossConfig, OptimConfig
 
 
 def kl_per_element(mean: torch.Tensor, logvar: torch.Tensor) -> torch.Tensor:
@@ -56,6 +56,30 @@ def lr_at(step: int, base_lr: float, warmup_steps: int, max_steps: int, min_rati
         return base_lr * (step + 1) / warmup_steps
     progress = min(1.0, (step - warmup_steps) / max(1, max_steps - warmup_steps))
     return base_lr * (min_ratio + (1 - min_ratio) * 0.5 * (1 + math.cos(math.pi * progress)))
+
+
+def wsd_lr_at(step: int, base_lr: float, max_steps: int, min_ratio: float, decay_ratio: float) -> float:
+    """Warmup-stable-decay without its warm-up: `base_lr` until the last `decay_ratio` of `max_steps`,
+    then a cosine down to `min_ratio * base_lr`. A constant rate lets one schedule run for many sessions
+    and be extended without restarting; only the final stretch anneals."""
+    decay_start = max_steps * (1 - decay_ratio)
+    if step < decay_start:
+        return base_lr
+    progress = min(1.0, (step - decay_start) / max(1.0, max_steps - decay_start))
+    return base_lr * (min_ratio + (1 - min_ratio) * 0.5 * (1 + math.cos(math.pi * progress)))
+
+
+def schedule_lr(step: int, optim: OptimConfig, fresh_from: int = 0) -> float:
+    """The learning rate of `optim.schedule` at `step`; the warm-up counts from `fresh_from`, the step at
+    which the optimizer's moments started from zero (0, or where a run continued from exported weights)."""
+    if optim.schedule == "cosine" and fresh_from == 0:
+        return lr_at(step, optim.lr, optim.warmup_steps, optim.max_steps, optim.min_lr_ratio)
+    if optim.schedule == "cosine":
+        base = lr_at(step, optim.lr, 0, optim.max_steps, optim.min_lr_ratio)
+    else:
+        base = wsd_lr_at(step, optim.lr, optim.max_steps, optim.min_lr_ratio, optim.decay_ratio)
+    warm = min(1.0, (step - fresh_from + 1) / optim.warmup_steps) if optim.warmup_steps > 0 else 1.0
+    return base * max(warm, 0.0)
 
 
 def reconstruction_sum(x: torch.Tensor, reconstruction: torch.Tensor, kind: str) -> torch.Tensor:

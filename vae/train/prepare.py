@@ -12,7 +12,7 @@ from torch import nn
 from torch.utils.data import DataLoader
 
 from ..errors import InvalidInputError
-from .checkpoint import TrainerState, load_checkpoint, resolve_checkpoint
+from .checkpoint import TrainerState, exported_step, load_checkpoint, resolve_checkpoint
 from .config import TrainConfig
 from .data import CropDataset, EpochSampler, collate_crops, load_validation_images, scan_images
 from .losses import PatchDiscriminator
@@ -162,6 +162,9 @@ def start_run(config: TrainConfig, resume: str | None) -> TrainingRun:
     vae = accelerator.unwrap_model(module).vae
     ema = EMAModel(vae.parameters(), decay=optim.ema_decay)
     state = TrainerState(skipped_files=loaders.skipped_at_scan)
+    if config.model.continue_schedule:
+        state.step = state.fresh_from = exported_step(config.model.init_from)
+        logger.info("continuing the schedule at step %d of %s", state.step, config.model.init_from)
     checkpoint = resolve_checkpoint(run_dir, resume) if resume else None
     if checkpoint is not None:
         state = load_checkpoint(accelerator, checkpoint, ema)

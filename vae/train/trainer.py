@@ -15,7 +15,7 @@ import torch
 from .checkpoint import save_checkpoint
 from .config import TrainConfig
 from .logbook import Logbook
-from .losses import LossParts, generator_loss, hinge_d_loss, lr_at
+from .losses import LossParts, generator_loss, hinge_d_loss, schedule_lr
 from .prepare import TrainingRun, start_run
 from .validate import validate, write_grid
 
@@ -136,7 +136,7 @@ def _train_step(run: TrainingRun, x: torch.Tensor, micro: int) -> StepResult:
     if config.runtime.channels_last:
         x = x.contiguous(memory_format=torch.channels_last)
     for group in run.optimizer.param_groups:
-        group["lr"] = lr_at(state.step, optim.lr, optim.warmup_steps, optim.max_steps, optim.min_lr_ratio)
+        group["lr"] = schedule_lr(state.step, optim, state.fresh_from)
     with accelerator.accumulate(run.module):
         noise = step_generator(config.runtime.seed, state.step, micro % optim.grad_accum,
                                accelerator.process_index, accelerator.device)

@@ -9,7 +9,7 @@ import torch
 from torch.distributions import Normal, kl_divergence
 
 from latentd.vae import ModelLoadError
-from latentd.vae.train.config import BetaConfig, LossConfig
+from latentd.vae.train.config import BetaConfig, LossConfig, OptimConfig
 from latentd.vae.train.losses import (
     PatchDiscriminator,
     beta_at,
@@ -19,6 +19,8 @@ from latentd.vae.train.losses import (
     kl_per_element,
     kl_term,
     lr_at,
+    schedule_lr,
+    wsd_lr_at,
     ms_ssim_loss,
 )
 
@@ -68,6 +70,26 @@ def test_annealing_changes_the_loss_as_specified():
 def test_learning_rate_warmup_and_cosine():
     rates = [lr_at(s, 1.0, 10, 110, 0.1) for s in (0, 9, 10, 60, 110, 500)]
     assert rates == pytest.approx([0.1, 1.0, 1.0, 0.55, 0.1, 0.1])
+
+
+def test_wsd_is_constant_then_decays_over_its_last_part():
+    rates = [wsd_lr_at(s, 1.0, 100, 0.1, 0.2) for s in (0, 50, 79, 80, 90, 100, 500)]
+    assert rates == pytest.approx([1.0, 1.0, 1.0, 1.0, 0.55, 0.1, 0.1])
+    # Raising max_steps during the constant part changes nothing already trained.
+    assert [wsd_lr_at(s, 1.0, 1000, 0.1, 0.2) for s in range(80)] == [wsd_lr_at(s, 1.0, 100, 0.1, 0.2)
+                                                                      for s in range(80)]
+
+
+def test_schedule_warms_up_again_from_where_the_optimizer_started():
+    optim = OptimConfig(lr=1.0, schedule="wsd", warmup_steps=10, max_steps=1000, decay_ratio=0.2, min_lr_ratio=0.1)
+    assert schedule_lr(0, optim) == pytest.approx(0.1)
+    assert schedule_lr(500, optim) == pytest.approx(1.0)
+    # Continued at step 500 with fresh moments: the warm-up runs again from there.
+    assert [schedule_lr(s, optim, fresh_from=500) for s in (500, 504, 509, 600)] == pytest.approx([0.1, 0.5, 1.0, 1.0])
+    assert schedule_lr(900, optim, fresh_from=896) == pytest.approx(0.5 * wsd_lr_at(900, 1.0, 1000, 0.1, 0.2))
+    cosine = OptimConfig(lr=1.0, warmup_steps=10, max_steps=110, min_lr_ratio=0.1)
+    assert schedule_lr(60, cosine) == pytest.approx(lr_at(60, 1.0, 10, 110, 0.1))
+    assert schedule_lr(60, cosine, fresh_from=55) == pytest.approx(0.6 * lr_at(60, 1.0, 0, 110, 0.1))
 
 
 def test_ms_ssim_term_works_on_small_crops():

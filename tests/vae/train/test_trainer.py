@@ -226,3 +226,27 @@ def test_validation_grid_and_units(image_folders):
     assert 0 <= result.active_units <= 4
     assert result.grid.size[1] == 2 * 160 + 4
     assert isinstance(result.grid, Image.Image)
+
+
+def test_a_schedule_continues_from_exported_weights(tmp_path, write_config):
+    """A machine without the run's checkpoints continues the long schedule from the exported weights:
+    at the step recorded beside them, with the warm-up run again for the fresh optimizer."""
+    first = training_function(load_config(write_config("first", optim={"schedule": "wsd", "max_steps": 4})),
+                              progress=False, export=False)
+    exported = export_checkpoint(first.run_dir, tmp_path / "weights", stat_images=4, dtype="float32")
+    assert json.loads((exported.directory / "training_state.json").read_text())["step"] == 4
+    config = load_config(write_config("second", optim={"schedule": "wsd", "max_steps": 7, "warmup_steps": 2},
+                                      model={"init_from": str(exported.directory),
+                                             "continue_schedule": True}))
+    second = training_function(config, progress=False, export=False)
+    assert second.steps == 7
+    state = json.loads((second.checkpoint / STATE_FILE).read_text())
+    assert state["fresh_from"] == 4 and state["step"] == 7
+    rates = _rows(second.run_dir, "lr")
+    assert rates[0] == pytest.approx(1e-3) and rates[1] == pytest.approx(2e-3)  # warm-up again, from step 4
+    # A record that is not one is a clear error naming the field, not a crash.
+    (exported.directory / "training_state.json").write_text("{not json")
+    with pytest.raises(InvalidInputError, match="training state") as caught:
+        training_function(load_config(write_config("third", model={"init_from": str(
+            exported.directory), "continue_schedule": True})), progress=False, export=False)
+    assert caught.value.field == "model.init_from"
