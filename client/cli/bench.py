@@ -98,7 +98,7 @@ def _add_archive_parser(kinds) -> None:
 
 
 def run_archive(args: argparse.Namespace) -> int:
-    from latentd.client.archive.throughput import bench_archive
+    from latentd.bench.archive import bench_archive
 
     _positive(args, "images", "batch_size", "workers")
     result = bench_archive(backend_from_args(args), args.sources, images=args.images, batch_size=args.batch_size,
@@ -124,7 +124,7 @@ def _positive(args: argparse.Namespace, *names: str) -> None:
 
 
 def run_codec(args: argparse.Namespace) -> int:
-    from latentd.vae.benchmark import AGREEMENT_TOLERANCE, bench_codec
+    from latentd.bench.codec import AGREEMENT_TOLERANCE, bench_codec
 
     _positive(args, "size", "batch", "runs")
     result = bench_codec(args.model, size=args.size, batch=args.batch, runs=args.runs, warmup=max(args.warmup, 0),
@@ -156,7 +156,7 @@ def run_codec(args: argparse.Namespace) -> int:
 
 
 def run_tiling(args: argparse.Namespace) -> int:
-    from latentd.vae.benchmark import bench_tiling
+    from latentd.bench.codec import bench_tiling
 
     _positive(args, "size", "tile_size")
     result = bench_tiling(args.model, size=args.size, tile_size=args.tile_size, tile_overlap=args.tile_overlap,
@@ -222,9 +222,9 @@ def _num(value: float | None, spec: str) -> str:
 
 
 def run_soak(args: argparse.Namespace) -> int:
-    from latentd.server.loadtest import make_workload
-    from latentd.server.server_process import ServerProcess
-    from latentd.server.soak import soak
+    from latentd.bench.serve import make_workload
+    from latentd.bench.server_process import ServerProcess
+    from latentd.bench.soak import soak
     from latentd.vae.codec import load_codec
 
     codec = load_codec(args.model, device=args.device)
@@ -259,8 +259,8 @@ def run_soak(args: argparse.Namespace) -> int:
 def run_serve(args: argparse.Namespace) -> int:
     import sys
 
-    from latentd.server.bench_results import TARGET_CONCURRENT_SHARE, TARGET_SINGLE_OVERHEAD
-    from latentd.server.loadtest import bench_serve
+    from latentd.bench.results import TARGET_CONCURRENT_SHARE, TARGET_SINGLE_OVERHEAD
+    from latentd.bench.serve import bench_serve
 
     _positive(args, "clients", "requests", "max_batch_size", "rounds")
     if any(size < 8 for size in args.sizes):

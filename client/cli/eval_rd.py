@@ -15,7 +15,7 @@ DEFAULT_OUT = Path("out/eval-rd")
 
 def add_parser(subparsers: argparse._SubParsersAction) -> None:
     from latentd.client.archive.quantize import FORMAT_NAMES
-    from latentd.client.archive.rd import CLASSIC_CODECS, DEFAULT_QUALITIES
+    from latentd.evaluate.rd import CLASSIC_CODECS, DEFAULT_QUALITIES
 
     parser = subparsers.add_parser(
         "eval-rd", help="rate-distortion: latent formats vs JPEG/WebP/AVIF and published codecs",
@@ -61,7 +61,7 @@ def load_images(sources: list[Path], max_pixels: int) -> tuple[list[Path], list,
 
 
 def run(args: argparse.Namespace) -> int:
-    from latentd.client.archive.rd import classic_points, latent_points, reference_points, write_outputs
+    from latentd.evaluate.rd import classic_points, latent_points, reference_points, write_outputs
     from latentd.vae.imageio import DEFAULT_MAX_PIXELS, find_image_files
 
     sources = find_image_files(args.images)

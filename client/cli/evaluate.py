@@ -16,7 +16,7 @@ from .common import (
     add_server_args,
     backend_from_args,
 )
-from .measure import print_result, print_summary, roundtrip_all, summarize
+from latentd.evaluate.measure import print_result, print_summary, roundtrip_all, summarize
 from .roundtrip import add_measure_args
 
 

@@ -8,7 +8,7 @@ from dataclasses import asdict
 from pathlib import Path
 
 from .common import EXIT_FAILED, EXIT_OK, add_model_args, add_server_args, backend_from_args
-from .measure import LATENT_BITS, print_result, print_summary, roundtrip_all, summarize
+from latentd.evaluate.measure import LATENT_BITS, print_result, print_summary, roundtrip_all, summarize
 
 
 def add_parser(subparsers: argparse._SubParsersAction) -> None:

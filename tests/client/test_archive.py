@@ -296,7 +296,7 @@ def test_size_policies(tmp_path, tiny_model_dir):
 
 
 def test_bench_archive_times_the_model_and_the_pipeline(tiny_model_dir, capsys):
-    from latentd.client.archive.throughput import bench_archive
+    from latentd.bench.archive import bench_archive
     from latentd.client.backends import LocalBackend
 
     result = bench_archive(LocalBackend(load_codec(tiny_model_dir)), images=4, size=(48, 32), batch_size=2,

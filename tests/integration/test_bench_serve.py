@@ -48,8 +48,8 @@ def test_floor_server_answers_with_the_real_shapes_and_reports_its_cpu():
     import numpy as np
 
     from latentd.client.tensors import from_tensor, to_tensor
-    from latentd.server.loadtest import Workload, drive
-    from latentd.server.server_process import ServerProcess
+    from latentd.bench.serve import Workload, drive
+    from latentd.bench.server_process import ServerProcess
     from latentd.v1 import latentd_pb2 as pb
     from latentd.v1 import latentd_pb2_grpc as pb_grpc
 

@@ -10,7 +10,7 @@ import threading
 import time
 import urllib.request
 
-from .bench_results import Counters, ServerCounters
+from .results import Counters, ServerCounters
 
 
 class ServerProcess:
@@ -31,7 +31,7 @@ class ServerProcess:
     @classmethod
     def floor(cls, factor: int, channels: int) -> "ServerProcess":
         """The floor server for a model of this factor and latent channels."""
-        return cls([sys.executable, "-m", "latentd.server.floor_server", "--factor", str(factor),
+        return cls([sys.executable, "-m", "latentd.bench.floor_server", "--factor", str(factor),
                     "--channels", str(channels)])
 
     def __enter__(self) -> "ServerProcess":

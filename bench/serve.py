@@ -17,7 +17,7 @@ from latentd.client.tensors import to_tensor
 from latentd.v1 import latentd_pb2 as pb
 from latentd.v1 import latentd_pb2_grpc as pb_grpc
 
-from .bench_results import Counters, Phase, Row
+from .results import Counters, Phase, Row
 from .server_process import ServerProcess
 
 OPERATIONS = ("encode", "decode")

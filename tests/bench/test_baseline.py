@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from latentd.vae.bench_baseline import BaselineProcess, diffusers_call, load_for_bench
+from latentd.bench.baseline import BaselineProcess, diffusers_call, load_for_bench
 
 
 def test_the_separate_process_computes_what_diffusers_computes_here(tiny_model_dir):

@@ -14,7 +14,7 @@ import numpy as np
 
 from latentd.v1 import latentd_pb2_grpc as pb_grpc
 
-from .loadtest import Workload
+from .serve import Workload
 
 
 @dataclass

@@ -1,4 +1,4 @@
-"""`latentd eval-rd` and `latentd.client.archive.rd`: latent formats, classic codecs, published points, outputs."""
+"""`latentd eval-rd` and `latentd.evaluate.rd`: latent formats, classic codecs, published points, outputs."""
 
 from __future__ import annotations
 
@@ -8,7 +8,7 @@ import sys
 import pytest
 from PIL import Image
 
-from latentd.client.archive import rd
+from latentd.evaluate import rd
 from latentd.client.cli import main
 from tests.conftest import make_tiny_kl, smooth_image
 

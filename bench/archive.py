@@ -9,11 +9,11 @@ from pathlib import Path
 
 import numpy as np
 
-from .encode import encode_sources
-from .quantize import get_format
-from .sizing import SizePolicy
-from .sources import iter_sources
-from .writer import ArchiveSettings, ArchiveWriter
+from latentd.client.archive.encode import encode_sources
+from latentd.client.archive.quantize import get_format
+from latentd.client.archive.sizing import SizePolicy
+from latentd.client.archive.sources import iter_sources
+from latentd.client.archive.writer import ArchiveSettings, ArchiveWriter
 
 
 @dataclass

@@ -4,8 +4,8 @@ from __future__ import annotations
 
 import os
 
-from latentd.server.bench_results import Phase, Row, ServerCounters
-from latentd.server.loadtest import cores_time, requests_for
+from latentd.bench.results import Phase, Row, ServerCounters
+from latentd.bench.serve import cores_time, requests_for
 
 
 def test_requests_are_split_over_rounds_but_keep_every_client_busy():

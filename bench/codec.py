@@ -10,10 +10,10 @@ from dataclasses import dataclass, field
 import numpy as np
 import torch
 
-from .bench_baseline import BaselineProcess, diffusers_call, load_for_bench, timed
-from .codec import Codec, CodecOptions
-from .convert import tensor_to_uint8
-from .metrics import psnr
+from .baseline import BaselineProcess, diffusers_call, load_for_bench, timed
+from latentd.vae.codec import Codec, CodecOptions
+from latentd.vae.convert import tensor_to_uint8
+from latentd.vae.metrics import psnr
 
 # Agreement required between latentd's and diffusers' outputs (relative L2 error).
 AGREEMENT_TOLERANCE = 1e-4
@@ -167,8 +167,8 @@ def bench_tiling(
     dtype: str | None = None,
 ) -> TilingBenchResult:
     """Encode an image once, decode its latents tiled and untiled, and compare the two (PSNR)."""
-    from .imageio import open_image
-    from .tiling import tile_spans
+    from latentd.vae.imageio import open_image
+    from latentd.vae.tiling import tile_spans
 
     loaded = load_for_bench(model, seed)
     options = CodecOptions(tile_size=tile_size, tile_overlap=tile_overlap, max_batch_pixels=size * size)

@@ -6,7 +6,6 @@ import sys
 from dataclasses import dataclass
 from pathlib import Path
 
-from .common import one_line
 
 LATENT_BITS = {"float16": 16, "bfloat16": 16, "float32": 32}
 
@@ -54,7 +53,7 @@ def roundtrip_all(backend, sources: list[Path], *, latent_dtype: str, tiling: st
         try:
             yield roundtrip_image(backend, source, latent_dtype=latent_dtype, tiling=tiling)
         except (LatentdError, LatentdClientError, OSError) as exc:
-            yield ImageResult(source=str(source), error=one_line(exc)), None, None
+            yield ImageResult(source=str(source), error=" ".join(str(exc).split()) or type(exc).__name__), None, None
 
 
 def summarize(results: list[ImageResult], backend) -> dict:

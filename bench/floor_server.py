@@ -64,7 +64,7 @@ async def serve(factor: int, channels: int) -> None:
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="python -m latentd.server.floor_server", description=__doc__)
+    parser = argparse.ArgumentParser(prog="python -m latentd.bench.floor_server", description=__doc__)
     parser.add_argument("--factor", type=int, required=True, help="the model's downsampling factor")
     parser.add_argument("--channels", type=int, required=True, help="the model's latent channels")
     args = parser.parse_args(argv)

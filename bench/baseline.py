@@ -14,8 +14,8 @@ START_TIMEOUT_S = 600.0
 
 def load_for_bench(model: str, seed: int) -> torch.nn.Module:
     """The bench's model: registered architectures without packaged weights get seeded random ones."""
-    from .loading import load_model
-    from .registry import get_spec, is_registered
+    from latentd.vae.loading import load_model
+    from latentd.vae.registry import get_spec, is_registered
 
     if is_registered(model) and get_spec(model).packaged_path() is None:
         return load_model(model, random_seed=seed).model
