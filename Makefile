@@ -24,7 +24,7 @@ $(STAMP): pyproject.toml Makefile
 ifeq ($(HAS_NVIDIA),yes)
 	$(BIN)/pip install "torch==$(TORCH_VERSION)"
 else
-	$(BIN)/pip install "torch==$(TORCH_VERSION)" --extra-index-url $(TORCH_CPU_INDEX)
+	$(BIN)/python deploy/install/torch_cpu.py $(TORCH_VERSION) $(TORCH_CPU_INDEX)
 	$(BIN)/python -c "import torch, sys; sys.exit('a CUDA build of torch was installed on a machine without an NVIDIA GPU' if torch.version.cuda else 0)"
 endif
 	$(BIN)/pip install -c $(VENV)/constraints.txt -e ".[$(EXTRAS)]"
