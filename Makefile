@@ -8,13 +8,16 @@ TORCH_VERSION ?= 2.13.0
 TORCH_CPU_INDEX ?= https://download.pytorch.org/whl/cpu
 HAS_NVIDIA := $(shell nvidia-smi -L >/dev/null 2>&1 && echo yes)
 STAMP := $(VENV)/.latentd-installed
-DATASETS ?= ../shared/datasets
+# Kodak and the training sets (../shared/datasets/README.md says where each comes from); DATASETS=DIR elsewhere.
+SHARED ?= ../shared
+DATASETS ?= $(SHARED)/datasets
+REFERENCE ?= $(SHARED)/reference/compressai_kodak_rd.csv
 DEMO_MODEL ?= default
 DEMO_OUT ?= out/demo
 EVAL_MODEL ?= default
 PYTEST_ARGS ?=
 
-.PHONY: install test test-fast serve demo eval eval-rd bench protos clean
+.PHONY: kodak install test test-fast serve demo eval eval-rd bench protos clean
 
 install: $(STAMP)
 
@@ -40,15 +43,19 @@ test-fast: $(STAMP)
 serve: $(STAMP)
 	$(BIN)/latentd serve --host 127.0.0.1 --port 50051 --model default=$(DEMO_MODEL)
 
-demo: $(STAMP)
+demo: $(STAMP) kodak
 	$(BIN)/latentd roundtrip $(DATASETS)/kodak/*.png -o $(DEMO_OUT) --model $(DEMO_MODEL)
 
-eval: $(STAMP)
+eval: $(STAMP) kodak
 	$(BIN)/latentd eval --model $(EVAL_MODEL) --images $(DATASETS)/kodak --grid out/eval-$(EVAL_MODEL)-kodak.png
 
 # Rate-distortion of the latent formats vs JPEG/WebP/AVIF and CompressAI's published Kodak points (out/eval-rd).
-eval-rd: $(STAMP)
-	$(BIN)/latentd eval-rd --model $(EVAL_MODEL) --images $(DATASETS)/kodak -o out/eval-rd
+eval-rd: $(STAMP) kodak
+	$(BIN)/latentd eval-rd --model $(EVAL_MODEL) --images $(DATASETS)/kodak -o out/eval-rd \
+		$(if $(wildcard $(REFERENCE)),--reference $(REFERENCE))
+
+kodak:
+	@test -d $(DATASETS)/kodak || { echo "no Kodak images in $(DATASETS)/kodak: put the 24 PNGs of the Kodak Lossless True Color Image Suite there, or point DATASETS= at a folder that has kodak/" >&2; exit 2; }
 
 # The wire contract's Python code; tests/test_protos.py fails when it is out of date.
 protos: $(STAMP)

@@ -8,8 +8,6 @@ from pathlib import Path
 
 from .common import EXIT_FAILED, EXIT_OK, EXIT_USAGE, CommandError, add_model_args, add_server_args, one_line
 
-DEFAULT_IMAGES = Path("../shared/datasets/kodak")  # relative to the repo root, where the Makefile runs
-DEFAULT_REFERENCE = Path("../shared/reference/compressai_kodak_rd.csv")
 DEFAULT_OUT = Path("out/eval-rd")
 
 
@@ -23,8 +21,8 @@ def add_parser(subparsers: argparse._SubParsersAction) -> None:
                     "bits per pixel (stored bytes incl. scales), PSNR and MS-SSIM (means of per-image values, as "
                     "CompressAI); do the same for Pillow's classic codecs at --qualities; add published points "
                     "from --reference. Writes rd.csv, rd.md and rd.png to -o.")
-    parser.add_argument("--images", nargs="+", type=Path, default=[DEFAULT_IMAGES], metavar="PATH",
-                        help=f"image files or folders, searched recursively (default: {DEFAULT_IMAGES})")
+    parser.add_argument("--images", nargs="+", type=Path, required=True, metavar="PATH",
+                        help="image files or folders, searched recursively (`make eval-rd`: Kodak)")
     parser.add_argument("-o", "--out", type=Path, default=DEFAULT_OUT, metavar="DIR",
                         help=f"output folder (default: {DEFAULT_OUT})")
     parser.add_argument("--formats", nargs="*", choices=FORMAT_NAMES, default=list(FORMAT_NAMES),
@@ -33,9 +31,9 @@ def add_parser(subparsers: argparse._SubParsersAction) -> None:
                         help="Pillow codecs to compare; none skips them (default: all this Pillow can write)")
     parser.add_argument("--qualities", nargs="+", type=int, default=list(DEFAULT_QUALITIES), metavar="Q",
                         help="qualities for the classic codecs (default: %(default)s)")
-    parser.add_argument("--reference", type=Path, default=DEFAULT_REFERENCE, metavar="CSV",
-                        help=f"published points, file,name,bpp,psnr_rgb,ms_ssim_rgb (default: {DEFAULT_REFERENCE})")
-    parser.add_argument("--no-reference", action="store_true", help="leave the published points out")
+    parser.add_argument("--reference", type=Path, metavar="CSV",
+                        help="published points to plot beside the measured ones, a CSV with the columns "
+                             "file,name,bpp,psnr_rgb,ms_ssim_rgb (`make eval-rd`: CompressAI's Kodak results)")
     add_model_args(parser)
     add_server_args(parser)
     parser.set_defaults(run=run)
@@ -99,7 +97,7 @@ def run(args: argparse.Namespace) -> int:
     classic = classic_points(images, args.classic, args.qualities)
     points += classic.points
     notes += classic.notes
-    if not args.no_reference:
+    if args.reference is not None:
         reference = reference_points(args.reference)
         points += reference.points
         notes += reference.notes

@@ -28,8 +28,12 @@ def add_parser(subparsers: argparse._SubParsersAction) -> None:
                     "the latents, and encode/decode time.")
     parser.add_argument("--images", nargs="+", type=Path, required=True, metavar="PATH",
                         help="image files or folders (searched recursively)")
-    parser.add_argument("--grid", type=Path, metavar="PNG", help="write originals above reconstructions")
-    parser.add_argument("--grid-images", type=int, default=8, help="images in the grid (default: 8)")
+    parser.add_argument("--grid", type=Path, metavar="PNG",
+                        help="write a sheet of full-resolution centre crops, each original beside its "
+                             "reconstruction, labelled with the image's PSNR")
+    parser.add_argument("--grid-images", type=int, default=8, help="images on the sheet (default: 8)")
+    parser.add_argument("--grid-crop", type=int, default=256, metavar="PX",
+                        help="side of each crop on the sheet, in pixels (default: 256)")
     parser.add_argument("--warmup", type=int, default=1,
                         help="untimed round trips of the first image before measuring (default: 1)")
     add_measure_args(parser)
@@ -48,24 +52,27 @@ def run(args: argparse.Namespace) -> int:
     backend = backend_from_args(args)
     for _ in range(max(args.warmup, 0)):  # first calls pay for allocations and kernel selection
         next(roundtrip_all(backend, sources[:1], latent_dtype=args.latent_dtype, tiling=args.tiling))
-    results, originals, reconstructions = [], [], []
+    results, originals, reconstructions, labels = [], [], [], []
     for result, original, reconstruction in roundtrip_all(backend, sources, latent_dtype=args.latent_dtype,
                                                           tiling=args.tiling):
         results.append(result)
         if reconstruction is not None and len(originals) < args.grid_images:
             originals.append(original)
             reconstructions.append(reconstruction)
+            labels.append(f"{Path(result.source).name}  PSNR {result.psnr:.2f} dB")
         if not args.json:
             print_result(result)
     summary = summarize(results, backend)
     if args.grid and originals:
+        from latentd.evaluate.grid import crop_sheet
         from latentd.vae.imageio import encode_image
-        from latentd.vae.train.validate import comparison_grid
 
-        write_atomic(args.grid, encode_image(comparison_grid(originals, reconstructions)))
+        write_atomic(args.grid, encode_image(crop_sheet(originals, reconstructions, labels, args.grid_crop)))
         summary["grid"] = str(args.grid)
     if args.json:
         print(json.dumps({"summary": summary, "images": [asdict(r) for r in results]}, indent=2))
     else:
         print_summary(summary)
+        if args.grid and originals:
+            print(f"wrote {args.grid}")
     return EXIT_OK if not summary["failed"] else EXIT_FAILED

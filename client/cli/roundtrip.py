@@ -59,4 +59,6 @@ def run(args: argparse.Namespace) -> int:
         print(json.dumps({"summary": summary, "images": [asdict(r) for r in results]}, indent=2))
     else:
         print_summary(summary)
+        written = sum(result.output is not None for result in results)
+        print(f"wrote {written} reconstruction{'s' * (written != 1)} to {args.output}")
     return EXIT_OK if not summary["failed"] else EXIT_FAILED

@@ -145,8 +145,11 @@ def test_eval_reports_quality_rate_and_time_and_writes_a_grid(tmp_path, tiny_mod
     assert rows["img0.png"]["bpp"] == pytest.approx(4 * 20 * 28 * 16 / (40 * 56))
     assert rows["img1.png"]["bpp"] == pytest.approx(4 * 17 * 9 * 16 / (33 * 17))
     assert report["summary"]["mean_psnr"] == pytest.approx((rows["img0.png"]["psnr"] + rows["img1.png"]["psnr"]) / 2)
-    width, height = Image.open(grid).size
-    assert height >= 2 * 33 and width >= 56  # originals above reconstructions
+    # One labelled row per measured image: the original at full resolution beside its reconstruction.
+    sheet = np.array(Image.open(grid).convert("RGB"))
+    assert sheet.shape[:2] == (2 * (18 + 4) + 40 + 33, 56 + 4 + 56)
+    first = np.array(Image.open(folder / "img0.png").convert("RGB"))
+    assert np.array_equal(sheet[18:18 + 40, :56], first)
 
 
 def test_eval_float32_latents_cost_twice_the_bits(tmp_path, tiny_model_dir, capsys):

@@ -180,7 +180,7 @@ def test_plot_skipped_without_matplotlib(tmp_path, images, monkeypatch):
 def test_bad_image_is_reported_and_skipped(tmp_path, image_dir, model_dir, capsys):
     (image_dir / "broken.png").write_bytes(b"\x89PNG not really")
     code = main(["eval-rd", "--images", str(image_dir), "-o", str(tmp_path / "out"), "--model", str(model_dir),
-                 "--formats", "q8", "--classic", "jpeg", "--qualities", "50", "--no-reference"])
+                 "--formats", "q8", "--classic", "jpeg", "--qualities", "50"])
     assert code == 1
     captured = capsys.readouterr()
     assert "broken.png: FAILED" in captured.err and "3 of 4 images (1 failed)" in captured.out
