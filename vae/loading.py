@@ -63,7 +63,7 @@ def load_model(
         return LoadedModel(load_single_file(path, config), path.stem, f"checkpoint {path}")
     if _looks_like_hub_id(text):
         repo, subfolder = _split_hub_id(text)
-        return LoadedModel(_from_pretrained(repo, subfolder, local_files_only), text, f"hub {text}")
+        return LoadedModel(_from_hub(repo, subfolder, local_files_only, text), text, f"hub {text}")
     known = ", ".join(spec.name for spec in MODELS)
     raise ModelNotFoundError(f"model {text!r} is not a registered name ({known}), an existing path or a Hub id")
 
@@ -78,8 +78,24 @@ def _load_registered(spec: ModelSpec, random_seed: int | None, local_files_only:
         hint = "; ".join(spec.notes)
         raise ModelNotFoundError(f"model {spec.name!r} has no weights installed in this package ({hint})")
     return LoadedModel(
-        _from_pretrained(spec.hub_id, spec.hub_subfolder, local_files_only), spec.name, f"hub {spec.hub_id}"
+        _from_hub(spec.hub_id, spec.hub_subfolder, local_files_only, spec.name), spec.name, f"hub {spec.hub_id}"
     )
+
+
+def _from_hub(repo: str, subfolder: str | None, local_files_only: bool | None, name: str) -> nn.Module:
+    """From the local Hub cache when the model is there, else from the Hub; a Hub that cannot be reached
+    is said at once rather than after the Hub client's retries."""
+    from . import hub
+
+    if not local_files_only:
+        where = hub.availability(repo, subfolder)
+        if where == "unavailable":
+            raise ModelNotFoundError(
+                f"model {name!r} needs its weights from the Hugging Face Hub ({repo}), which this machine cannot "
+                f"reach, and they are not in the local cache; download them where there is internet "
+                f"(`huggingface-cli download {repo}`) or pass a local model folder or .safetensors file")
+        local_files_only = where == "cached"
+    return _from_pretrained(repo, subfolder, local_files_only)
 
 
 def build_random(spec: ModelSpec | str, seed: int) -> nn.Module:

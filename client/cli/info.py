@@ -48,18 +48,24 @@ def _compute() -> dict:
 
 
 def _models() -> list[dict]:
+    from latentd.vae import hub
     from latentd.vae.registry import MODELS
 
-    rows = []
+    rows, online = [], None
     for spec in MODELS:
         packaged = spec.packaged_path()
         if packaged is not None:
-            weights = f"packaged ({packaged})"
+            weights, usable = f"packaged ({packaged})", "yes"
         elif spec.hub_id:
             weights = f"hub {spec.hub_id}" + (f"/{spec.hub_subfolder}" if spec.hub_subfolder else "")
+            if hub.cached(spec.hub_id, spec.hub_subfolder):
+                usable = "yes (in the local Hub cache)"
+            else:
+                online = hub.reachable() if online is None else online
+                usable = "yes (downloads from the Hub)" if online else "no: needs the internet (not cached)"
         else:
-            weights = "not installed"
-        rows.append({"name": spec.name, "class": spec.model_class, "weights": weights,
+            weights, usable = "not installed", "no"
+        rows.append({"name": spec.name, "class": spec.model_class, "weights": weights, "usable": usable,
                      "description": spec.description})
     return rows
 
@@ -87,6 +93,6 @@ def run(args: argparse.Namespace) -> int:
     print("models:")
     width = max(len(row["name"]) for row in report["models"])
     for row in report["models"]:
-        print(f"  {row['name']:<{width}}  {row['class']:<15}  {row['weights']}")
+        print(f"  {row['name']:<{width}}  {row['class']:<15}  {row['weights']}; usable here: {row['usable']}")
         print(f"  {'':<{width}}  {row['description']}")
     return 0

@@ -182,10 +182,14 @@ def test_hub_ids_fail_clearly_offline(monkeypatch):
         load_model("some-org/some-vae", local_files_only=True)
 
 
-def test_hub_id_with_subfolder_loads_through_from_pretrained(tmp_path, monkeypatch):
+@pytest.mark.parametrize("where", ["online", "cached"])
+def test_hub_id_with_subfolder_loads_through_from_pretrained(tmp_path, monkeypatch, where):
     from diffusers import AutoencoderKL
 
+    from latentd.vae import hub
+
     save_model(make_tiny_kl(), tmp_path / "repo" / "vae")
+    monkeypatch.setattr(hub, "availability", lambda repo, subfolder=None: where)
     seen = []
     real_load_config, real_from_pretrained = AutoencoderKL.load_config, AutoencoderKL.from_pretrained.__func__
 
@@ -195,6 +199,7 @@ def test_hub_id_with_subfolder_loads_through_from_pretrained(tmp_path, monkeypat
 
     def fake_from_pretrained(cls, location, subfolder=None, **kwargs):
         assert kwargs["use_safetensors"] is True
+        assert kwargs["local_files_only"] is (where == "cached")  # a cached model never touches the network
         return real_from_pretrained(cls, str(tmp_path / "repo"), subfolder=subfolder, **kwargs)
 
     monkeypatch.setattr(AutoencoderKL, "load_config", fake_load_config)
