@@ -106,7 +106,7 @@ class Phase:
                 "cores_idle": self.cores_idle}
 
 
-# Targets of the service issue, printed next to the figures (never asserted).
+# The service's targets, printed next to the figures (never asserted).
 TARGET_CONCURRENT_SHARE = 0.90  # server at 16 clients vs in-process batched throughput
 TARGET_SINGLE_OVERHEAD = 0.10  # one client's round trip over the in-process call, at 512x512
 

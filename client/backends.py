@@ -6,9 +6,33 @@ Both speak numpy: images are uint8 HWC arrays, latents float32 [C, h, w] arrays 
 from __future__ import annotations
 
 import time
-from typing import Any, Sequence
+from typing import Any, Protocol, Sequence, runtime_checkable
 
 import numpy as np
+
+
+@runtime_checkable
+class Backend(Protocol):
+    """What the CLI, the archive tool and the evaluations need of a codec, wherever it runs."""
+
+    name: str  # the model's name
+    where: str  # the device, or the server's address
+    max_pixels: int  # the largest image (height x width) it accepts
+    factor: int  # the downsampling factor: latents are ceil(h / factor) x ceil(w / factor)
+    scaling_factor: float
+    shift_factor: float | None
+
+    def encode(self, images: Sequence[np.ndarray], tiling: str = "auto") -> list[np.ndarray]:
+        """uint8 HWC images -> float32 [C, h, w] latents, diffusers-scaled."""
+
+    def decode(self, latents: Sequence[np.ndarray], sizes: Sequence[tuple[int, int]],
+               tiling: str = "auto") -> list[np.ndarray]:
+        """Latents -> uint8 HWC images of the given (height, width) sizes."""
+
+    def roundtrip(self, original: np.ndarray, latent_dtype: str, tiling: str
+                  ) -> tuple[int, np.ndarray, float, float]:
+        """(latent values, reconstruction, encode seconds, decode seconds); the latents pass through
+        `latent_dtype` between encode and decode, as they would in storage."""
 
 
 class LocalBackend:
@@ -34,9 +58,8 @@ class LocalBackend:
         return self.codec.decode([torch.from_numpy(np.ascontiguousarray(z, np.float32)) for z in latents],
                                  sizes=list(sizes), tiling=tiling)
 
-    def roundtrip(self, original: np.ndarray, latent_dtype: str, tiling: str):
-        """(latent values, reconstruction, encode s, decode s); the latents pass through `latent_dtype`
-        between encode and decode, as they would in storage."""
+    def roundtrip(self, original: np.ndarray, latent_dtype: str, tiling: str
+                  ) -> tuple[int, np.ndarray, float, float]:
         from latentd.vae.devices import parse_dtype
 
         started = time.perf_counter()
@@ -68,7 +91,8 @@ class RemoteBackend:
         return self.client.decode([np.asarray(z, np.float32) for z in latents], model=self.name, sizes=list(sizes),
                                   tiling=tiling)
 
-    def roundtrip(self, original: np.ndarray, latent_dtype: str, tiling: str):
+    def roundtrip(self, original: np.ndarray, latent_dtype: str, tiling: str
+                  ) -> tuple[int, np.ndarray, float, float]:
         started = time.perf_counter()
         latents = self.client.encode(original, model=self.name, dtype=latent_dtype, tiling=tiling)
         encoded = time.perf_counter()
@@ -77,7 +101,7 @@ class RemoteBackend:
 
 
 def backend_for(server: str | None, model: str, *, client_options: dict[str, Any] | None = None,
-                load_local=None):
+                load_local=None) -> Backend:
     """A RemoteBackend for `server`, else a LocalBackend from `load_local()` (a codec factory)."""
     if server:
         from .sync import LatentClient

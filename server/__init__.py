@@ -1,1 +1,1 @@
-"""latentd.server: the batched gRPC encode/decode service around `latentd.vae` (arrives with the service issue)."""
+"""latentd.server: the batched gRPC encode/decode service around `latentd.vae`."""

@@ -1,0 +1,32 @@
+"""The two codec backends of the CLI and tools: both are `Backend`s and give the same shapes and kinds."""
+
+from __future__ import annotations
+
+from types import SimpleNamespace
+
+import numpy as np
+
+from latentd.client.backends import Backend, LocalBackend, RemoteBackend
+from tests.conftest import smooth_image
+
+
+def test_the_local_backend_is_a_backend_and_its_roundtrip_matches_encode_then_decode(tiny_codec):
+    backend = LocalBackend(tiny_codec)
+    assert isinstance(backend, Backend)
+    image = smooth_image(20, 28, seed=1)
+    latents = backend.encode([image])
+    assert latents[0].dtype == np.float32 and latents[0].shape == (4, 10, 14)
+    decoded = backend.decode(latents, [(20, 28)])[0]
+    values, reconstruction, encode_s, decode_s = backend.roundtrip(image, "float32", "auto")
+    assert values == latents[0].size and encode_s >= 0 and decode_s >= 0
+    assert np.array_equal(reconstruction, decoded)
+
+
+def test_the_remote_backend_takes_what_it_knows_from_the_server():
+    info = SimpleNamespace(name="m", max_pixels=1 << 20, downsampling_factor=8, scaling_factor=0.5,
+                           shift_factor=None)
+    client = SimpleNamespace(model=lambda name: info, target="127.0.0.1:1")
+    backend = RemoteBackend(client, None)
+    assert isinstance(backend, Backend)
+    assert (backend.name, backend.where, backend.factor) == ("m", "server 127.0.0.1:1", 8)
+    assert not isinstance(object(), Backend)
