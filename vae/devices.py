@@ -49,8 +49,25 @@ def default_device() -> torch.device:
     return torch.device("cpu")
 
 
+# bfloat16 runs natively (tensor cores, no emulation) from compute capability 8.0, Ampere, on.
+BF16_MIN_CAPABILITY = (8, 0)
+
+
+def native_bf16(device: str | torch.device) -> bool:
+    """Whether `device` (a CUDA device: its own index, not the current one) computes bfloat16 natively.
+
+    `torch.cuda.is_bf16_supported()` also counts emulation, which makes T4 and V100 convolutions slow
+    or unsupported, and judges the current device rather than the one asked for."""
+    device = torch.device(device)
+    if device.type != "cuda":
+        return False
+    index = device.index if device.index is not None else torch.cuda.current_device()
+    return tuple(torch.cuda.get_device_capability(index)) >= BF16_MIN_CAPABILITY
+
+
 def resolve_placement(device: str | torch.device | None = None, dtype: str | torch.dtype | None = None) -> Placement:
-    """Auto-select: CUDA with bfloat16 where supported (no fp16 overflow) else float16; MPS with
+    """Auto-select: CUDA with bfloat16 where the device computes it natively (no fp16 overflow) else
+    float16; MPS with
     float16; CPU with float32 (CPU half precision is slower than float32 for convolutions)."""
     resolved = torch.device(device) if device is not None else default_device()
     if resolved.type == "cuda" and not torch.cuda.is_available():
@@ -58,7 +75,7 @@ def resolve_placement(device: str | torch.device | None = None, dtype: str | tor
     chosen = parse_dtype(dtype)
     if chosen is None:
         if resolved.type == "cuda":
-            chosen = torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16
+            chosen = torch.bfloat16 if native_bf16(resolved) else torch.float16
         elif resolved.type == "mps":
             chosen = torch.float16
         else:

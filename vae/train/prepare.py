@@ -48,6 +48,7 @@ def get_dataloaders(config: TrainConfig) -> Loaders:
     sampler = EpochSampler(len(dataset), seed=config.runtime.seed)
     loader = DataLoader(dataset, batch_size=data.batch_size, sampler=sampler, collate_fn=collate_crops,
                         num_workers=data.workers, drop_last=True, persistent_workers=data.workers > 0,
+                        pin_memory=torch.cuda.is_available(),  # page-locked batches copy to the GPU asynchronously
                         worker_init_fn=ignore_stop_signals if data.workers > 0 else None)
     if len(loader) == 0:  # drop_last: fewer images than one batch would give an epoch without steps
         raise InvalidInputError(f"{len(dataset)} readable training images make no full batch of {data.batch_size}",
@@ -75,18 +76,23 @@ def build_model(config: TrainConfig) -> nn.Module:
     return AutoencoderKL(**config.model.architecture).train()
 
 
-def _precision(requested: str) -> str:
-    if not torch.cuda.is_available():
+def _precision(requested: str, device: torch.device) -> str:
+    """Mixed precision for training on `device`: bf16 where it runs natively, else fp16; none on the CPU."""
+    from ..devices import native_bf16
+
+    if device.type != "cuda":
         if requested in ("fp16", "bf16"):
             logger.warning("precision %s needs a GPU; training in float32 on the CPU", requested)
         return "no"
     if requested == "auto":
-        return "bf16" if torch.cuda.is_bf16_supported() else "fp16"
+        return "bf16" if native_bf16(device) else "fp16"
+    if requested == "bf16" and not native_bf16(device):
+        logger.warning("bf16 is emulated on %s (compute capability below %d.%d): slow", device, 8, 0)
     return requested
 
 
 def _make_accelerator(config: TrainConfig, run_dir: Path):
-    from accelerate import Accelerator
+    from accelerate import Accelerator, PartialState
     from accelerate.utils import ProjectConfiguration
 
     trackers = None
@@ -97,11 +103,12 @@ def _make_accelerator(config: TrainConfig, run_dir: Path):
             trackers = "tensorboard"
         except ImportError:
             logger.warning("tensorboard is not installed; metrics go to metrics.csv only")
+    # Without a GPU, accelerate joins torchrun's processes into one CPU (gloo) group only when told it
+    # runs on the CPU; otherwise every process would train alone.
+    cpu = not torch.cuda.is_available()
     return Accelerator(
-        # Without a GPU, accelerate joins torchrun's processes into one CPU (gloo) group only when told
-        # it runs on the CPU; otherwise every process would train alone.
-        cpu=not torch.cuda.is_available(),
-        mixed_precision=_precision(config.runtime.precision),
+        cpu=cpu,
+        mixed_precision=_precision(config.runtime.precision, PartialState(cpu=cpu).device),
         gradient_accumulation_steps=config.optim.grad_accum,
         log_with=trackers,
         project_config=ProjectConfiguration(project_dir=str(run_dir), logging_dir=str(run_dir / "tensorboard")),

@@ -153,6 +153,9 @@ def _train_step(run: TrainingRun, x: torch.Tensor, micro: int) -> StepResult:
         run.optimizer.zero_grad(set_to_none=True)
         d_loss = None
         if finite and run.discriminator is not None and state.step >= config.loss.discriminator.start_step:
+            # The generator's backward pass went through the discriminator: its gradients belong to the
+            # generator's loss, so the discriminator steps on the gradient of its own loss alone.
+            run.d_optimizer.zero_grad(set_to_none=True)
             d_loss = hinge_d_loss(run.discriminator(x), run.discriminator(reconstruction.detach()))
             accelerator.backward(d_loss)
             run.d_optimizer.step()

@@ -35,7 +35,8 @@ def validate(model: nn.Module, images: Sequence[tuple[str, np.ndarray]], *, grid
     """Round-trip `images` at full size through a copy of `model` (posterior mean, float32)."""
     if not images:
         return ValidationResult(None, None)
-    codec = Codec(copy.deepcopy(model).float().cpu(), name="validation", device="cpu")
+    device = next(model.parameters()).device  # where training runs: a GPU validates on the GPU
+    codec = Codec(copy.deepcopy(model).float(), name="validation", device=device, dtype="float32")
     pixels = [image for _, image in images]
     posteriors = codec.posterior(pixels)
     # The posterior mean is raw z: decode it as such (the model's scaling_factor is not trained yet).

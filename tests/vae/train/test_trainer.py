@@ -163,6 +163,49 @@ def test_discriminator_training_runs(write_config):
     assert (summary.checkpoint / "model_1.safetensors").is_file()  # the discriminator is checkpointed too
 
 
+def test_the_discriminator_steps_on_the_gradient_of_its_own_loss_alone(write_config, monkeypatch):
+    """The generator's GAN term backpropagates through the discriminator; none of that may reach the
+    discriminator's step."""
+    import copy
+
+    from latentd.vae.train import trainer
+    from latentd.vae.train.losses import hinge_d_loss
+
+    checked = []
+
+    def start_run(config, resume):
+        run = real_start_run(config, resume)
+        inputs = []
+        forward, step = run.discriminator.forward, run.d_optimizer.step
+
+        def recording_forward(x):
+            inputs.append(x.detach().clone())
+            return forward(x)
+
+        def checking_step(*args, **kwargs):
+            real, fake = inputs[-2:]  # the discriminator step's own two calls
+            reference = copy.deepcopy(run.accelerator.unwrap_model(run.discriminator))
+            reference.__dict__.pop("forward")  # the copy's own forward, not the recording one
+            expected = torch.autograd.grad(hinge_d_loss(reference(real), reference(fake)),
+                                           list(reference.parameters()))
+            for parameter, grad in zip(run.discriminator.parameters(), expected):
+                torch.testing.assert_close(parameter.grad, grad)
+            checked.append(True)
+            return step(*args, **kwargs)
+
+        run.discriminator.forward = recording_forward
+        run.d_optimizer.step = checking_step
+        return run
+
+    real_start_run = trainer.start_run
+    monkeypatch.setattr(trainer, "start_run", start_run)
+    config = load_config(write_config(), {"optim.max_steps": "3", "loss.discriminator.enabled": "true",
+                                          "loss.discriminator.start_step": "0", "loss.discriminator.channels": "8",
+                                          "loss.discriminator.layers": "2", "loss.discriminator.weight": "1.0"})
+    training_function(config, progress=False, export=False)
+    assert len(checked) == 3
+
+
 def test_export_loads_back_with_unit_variance_latents(tmp_path, write_config, image_folders):
     summary = training_function(load_config(write_config(), {"optim.max_steps": "6"}), progress=False, export=False)
     result = export_checkpoint(summary.run_dir, tmp_path / "exported", stat_images=16, dtype="float32")
