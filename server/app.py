@@ -119,6 +119,9 @@ async def create_server(settings: ServerSettings, *, load: bool = True) -> tuple
 
 async def serve(settings: ServerSettings, *, ready: asyncio.Event | None = None) -> int:
     """Run until SIGTERM or SIGINT, then drain within `grace_s` and return 0."""
+    from latentd.vae.allocator import retain_freed_memory
+
+    retain_freed_memory()  # a server runs the codec for its whole life (see the allocator module)
     logger.info("settings: %s", settings.redacted())
     running, port = await create_server(settings, load=False)
     stop = asyncio.Event()

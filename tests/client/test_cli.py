@@ -167,3 +167,17 @@ def test_eval_without_images_is_a_usage_error(tmp_path, tiny_model_dir, capsys):
     (tmp_path / "empty").mkdir()
     assert main(["eval", "--model", str(tiny_model_dir), "--images", str(tmp_path / "empty")]) == 2
     assert "no images found" in capsys.readouterr().err
+
+
+def test_only_commands_that_run_models_change_malloc(monkeypatch, tiny_model_dir, tmp_path, capsys):
+    from latentd.client import cli
+    from latentd.vae import allocator
+
+    calls = []
+    monkeypatch.setattr(allocator, "retain_freed_memory", lambda: calls.append(True) or True)
+    assert main(["info", "--json"]) == 0 and calls == []
+    _write_images(tmp_path / "set")
+    assert main(["eval", "--model", str(tiny_model_dir), "--images", str(tmp_path / "set"), "--warmup", "0"]) == 0
+    assert calls == [True]
+    subcommands = cli.build_parser()._subparsers._group_actions[0].choices
+    assert cli.MODEL_COMMANDS <= set(subcommands) and "health" not in cli.MODEL_COMMANDS
