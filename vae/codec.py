@@ -22,7 +22,7 @@ from .convert import (
     latents_to_tensors,
     tensor_to_uint8,
 )
-from .devices import Placement, resolve_placement
+from .devices import Placement, native_bf16, resolve_placement
 from .errors import InvalidInputError, NumericalError
 from .fast_inference import optimize_for_inference
 from .imageio import DEFAULT_BACKGROUND, DEFAULT_MAX_PIXELS
@@ -90,14 +90,18 @@ class Codec:
         options: CodecOptions | None = None,
     ):
         self.options = options or CodecOptions()
-        self.placement: Placement = resolve_placement(device, dtype)
+        self.placement: Placement = _safe_placement(resolve_placement(device, dtype), model, name)
         model = model.eval().requires_grad_(False)
-        if self.options.optimize:
+        # The module rewrites are measured on CPUs only; GPUs run diffusers' modules as they are.
+        if self.options.optimize and self.placement.device.type == "cpu":
             optimize_for_inference(model)
         # The float32 retry runs the weights as loaded, not an upcast of their rounded copy; it
         # stays on the CPU until a non-finite half-precision output first needs it.
         self._fp32_model: nn.Module | None = copy.deepcopy(model).float() if self.placement.low_precision else None
         self._fp32_ready = False
+        # Set once a half-precision batch overflowed: the model's later batches go to float32 at once
+        # instead of computing every batch twice.
+        self._fp32_for_good = False
         # nn.Module.to rather than diffusers' override, which warns on every dtype cast (even with
         # no fp32-only modules); the VAEs handled here have none.
         self._model = nn.Module.to(model, device=self.placement.device, dtype=self.placement.dtype,
@@ -308,18 +312,24 @@ class Codec:
 
     def _to_device(self, x: torch.Tensor, model: nn.Module) -> torch.Tensor:
         dtype = next(model.parameters()).dtype
-        return x.to(device=self.placement.device, dtype=dtype).contiguous(memory_format=torch.channels_last)
+        # One copy: device, dtype and memory format in a single conversion.
+        return x.to(device=self.placement.device, dtype=dtype, memory_format=torch.channels_last, non_blocking=True)
 
     def _run(self, fn: Callable[..., torch.Tensor], batch: torch.Tensor) -> torch.Tensor:
-        """Run `fn` on one batch; on NaN/inf in half precision, run it again in float32."""
+        """Run `fn` on one batch; on NaN/inf in half precision, run it again in float32, and keep the
+        model in float32 from then on. One finiteness check (one device sync) when nothing overflows."""
         with torch.inference_mode():
-            result = fn(batch).float()
-            if not torch.isfinite(result).all() and self.placement.low_precision:
-                logger.warning("%s: non-finite output in %s; retrying the batch in float32",
+            model = self._float32_model() if self._fp32_for_good else None
+            result = fn(batch, model).float()
+            if not bool(torch.isfinite(result).all()):
+                if not self.placement.low_precision or model is not None:
+                    raise NumericalError(f"model {self.info.name!r} produced NaN or infinite values")
+                logger.warning("%s: non-finite output in %s; this batch and the model's later ones run in float32",
                                self.info.name, self.placement.dtype)
+                self._fp32_for_good = True
                 result = fn(batch, self._float32_model()).float()
-            if not torch.isfinite(result).all():
-                raise NumericalError(f"model {self.info.name!r} produced NaN or infinite values")
+                if not bool(torch.isfinite(result).all()):
+                    raise NumericalError(f"model {self.info.name!r} produced NaN or infinite values")
             return result.cpu()
 
     def _float32_model(self) -> nn.Module:
@@ -330,6 +340,19 @@ class Codec:
                     nn.Module.to(self._fp32_model, device=self.placement.device, memory_format=torch.channels_last)
                 self._fp32_ready = True
         return self._fp32_model
+
+
+def _safe_placement(placement: Placement, model: nn.Module, name: str) -> Placement:
+    """float16 on a model whose config sets `force_upcast` (its activations overflow float16, as the
+    SD and SDXL VAEs' do) becomes bfloat16 where the device computes it natively, else float32: what
+    diffusers pipelines do, chosen up front instead of a NaN and a retry on every batch."""
+    config = getattr(model, "config", None)
+    if placement.dtype != torch.float16 or not getattr(config, "force_upcast", False):
+        return placement
+    safe = torch.bfloat16 if native_bf16(placement.device) else torch.float32
+    logger.info("%s: its config says force_upcast; running in %s instead of float16", name,
+                str(safe).removeprefix("torch."))
+    return Placement(placement.device, safe)
 
 
 def _pad_to_multiple(batch: torch.Tensor, factor: int) -> torch.Tensor:

@@ -87,6 +87,33 @@ def test_non_finite_half_precision_output_is_retried_in_float32(image, monkeypat
     torch.testing.assert_close(decoded, reference, rtol=1e-4, atol=1e-4)
 
 
+def test_after_one_overflow_the_model_runs_in_float32_at_once(image, monkeypatch):
+    codec = Codec(make_tiny_kl(), dtype="bfloat16")
+    latents = Codec(make_tiny_kl()).encode(image)
+    decoder = codec.model.decoder
+    original = type(decoder).forward
+    calls = []
+
+    def overflowing(self, *args, **kwargs):
+        out = original(self, *args, **kwargs)
+        calls.append(out.dtype)
+        return out * float("inf") if out.dtype != torch.float32 else out
+
+    monkeypatch.setattr(type(decoder), "forward", overflowing)
+    first = codec.decode(latents, output="tensor")
+    assert calls == [torch.bfloat16, torch.float32]
+    second = codec.decode(latents, output="tensor")
+    assert calls == [torch.bfloat16, torch.float32, torch.float32]  # no second half-precision attempt
+    torch.testing.assert_close(first, second)
+
+
+@pytest.mark.parametrize("force_upcast, expected", [(True, torch.float32), (False, torch.float16)])
+def test_float16_on_a_model_that_forces_upcast_runs_in_a_safe_dtype_up_front(force_upcast, expected):
+    codec = Codec(make_tiny_kl(force_upcast=force_upcast), dtype="float16")
+    assert codec.placement.dtype == expected  # the CPU has no native bfloat16: float32
+    assert Codec(make_tiny_kl(force_upcast=True), dtype="bfloat16").placement.dtype == torch.bfloat16
+
+
 def test_non_finite_float32_output_raises(image, monkeypatch):
     codec = Codec(make_tiny_kl())
     decoder = codec.model.decoder
