@@ -56,8 +56,9 @@ def admit(sources: Iterable[SourceItem], writer: ArchiveWriter, summary: EncodeS
             continue
         try:
             data = item.read()
-        except OSError as exc:
-            record_failure(writer, summary, item, None, f"cannot read: {exc.strerror or exc}")
+            item.extra = item.load_extra() if item.load_extra else item.extra
+        except Exception as exc:  # noqa: BLE001 - whatever breaks reading one item is that item's failure
+            record_failure(writer, summary, item, None, f"cannot read: {read_error(exc)}")
             continue
         digest = hashlib.sha256(data).hexdigest()
         if dedupe:
@@ -69,6 +70,12 @@ def admit(sources: Iterable[SourceItem], writer: ArchiveWriter, summary: EncodeS
             writer.hashes[digest] = item.key
         summary.bytes_in += len(data)
         yield Admitted(item, data, digest)
+
+
+def read_error(exc: BaseException) -> str:
+    if isinstance(exc, OSError) and exc.strerror:
+        return exc.strerror
+    return one_line(exc)
 
 
 def decode_source(data: bytes, origin: str, policy: SizePolicy, max_pixels: int) -> tuple[tuple[int, int], np.ndarray]:
@@ -92,17 +99,22 @@ def item_error(exc: BaseException) -> bool:
     return isinstance(exc, (RemoteInvalid, LocalInvalid))
 
 
-def encode_isolating(backend, pixels: list[np.ndarray]) -> list[np.ndarray | str]:
-    """Latents per image in one call; if the batch fails for an image's sake, each image alone, so
-    the one at fault yields its error message and the others their latents. Other errors raise."""
+def call_isolating(call: Callable[[list], Iterable], inputs: list) -> list:
+    """`call(inputs)` as a list; if it fails for an input's sake, each input alone, so the one at fault
+    yields its error message (a str) and the others their results. Other errors raise."""
     try:
-        return list(backend.encode(pixels))
+        return list(call(inputs))
     except Exception as exc:  # noqa: BLE001
         if not item_error(exc):
             raise
-        if len(pixels) == 1:
+        if len(inputs) == 1:
             return [one_line(exc)]
-        return [encode_isolating(backend, [image])[0] for image in pixels]
+        return [call_isolating(call, [one])[0] for one in inputs]
+
+
+def encode_isolating(backend, pixels: list[np.ndarray]) -> list[np.ndarray | str]:
+    """Latents per image in one call; the image at fault yields its error message."""
+    return call_isolating(backend.encode, pixels)
 
 
 def record_failure(writer: ArchiveWriter, summary: EncodeSummary, item: SourceItem, sha256: str | None,
