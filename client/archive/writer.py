@@ -2,7 +2,9 @@
 
 Resume rule: an item is in the archive exactly when the manifest lists it. A shard file is renamed
 into place before its transaction commits, so after a crash there may be a complete shard file that
-the manifest does not know; it is removed on reopening and its items are encoded again.
+the manifest does not know; it is removed on reopening and its items are encoded again. A shard is
+written when it reaches its size or when its first item has waited `commit_s` seconds, so a crash
+loses at most those seconds of work.
 """
 
 from __future__ import annotations
@@ -11,17 +13,21 @@ import hashlib
 import json
 import os
 import struct
+import time
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 
+from latentd.vae.fileio import follow_umask
+
 from .manifest import FORMAT_VERSION, ItemRecord, Manifest
 from .quantize import LatentFormat, store
 
 SHARD_PREFIX = "shard-"
 SHARD_SUFFIX = ".safetensors"
+COMMIT_S = 5.0  # seconds of encoded work held in memory at most; `latentd encode --commit-s`
 
 
 def shard_name(index: int) -> str:
@@ -70,14 +76,15 @@ class _PendingShard:
     tensors: dict[str, np.ndarray] = field(default_factory=dict)
     records: list[ItemRecord] = field(default_factory=list)
     nbytes: int = 0
+    started: float = 0.0  # time.monotonic() of the first record
 
 
 class ArchiveWriter:
     def __init__(self, folder: str | os.PathLike, settings: ArchiveSettings, fmt: LatentFormat,
-                 shard_bytes: int = 256 << 20) -> None:
+                 shard_bytes: int = 256 << 20, commit_s: float = COMMIT_S) -> None:
         self.folder = Path(folder)
         self.folder.mkdir(parents=True, exist_ok=True)
-        self.settings, self.fmt, self.shard_bytes = settings, fmt, shard_bytes
+        self.settings, self.fmt, self.shard_bytes, self.commit_s = settings, fmt, shard_bytes, commit_s
         self.manifest = Manifest(self.folder, create=True)
         self._check_settings()
         known = self.manifest.shard_names()
@@ -102,7 +109,9 @@ class ArchiveWriter:
                                        "use another output folder")
 
     def add(self, record: ItemRecord, latents: np.ndarray) -> None:
-        """Queue one encoded image; the shard is written when it reaches its size."""
+        """Queue one encoded image; the shard is written when it reaches its size or `commit_s`."""
+        if record.key in self.done:  # keys are unique by construction (sources.py); never overwrite one
+            raise ValueError(f"key {record.key!r} is already in the archive")
         stored = store(latents, self.fmt)
         name = record.key
         self._pending.tensors[f"{name}::data"] = stored.data
@@ -116,16 +125,20 @@ class ArchiveWriter:
         record.bpp = stored.nbytes * 8 / (record.width * record.height)
         record.model = self.settings.model
         record.scaling_factor, record.shift_factor = self.settings.scaling_factor, self.settings.shift_factor
+        if not self._pending.records:
+            self._pending.started = time.monotonic()
         self._pending.records.append(record)
         self._pending.nbytes += stored.nbytes
         self.done.add(record.key)
         if record.sha256:
             self.hashes.setdefault(record.sha256, record.key)
-        if self._pending.nbytes >= self.shard_bytes:
+        if self._pending.nbytes >= self.shard_bytes or time.monotonic() - self._pending.started >= self.commit_s:
             self.flush()
 
     def add_without_latents(self, record: ItemRecord) -> None:
         """A failure or a duplicate: committed at once (it needs no shard)."""
+        if record.key in self.done:
+            raise ValueError(f"key {record.key!r} is already in the archive")
         self.manifest.add([record])
         self.done.add(record.key)
 
@@ -140,6 +153,7 @@ class ArchiveWriter:
         final = self.folder / name
         temp = final.with_name(final.name + ".tmp")
         save_file(pending.tensors, str(temp), metadata={"format": self.fmt.name, "model": self.settings.model})
+        follow_umask(temp)  # safetensors creates 0600
         with open(temp, "rb+") as handle:
             os.fsync(handle.fileno())
         os.replace(temp, final)
