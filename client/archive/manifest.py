@@ -63,23 +63,48 @@ class ItemRecord:
 
     @classmethod
     def from_row(cls, row: sqlite3.Row) -> "ItemRecord":
+        """The record of a row; ArchiveError naming the column that is not JSON."""
         values = dict(row)
         for name in ("latent_shape", "extra"):
-            values[name] = None if values[name] is None else json.loads(values[name])
-        return cls(**values)
+            try:
+                values[name] = None if values[name] is None else json.loads(values[name])
+            except (ValueError, TypeError, RecursionError):
+                raise ArchiveError(f"manifest column {name} is not JSON") from None
+        return cls(**{name: values[name] for name in COLUMNS})
 
 
 COLUMNS = tuple(f.name for f in fields(ItemRecord))
 
 
+class ArchiveError(ValueError):
+    """An archive, or one of its entries, that cannot be read as the format says."""
+
+
 class Manifest:
+    """The manifest of `folder`: created and written with `create`, else opened read-only."""
+
     def __init__(self, folder: Path, *, create: bool = False) -> None:
         path = Path(folder) / MANIFEST
         if not create and not path.is_file():
             raise FileNotFoundError(f"{folder}: not a latent archive (no {MANIFEST})")
-        self.connection = sqlite3.connect(path)
+        try:
+            if create:
+                self.connection = sqlite3.connect(path)
+                self.connection.executescript(SCHEMA)
+            else:
+                self.connection = sqlite3.connect(f"{path.resolve().as_uri()}?mode=ro", uri=True)
+                self._check_schema()
+        except sqlite3.DatabaseError as exc:
+            raise ArchiveError(f"{folder}: not a latent archive ({MANIFEST}: {exc})") from None
         self.connection.row_factory = sqlite3.Row
-        self.connection.executescript(SCHEMA)
+
+    def _check_schema(self) -> None:
+        for table, wanted in (("meta", ("key", "value")), ("shards", ("name", "sha256", "bytes", "items")),
+                              ("items", COLUMNS)):
+            found = {row[1] for row in self.connection.execute(f"PRAGMA table_info({table})")}
+            missing = [column for column in wanted if column not in found]
+            if missing:
+                raise sqlite3.DatabaseError(f"table {table} lacks {', '.join(missing)}")
 
     def close(self) -> None:
         self.connection.close()
@@ -121,9 +146,13 @@ class Manifest:
             self.connection.executemany(f"INSERT INTO items ({', '.join(COLUMNS)}) VALUES ({placeholders})",
                                         [r.row() for r in records])
 
-    def items(self, status: str | None = None) -> Iterator[ItemRecord]:
+    def rows(self, status: str | None = None) -> Iterator[sqlite3.Row]:
         query = "SELECT * FROM items" + (" WHERE status = ?" if status else "") + " ORDER BY rowid"
-        for row in self.connection.execute(query, (status,) if status else ()):
+        yield from self.connection.execute(query, (status,) if status else ())
+
+    def items(self, status: str | None = None) -> Iterator[ItemRecord]:
+        """Records in encoding order; ArchiveError at a row that cannot be read."""
+        for row in self.rows(status):
             yield ItemRecord.from_row(row)
 
     def item(self, key: str) -> ItemRecord | None:
