@@ -139,6 +139,16 @@ class Manifest:
             self.connection.executemany(f"INSERT INTO items ({', '.join(COLUMNS)}) VALUES ({placeholders})",
                                         [r.row() for r in records])
 
+    def replace_shards(self, old: list[str], name: str, sha256: str, size: int, offsets: dict[str, int]) -> None:
+        """Shards `old` merged into `name` (`offsets`: tensor -> byte offset there), in one transaction."""
+        marks = ", ".join("?" * len(old))
+        with self.connection:
+            moved = list(self.connection.execute(f"SELECT key, tensor FROM items WHERE shard IN ({marks})", old))
+            self.connection.execute("INSERT INTO shards VALUES (?, ?, ?, ?)", (name, sha256, size, len(moved)))
+            self.connection.executemany("UPDATE items SET shard = ?, offset = ? WHERE key = ?",
+                                        [(name, offsets[tensor], key) for key, tensor in moved])
+            self.connection.executemany("DELETE FROM shards WHERE name = ?", [(n,) for n in old])
+
     def add(self, records: list[ItemRecord]) -> None:
         """Items without latents (failures, duplicates), committed at once."""
         placeholders = ", ".join("?" * len(COLUMNS))

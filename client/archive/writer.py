@@ -4,7 +4,8 @@ Resume rule: an item is in the archive exactly when the manifest lists it. A sha
 into place before its transaction commits, so after a crash there may be a complete shard file that
 the manifest does not know; it is removed on reopening and its items are encoded again. A shard is
 written when it reaches its size or when its first item has waited `commit_s` seconds, so a crash
-loses at most those seconds of work.
+loses at most those seconds of work; `compact` merges the small shards this leaves, by the same rule
+(new shard renamed into place, one transaction, old files removed last).
 """
 
 from __future__ import annotations
@@ -12,6 +13,7 @@ from __future__ import annotations
 import hashlib
 import json
 import os
+import re
 import struct
 import time
 from dataclasses import dataclass, field
@@ -32,6 +34,11 @@ COMMIT_S = 5.0  # seconds of encoded work held in memory at most; `latentd encod
 
 def shard_name(index: int) -> str:
     return f"{SHARD_PREFIX}{index:06d}{SHARD_SUFFIX}"
+
+
+def shard_index(name: str) -> int | None:
+    match = re.fullmatch(rf"{SHARD_PREFIX}(\d+){re.escape(SHARD_SUFFIX)}", name)
+    return int(match.group(1)) if match else None
 
 
 def file_sha256(path: Path) -> str:
@@ -93,7 +100,7 @@ class ArchiveWriter:
                 path.unlink()
         self.done = self.manifest.keys()
         self.hashes = self.manifest.hashes()
-        self._next = max((int(name[len(SHARD_PREFIX):-len(SHARD_SUFFIX)]) for name in known), default=-1) + 1
+        self._next = max((i for i in map(shard_index, known) if i is not None), default=-1) + 1
         self._pending = _PendingShard()
 
     def _check_settings(self) -> None:
@@ -144,24 +151,61 @@ class ArchiveWriter:
 
     def flush(self) -> None:
         """Write the pending shard under a temporary name, rename it, then commit its items."""
-        from safetensors.numpy import save_file
-
         pending, self._pending = self._pending, _PendingShard()
         if not pending.records:
             return
-        name = shard_name(self._next)
-        final = self.folder / name
-        temp = final.with_name(final.name + ".tmp")
-        save_file(pending.tensors, str(temp), metadata={"format": self.fmt.name, "model": self.settings.model})
-        follow_umask(temp)  # safetensors creates 0600
-        with open(temp, "rb+") as handle:
-            os.fsync(handle.fileno())
-        os.replace(temp, final)
+        name, final = self._write_shard(pending.tensors)
         offsets = tensor_offsets(final)
         for record in pending.records:
             record.shard, record.offset = name, offsets[record.tensor]
         self.manifest.commit_shard(name, file_sha256(final), final.stat().st_size, pending.records)
+
+    def _write_shard(self, tensors: dict[str, np.ndarray]) -> tuple[str, Path]:
+        """The next shard file, complete and synced under its final name (not yet in the manifest)."""
+        from safetensors.numpy import save_file
+
+        name = shard_name(self._next)
         self._next += 1
+        final = self.folder / name
+        temp = final.with_name(final.name + ".tmp")
+        save_file(tensors, str(temp), metadata={"format": self.fmt.name, "model": self.settings.model})
+        follow_umask(temp)  # safetensors creates 0600
+        with open(temp, "rb+") as handle:
+            os.fsync(handle.fileno())
+        os.replace(temp, final)
+        return name, final
+
+    def compact(self) -> int:
+        """Merge runs of consecutive shards under half the shard size into shards of at most that size;
+        the number of shards this removed."""
+        self.flush()
+        groups: list[list[str]] = [[]]
+        size = 0
+        for row in self.manifest.shards():  # name order is writing order
+            small = row["bytes"] < self.shard_bytes // 2
+            if groups[-1] and (not small or size + row["bytes"] > self.shard_bytes):
+                groups.append([])
+                size = 0
+            if small:
+                groups[-1].append(row["name"])
+                size += row["bytes"]
+        removed = 0
+        for group in (g for g in groups if len(g) > 1):
+            self._merge(group)
+            removed += len(group) - 1
+        return removed
+
+    def _merge(self, names: list[str]) -> None:
+        from safetensors import safe_open
+
+        tensors: dict[str, np.ndarray] = {}
+        for name in names:
+            with safe_open(str(self.folder / name), framework="numpy") as shard:
+                tensors.update((tensor, shard.get_tensor(tensor)) for tensor in shard.keys())
+        name, final = self._write_shard(tensors)
+        self.manifest.replace_shards(names, name, file_sha256(final), final.stat().st_size, tensor_offsets(final))
+        for old in names:
+            (self.folder / old).unlink(missing_ok=True)  # a crash before this leaves orphans, removed on reopening
 
     def close(self) -> None:
         self.flush()

@@ -41,7 +41,7 @@ def add_parser(subparsers: argparse._SubParsersAction) -> None:
                              f"it whole (default: {MAX_ITEM_BYTES >> 20})")
     parser.add_argument("--commit-s", type=float, default=COMMIT_S,
                         help="write encoded images to the archive at least this often, so an interrupted run "
-                             f"loses at most this much work (default: {COMMIT_S:g})")
+                             f"loses at most this much work; 0 commits every image (default: {COMMIT_S:g})")
     parser.add_argument("--engine", choices=("local", "ray"), default="local",
                         help="local threads, or Ray Data actors (a running cluster via RAY_ADDRESS, else a local "
                              "one) (default: local)")
@@ -67,9 +67,9 @@ def run(args: argparse.Namespace) -> int:
     except ValueError as exc:
         raise CommandError(str(exc), EXIT_USAGE) from exc
     if args.batch_size < 1 or args.workers < 1 or not args.shard_mb > 0 or not args.max_item_mb > 0 \
-            or not args.commit_s > 0:
-        raise CommandError("--batch-size and --workers must be at least 1, --shard-mb, --max-item-mb and "
-                           "--commit-s positive", EXIT_USAGE)
+            or not args.commit_s >= 0:
+        raise CommandError("--batch-size and --workers must be at least 1, --shard-mb and --max-item-mb "
+                           "positive, --commit-s at least 0", EXIT_USAGE)
     missing = [str(p) for p in args.sources if not p.exists()]
     if missing:
         raise CommandError(f"no such source: {', '.join(missing)}", EXIT_USAGE)
@@ -100,6 +100,7 @@ def run(args: argparse.Namespace) -> int:
             summary = encode_sources(items(), writer, backend, policy,
                                      batch_size=args.batch_size, workers=args.workers, dedupe=args.dedupe,
                                      progress=bar.update if bar else None)
+        writer.compact()  # the small shards of --commit-s, merged up to --shard-mb
     finally:
         writer.close()
         if bar:

@@ -371,3 +371,33 @@ def test_the_writer_commits_a_shard_once_its_first_image_waited_commit_s(tmp_pat
     patient.close()
     with open_archive(tmp_path / "b") as archive:
         assert len(archive.manifest.shards()) == 1 and len(archive) == 2
+
+
+def test_compaction_merges_small_shards_and_survives_a_crash_before_its_commit(tmp_path, tiny_model_dir,
+                                                                              monkeypatch):
+    from latentd.client.archive.manifest import Manifest
+
+    folder = tmp_path / "imgs"
+    for i in range(7):
+        _save(Image.fromarray(smooth_image(16, 16, seed=i)), folder / f"{i}.png")
+    archive = tmp_path / "archive"
+    args = ["encode", str(folder), "-o", str(archive), "--model", str(tiny_model_dir), "--no-progress",
+            "--batch-size", "1", "--commit-s", "0"]
+    monkeypatch.setattr(Manifest, "replace_shards", lambda *a, **k: (_ for _ in ()).throw(SystemExit("crash")))
+    with pytest.raises(SystemExit):
+        main(args)
+    monkeypatch.undo()
+    with open_archive(archive) as opened:
+        assert len(opened.manifest.shards()) == 7 and len(opened) == 7
+    assert len(list(archive.glob("shard-*"))) == 8  # the merged shard, renamed but never committed
+    with open_archive(archive) as opened:
+        before = {entry.key: entry.latents for entry in opened}
+        small = {row["name"] for row in opened.manifest.shards()}
+    assert main(args) == 0  # reopening removes the orphan; this run compacts
+    with open_archive(archive) as opened:
+        assert len(opened.manifest.shards()) == 1 and [row["items"] for row in opened.manifest.shards()] == [7]
+        for entry in opened:
+            np.testing.assert_array_equal(entry.latents, before[entry.key])
+    merged = [p.name for p in archive.glob("shard-*")]
+    assert len(merged) == 1 and merged[0] not in small
+    assert main(["verify", str(archive)]) == 0
