@@ -8,7 +8,7 @@ import sys
 from pathlib import Path
 
 from .archive_input import archive_input
-from .common import EXIT_FAILED, EXIT_OK, add_model_args, add_server_args, backend_from_args
+from .common import EXIT_FAILED, EXIT_OK, EXIT_USAGE, CommandError, add_model_args, add_server_args, backend_from_args
 
 SUFFIX = {"png": ".png", "jpeg": ".jpg", "webp": ".webp"}
 
@@ -37,6 +37,8 @@ def add_parser(subparsers: argparse._SubParsersAction) -> None:
 def run(args: argparse.Namespace) -> int:
     from latentd.client.archive.reader import Problem, open_archive
 
+    if args.output.exists() and not args.output.is_dir():
+        raise CommandError(f"{args.output}: exists and is not a folder", EXIT_USAGE)
     with archive_input():
         archive = open_archive(args.archive, verify_checksums=args.verify)
     with archive:

@@ -73,6 +73,8 @@ def run(args: argparse.Namespace) -> int:
     missing = [str(p) for p in args.sources if not p.exists()]
     if missing:
         raise CommandError(f"no such source: {', '.join(missing)}", EXIT_USAGE)
+    if args.output.exists() and not args.output.is_dir():
+        raise CommandError(f"{args.output}: exists and is not an archive folder", EXIT_USAGE)
     items = functools.partial(iter_sources, args.sources, int(args.max_item_mb * (1 << 20)))
     try:
         items()  # checks the sources' kinds and that none is given twice

@@ -391,6 +391,15 @@ def test_a_folder_that_is_not_an_archive_is_bad_input(tmp_path, run, content, co
             assert [row[0] for row in db.execute("SELECT name FROM sqlite_master")] == ["items"]
 
 
+def test_an_output_that_is_a_file_is_bad_usage(two_shards, tmp_path, run):
+    archive, _ = two_shards
+    (tmp_path / "file").write_text("not a folder")
+    for args in (("encode", tmp_path / "imgs", "-o", tmp_path / "file"), ("decode", archive, "-o", tmp_path / "file")):
+        code, _, err = run(*args)
+        assert code == 2 and "not" in err and len(err.strip().splitlines()) == 1
+    assert (tmp_path / "file").read_text() == "not a folder"
+
+
 def test_a_zstd_frame_claiming_a_huge_size_is_refused(tmp_path, run):
     import zstandard
     from safetensors.numpy import load_file, save_file
