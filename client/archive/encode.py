@@ -50,7 +50,9 @@ def admit(sources: Iterable[SourceItem], writer: ArchiveWriter, summary: EncodeS
           dedupe: bool) -> Iterator[Admitted]:
     """The sources not yet in the archive, in order. Unreadable ones are recorded as failed and, with
     `dedupe`, bytes already encoded as duplicates; both engines read their sources through this."""
+    claimed: set[str] = set()  # keys an item of this run stands for, its own or its legacy one
     for item in sources:
+        claimed.add(item.key)
         if item.key in writer.done:
             summary.skipped += 1
             continue
@@ -61,6 +63,11 @@ def admit(sources: Iterable[SourceItem], writer: ArchiveWriter, summary: EncodeS
             record_failure(writer, summary, item, None, f"cannot read: {read_error(exc)}")
             continue
         digest = hashlib.sha256(data).hexdigest()
+        legacy = item.legacy_key
+        if legacy in writer.done and legacy not in claimed and writer.manifest.sha256_of(legacy) == digest:
+            claimed.add(legacy)  # these very bytes are in the archive under the key an older run gave them
+            summary.skipped += 1
+            continue
         if dedupe:
             if digest in writer.hashes:
                 summary.duplicates += 1

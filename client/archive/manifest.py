@@ -120,6 +120,10 @@ class Manifest:
     def keys(self) -> set[str]:
         return {row[0] for row in self.connection.execute("SELECT key FROM items")}
 
+    def sha256_of(self, key: str) -> str | None:
+        row = self.connection.execute("SELECT sha256 FROM items WHERE key = ?", (key,)).fetchone()
+        return row[0] if row else None
+
     def hashes(self) -> dict[str, str]:
         """sha256 -> key of every encoded image (for --dedupe)."""
         rows = self.connection.execute("SELECT sha256, key FROM items WHERE status = 'ok' AND sha256 IS NOT NULL")

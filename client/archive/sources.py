@@ -8,6 +8,9 @@ Keys (what names an image in the archive; resume relies on the same sources givi
   entries stay as written;
 - a key met again in the same run (a tar member name repeated, one entry in two list files) becomes
   `KEY~2`, `KEY~3`, ...: the first one not yet taken. Nothing is dropped for having a name already seen.
+Archives written before this scheme named items of several sources `NAME/...` whatever the other
+sources' names, and kept only the first item of a key met twice; each item whose key differs from that
+old one carries it as `legacy_key`, so that resuming such an archive finds what it already holds.
 An unreadable member, or the unreadable rest of a source, is an item whose `read` raises: the encoder
 records it as failed with the reason and goes on.
 """
@@ -42,6 +45,7 @@ class SourceItem:
     read: Callable[[], bytes]
     load_extra: Callable[[], dict[str, Any]] | None = None
     extra: dict[str, Any] = field(default_factory=dict)
+    legacy_key: str | None = None  # its key in archives written before keys were unique (see above)
 
 
 def read_limited(handle: IO[bytes], limit: int, declared: int | None = None) -> bytes:
@@ -211,9 +215,13 @@ def _isolated(path: Path, label: str, limit: int) -> Iterator[SourceItem]:
     """A source's items; if the source itself breaks (not a zip, unreadable list), one failed item for
     the rest of it, and the next source goes on."""
     count = 0
+    prefix, legacy = (f"{label}/", f"{path.name}/") if label else ("", "")
+    renamed = prefix != legacy and source_kind(path) != "list"  # list entries never had a prefix
     try:
         for item in _source(path, label, limit):
             count += 1
+            if renamed and item.key.startswith(prefix):
+                item.legacy_key = legacy + item.key[len(prefix):]
             yield item
     except Exception as exc:  # noqa: BLE001 - any damage is this source's failure, never the run's
         reason = " ".join(str(exc).split()) or type(exc).__name__
@@ -231,7 +239,7 @@ def unique_keys(items: Iterable[SourceItem]) -> Iterator[SourceItem]:
             while f"{base}~{number}" in seen:
                 number += 1
             next_number[base] = number + 1
-            item.key = f"{base}~{number}"
+            item.key, item.legacy_key = f"{base}~{number}", item.legacy_key or base
         seen.add(item.key)
         yield item
 

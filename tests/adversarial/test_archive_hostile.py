@@ -88,6 +88,24 @@ def test_equal_relative_names_in_two_sources_are_both_kept(tmp_path, run):
     assert code == 0 and len(list((tmp_path / "decoded").rglob("*.png"))) == 10
 
 
+def test_an_archive_written_under_the_old_colliding_keys_resumes_without_loss_or_twice(tmp_path, run):
+    names = [f"{i}.png" for i in range(4)]
+    write_images(tmp_path / "a" / "imgs", names, seed0=0)
+    write_images(tmp_path / "b" / "imgs", names, seed0=10)
+    (tmp_path / "b" / "imgs" / "3.png").write_bytes((tmp_path / "a" / "imgs" / "3.png").read_bytes())
+    archive = tmp_path / "out"
+    assert run("encode", tmp_path / "a" / "imgs", "-o", archive)[0] == 0
+    with sqlite3.connect(archive / MANIFEST) as db:  # what the old scheme wrote: a's images under imgs/
+        db.execute("UPDATE items SET key = 'imgs/' || key")
+    code, out, _ = run("encode", tmp_path / "a" / "imgs", tmp_path / "b" / "imgs", "-o", archive)
+    assert code == 0 and "encoded 4 images (4 already in the archive" in out
+    assert keys_of(archive) == sorted([f"imgs/{name}" for name in names] + [f"b/imgs/{name}" for name in names])
+    with open_archive(archive) as opened:  # b's copy of a's 3.png is b's own entry, not a's one claimed twice
+        assert opened["b/imgs/3.png"].record.sha256 == opened["imgs/3.png"].record.sha256
+    code, out, _ = run("encode", tmp_path / "a" / "imgs", tmp_path / "b" / "imgs", "-o", archive)
+    assert code == 0 and "encoded 0 images (8 already in the archive" in out
+
+
 def test_sources_with_distinct_names_keep_their_plain_labels(tmp_path, run):
     write_images(tmp_path / "x" / "cats", ["1.png"])
     write_images(tmp_path / "y" / "dogs", ["1.png"], seed0=5)
