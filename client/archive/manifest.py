@@ -90,7 +90,7 @@ class Manifest:
         try:
             if create:
                 self.connection = sqlite3.connect(path)
-                self.connection.executescript(SCHEMA)
+                self.connection.executescript(f"BEGIN; {SCHEMA} COMMIT;")  # a kill leaves all of it or none
             else:
                 self.connection = sqlite3.connect(f"{path.resolve().as_uri()}?mode=ro", uri=True)
                 self._check_schema()
