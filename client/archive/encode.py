@@ -14,6 +14,7 @@ import numpy as np
 from .manifest import ItemRecord
 from .sizing import SizePolicy
 from .sources import SourceItem
+from .text import one_line
 from .writer import ArchiveWriter
 
 
@@ -91,10 +92,6 @@ def decode_source(data: bytes, origin: str, policy: SizePolicy, max_pixels: int)
 
     image = open_image(data, name=origin, max_pixels=max_pixels)
     return image.size, np.asarray(policy.apply(image))
-
-
-def one_line(exc: BaseException) -> str:
-    return " ".join(str(exc).split()) or type(exc).__name__
 
 
 def item_error(exc: BaseException) -> bool:

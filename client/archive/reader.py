@@ -19,6 +19,7 @@ import numpy as np
 
 from .manifest import ArchiveError, ItemRecord, Manifest
 from .quantize import Stored, get_format, load
+from .text import one_line, shown
 from .writer import file_sha256
 
 MAX_LATENT_VALUES = 1 << 28  # one entry's latents, whatever its manifest row says (1 GiB as float32)
@@ -34,14 +35,6 @@ class Problem:
 
     def __str__(self) -> str:
         return f"{shown(self.key)}: {shown(self.reason, 500)}"
-
-
-def shown(text: Any, limit: int = 200) -> str:
-    """A string from an archive, safe to print on one line: control characters escaped, length bounded."""
-    text = str(text)
-    clipped = text[:limit]
-    escaped = "".join(c if c.isprintable() else c.encode("unicode_escape").decode("ascii") for c in clipped)
-    return escaped + (f"... ({len(text)} characters)" if len(text) > limit else "")
 
 
 @dataclass
@@ -240,16 +233,12 @@ def verify_archive(folder: str | os.PathLike) -> list[Problem]:
             try:
                 archive.latents(record)
             except Exception as exc:  # noqa: BLE001 - whatever a damaged shard raises is this entry's problem
-                problems.append(Problem(record.key, f"unreadable in {shown(record.shard)}: {_one_line(exc)}"))
+                problems.append(Problem(record.key, f"unreadable in {shown(record.shard)}: {one_line(exc)}"))
         for name, items in shards.items():
             if counts.get(name, 0) != items:
                 problems.append(Problem(str(name), f"{counts.get(name, 0)} items listed, the shard row says "
                                                    f"{shown(items)}"))
     return problems
-
-
-def _one_line(exc: BaseException) -> str:
-    return " ".join(str(exc).split()) or type(exc).__name__
 
 
 _UNSAFE = re.compile(r"[^A-Za-z0-9._-]+")

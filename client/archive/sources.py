@@ -25,6 +25,8 @@ from dataclasses import dataclass, field
 from pathlib import Path, PurePosixPath
 from typing import IO, Any, Callable, Iterable, Iterator
 
+from .text import one_line
+
 IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".webp", ".bmp", ".tif", ".tiff", ".gif", ".ppm")
 LIST_SUFFIXES = (".txt", ".lst")
 MAX_ITEM_BYTES = 256 << 20  # one image file or member, read whole; `latentd encode --max-item-mb`
@@ -135,7 +137,7 @@ def _tar(path: Path, prefix: str, limit: int) -> Iterator[SourceItem]:
                     members.append(member)
             broken = _tar_end(archive)
         except Exception as exc:  # noqa: BLE001 - a damaged stream: what was read before it is kept
-            broken = f"unreadable after {len(members)} members: {' '.join(str(exc).split()) or type(exc).__name__}"
+            broken = f"unreadable after {len(members)} members: {one_line(exc)}"
         sidecars = {_webdataset_key(m.name): m for m in members if m.name.endswith(".json")}
         images = [m for m in members if _is_image(m.name)]
         # A webdataset shard has one image per key; then the key (not the file name) names the item.
@@ -224,9 +226,8 @@ def _isolated(path: Path, label: str, limit: int) -> Iterator[SourceItem]:
                 item.legacy_key = legacy + item.key[len(prefix):]
             yield item
     except Exception as exc:  # noqa: BLE001 - any damage is this source's failure, never the run's
-        reason = " ".join(str(exc).split()) or type(exc).__name__
         where = f"after {count} items: " if count else ""
-        yield _unreadable(f"{label or path.name}#rest", str(path), f"unreadable source {where}{reason}")
+        yield _unreadable(f"{label or path.name}#rest", str(path), f"unreadable source {where}{one_line(exc)}")
 
 
 def unique_keys(items: Iterable[SourceItem]) -> Iterator[SourceItem]:
