@@ -81,7 +81,7 @@ class ArchiveError(ValueError):
 
 
 class Manifest:
-    """The manifest of `folder`: created and written with `create`, else opened read-only."""
+    """The manifest of `folder`: created and written with `create`, else opened for queries only."""
 
     def __init__(self, folder: Path, *, create: bool = False) -> None:
         path = Path(folder) / MANIFEST
@@ -92,7 +92,10 @@ class Manifest:
                 self.connection = sqlite3.connect(path)
                 self.connection.executescript(f"BEGIN; {SCHEMA} COMMIT;")  # a kill leaves all of it or none
             else:
-                self.connection = sqlite3.connect(f"{path.resolve().as_uri()}?mode=ro", uri=True)
+                # Read-write underneath so that the journal a killed writer left is rolled back, but
+                # query_only: a reader never changes the manifest, whatever it holds.
+                self.connection = sqlite3.connect(path)
+                self.connection.execute("PRAGMA query_only = ON")
                 self._check_schema()
         except sqlite3.DatabaseError as exc:
             raise ArchiveError(f"{folder}: not a latent archive ({MANIFEST}: {exc})") from None

@@ -418,6 +418,27 @@ def test_an_output_that_is_a_file_is_bad_usage(two_shards, tmp_path, run):
     assert (tmp_path / "file").read_text() == "not a folder"
 
 
+def test_a_manifest_left_mid_transaction_by_a_killed_writer_still_reads(two_shards, run):
+    archive, _ = two_shards
+    writer = (
+        "import os, signal, sqlite3, sys\n"
+        "db = sqlite3.connect(sys.argv[1])\n"
+        "db.execute('PRAGMA cache_size = 1')\n"  # pages spill to the file: the journal becomes hot
+        "db.execute('BEGIN')\n"
+        "for i in range(2000):\n"
+        "    db.execute(\"INSERT INTO items (key, source, status) VALUES (?, 'x', 'failed')\", (f'k{i:05d}' * 40,))\n"
+        "os.kill(os.getpid(), signal.SIGKILL)\n")
+    import subprocess
+    import sys
+
+    killed = subprocess.run([sys.executable, "-c", writer, str(archive / MANIFEST)], timeout=120)
+    assert killed.returncode == -9 and (archive / (MANIFEST + "-journal")).exists()
+    code, out, _ = run("verify", archive, model=False)
+    assert code == 0 and "OK" in out
+    code, out, _ = run("inspect", archive, "--json", model=False)
+    assert code == 0 and json.loads(out)["counts"] == {"ok": 6}
+
+
 def test_a_zstd_frame_claiming_a_huge_size_is_refused(tmp_path, run):
     import zstandard
     from safetensors.numpy import load_file, save_file
