@@ -199,6 +199,15 @@ def test_a_truncated_tar_keeps_what_came_before_and_records_the_rest(tmp_path, r
     assert run("encode", tmp_path / name, tmp_path / "more", "-o", tmp_path / "out")[0] == 0
 
 
+@pytest.mark.parametrize("name, mode", [("set.tar", "w"), ("set.tar.gz", "w:gz"), ("set.tgz", "w:gz")])
+def test_a_complete_tar_reports_no_failure(tmp_path, run, name, mode):
+    with tarfile.open(tmp_path / name, mode) as archive:
+        for index in range(2):
+            add_member(archive, f"{index}.png", png(index))
+    code, _, _ = run("encode", tmp_path / name, "-o", tmp_path / "out")
+    assert code == 0 and keys_of(tmp_path / "out") == ["0.png", "1.png"] and failures_of(tmp_path / "out") == {}
+
+
 def test_a_tar_cut_inside_a_header_is_recorded(tmp_path, run):
     raw = io.BytesIO()
     with tarfile.open(fileobj=raw, mode="w") as archive:
