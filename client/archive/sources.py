@@ -20,6 +20,7 @@ from __future__ import annotations
 import json
 import os
 import tarfile
+from collections import Counter, defaultdict
 import zipfile
 from dataclasses import dataclass, field
 from pathlib import Path, PurePosixPath
@@ -73,6 +74,11 @@ def _unreadable(key: str, origin: str, reason: str) -> SourceItem:
         raise UnreadableItem(reason)
 
     return SourceItem(key, origin, read)
+
+
+def rest_key(path: Path, prefix: str) -> str:
+    """The key of the failure that stands for the unreadable rest of a source: `LABEL#rest`."""
+    return f"{prefix.rstrip('/') or path.name}#rest"
 
 
 def _is_image(name: str) -> bool:
@@ -137,7 +143,7 @@ def _tar(path: Path, prefix: str, limit: int) -> Iterator[SourceItem]:
                     members.append(member)
             broken = _tar_end(archive)
         except Exception as exc:  # noqa: BLE001 - a damaged stream: what was read before it is kept
-            broken = f"unreadable after {len(members)} members: {one_line(exc)}"
+            broken = f"truncated or damaged after {len(members)} members: {one_line(exc)}"
         sidecars = {_webdataset_key(m.name): m for m in members if m.name.endswith(".json")}
         images = [m for m in members if _is_image(m.name)]
         # A webdataset shard has one image per key; then the key (not the file name) names the item.
@@ -149,7 +155,7 @@ def _tar(path: Path, prefix: str, limit: int) -> Iterator[SourceItem]:
                              lambda member=member: _tar_member(archive, member, limit),
                              (lambda sidecar=sidecar: _sidecar(archive, sidecar, limit)) if sidecar else None)
         if broken:
-            yield _unreadable(f"{prefix}{path.name}#rest", f"{path}@{archive.offset}", broken)
+            yield _unreadable(rest_key(path, prefix), f"{path}@{archive.offset}", broken)
 
 
 def _zip(path: Path, prefix: str, limit: int) -> Iterator[SourceItem]:
@@ -167,19 +173,21 @@ def source_labels(paths: list[Path]) -> list[str]:
     """The LABEL of each source (see the module docstring); ValueError for a source given twice."""
     if len(paths) == 1:
         return [""]
-    real = [os.path.realpath(p) for p in paths]
-    twice = sorted({str(p) for p, r in zip(paths, real) if real.count(r) > 1})
+    real = Counter(os.path.realpath(p) for p in paths)
+    twice = sorted({str(p) for p in paths if real[os.path.realpath(p)] > 1})
     if twice:
         raise ValueError(f"source given twice: {', '.join(twice)}")
     parts = [Path(os.path.abspath(p)).parts[1:] or (str(p),) for p in paths]
-    labels = []
+    namesakes: dict[str, list[tuple[str, ...]]] = defaultdict(list)
     for mine in parts:
-        namesakes = [other for other in parts if other[-1:] == mine[-1:]]
+        namesakes[mine[-1]].append(mine)
+    depths = {}
+    for name, group in namesakes.items():
         depth = 1
-        while len({other[-depth:] for other in namesakes}) < len(namesakes):
+        while len({other[-depth:] for other in group}) < len(group):
             depth += 1
-        labels.append("/".join(mine[-depth:]))
-    return labels
+        depths[name] = depth
+    return ["/".join(mine[-depths[mine[-1]]:]) for mine in parts]
 
 
 def source_kind(path: Path) -> str:
@@ -227,7 +235,7 @@ def _isolated(path: Path, label: str, limit: int) -> Iterator[SourceItem]:
             yield item
     except Exception as exc:  # noqa: BLE001 - any damage is this source's failure, never the run's
         where = f"after {count} items: " if count else ""
-        yield _unreadable(f"{label or path.name}#rest", str(path), f"unreadable source {where}{one_line(exc)}")
+        yield _unreadable(rest_key(path, prefix), str(path), f"unreadable source {where}{one_line(exc)}")
 
 
 def unique_keys(items: Iterable[SourceItem]) -> Iterator[SourceItem]:
