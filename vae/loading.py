@@ -13,6 +13,7 @@ from diffusers import AutoencoderKL, AutoencoderTiny
 from torch import nn
 
 from .errors import ModelLoadError, ModelNotFoundError
+from .fileio import follow_umask
 from .model_info import SUPPORTED_CLASSES
 from .registry import MODELS, ModelSpec, get_spec, is_registered
 
@@ -227,6 +228,9 @@ def save_model(model: nn.Module, directory: str | os.PathLike, extras: dict[str,
         model.save_pretrained(str(temp), safe_serialization=True)
         for name, text in (extras or {}).items():
             (temp / name).write_text(text)
+        for written in temp.rglob("*"):  # safetensors creates 0600
+            if written.is_file():
+                follow_umask(written)
         if directory.exists():
             directory.rename(old)
         temp.rename(directory)

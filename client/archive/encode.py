@@ -14,6 +14,7 @@ import numpy as np
 from .manifest import ItemRecord
 from .sizing import SizePolicy
 from .sources import SourceItem
+from .text import one_line
 from .writer import ArchiveWriter
 
 
@@ -50,16 +51,24 @@ def admit(sources: Iterable[SourceItem], writer: ArchiveWriter, summary: EncodeS
           dedupe: bool) -> Iterator[Admitted]:
     """The sources not yet in the archive, in order. Unreadable ones are recorded as failed and, with
     `dedupe`, bytes already encoded as duplicates; both engines read their sources through this."""
+    claimed: set[str] = set()  # keys an item of this run stands for, its own or its legacy one
     for item in sources:
+        claimed.add(item.key)
         if item.key in writer.done:
             summary.skipped += 1
             continue
         try:
             data = item.read()
-        except OSError as exc:
-            record_failure(writer, summary, item, None, f"cannot read: {exc.strerror or exc}")
+            item.extra = item.load_extra() if item.load_extra else item.extra
+        except Exception as exc:  # noqa: BLE001 - whatever breaks reading one item is that item's failure
+            record_failure(writer, summary, item, None, f"cannot read: {read_error(exc)}")
             continue
         digest = hashlib.sha256(data).hexdigest()
+        legacy = item.legacy_key
+        if legacy in writer.done and legacy not in claimed and writer.manifest.sha256_of(legacy) == digest:
+            claimed.add(legacy)  # these very bytes are in the archive under the key an older run gave them
+            summary.skipped += 1
+            continue
         if dedupe:
             if digest in writer.hashes:
                 summary.duplicates += 1
@@ -71,16 +80,18 @@ def admit(sources: Iterable[SourceItem], writer: ArchiveWriter, summary: EncodeS
         yield Admitted(item, data, digest)
 
 
+def read_error(exc: BaseException) -> str:
+    if isinstance(exc, OSError) and exc.strerror:
+        return exc.strerror
+    return one_line(exc)
+
+
 def decode_source(data: bytes, origin: str, policy: SizePolicy, max_pixels: int) -> tuple[tuple[int, int], np.ndarray]:
     """(original (width, height), uint8 pixels after the size policy); raises for an unreadable image."""
     from latentd.vae.imageio import open_image
 
     image = open_image(data, name=origin, max_pixels=max_pixels)
     return image.size, np.asarray(policy.apply(image))
-
-
-def one_line(exc: BaseException) -> str:
-    return " ".join(str(exc).split()) or type(exc).__name__
 
 
 def item_error(exc: BaseException) -> bool:
@@ -92,17 +103,22 @@ def item_error(exc: BaseException) -> bool:
     return isinstance(exc, (RemoteInvalid, LocalInvalid))
 
 
-def encode_isolating(backend, pixels: list[np.ndarray]) -> list[np.ndarray | str]:
-    """Latents per image in one call; if the batch fails for an image's sake, each image alone, so
-    the one at fault yields its error message and the others their latents. Other errors raise."""
+def call_isolating(call: Callable[[list], Iterable], inputs: list) -> list:
+    """`call(inputs)` as a list; if it fails for an input's sake, each input alone, so the one at fault
+    yields its error message (a str) and the others their results. Other errors raise."""
     try:
-        return list(backend.encode(pixels))
+        return list(call(inputs))
     except Exception as exc:  # noqa: BLE001
         if not item_error(exc):
             raise
-        if len(pixels) == 1:
+        if len(inputs) == 1:
             return [one_line(exc)]
-        return [encode_isolating(backend, [image])[0] for image in pixels]
+        return [call_isolating(call, [one])[0] for one in inputs]
+
+
+def encode_isolating(backend, pixels: list[np.ndarray]) -> list[np.ndarray | str]:
+    """Latents per image in one call; the image at fault yields its error message."""
+    return call_isolating(backend.encode, pixels)
 
 
 def record_failure(writer: ArchiveWriter, summary: EncodeSummary, item: SourceItem, sha256: str | None,

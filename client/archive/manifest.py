@@ -63,23 +63,51 @@ class ItemRecord:
 
     @classmethod
     def from_row(cls, row: sqlite3.Row) -> "ItemRecord":
+        """The record of a row; ArchiveError naming the column that is not JSON."""
         values = dict(row)
         for name in ("latent_shape", "extra"):
-            values[name] = None if values[name] is None else json.loads(values[name])
-        return cls(**values)
+            try:
+                values[name] = None if values[name] is None else json.loads(values[name])
+            except (ValueError, TypeError, RecursionError):
+                raise ArchiveError(f"manifest column {name} is not JSON") from None
+        return cls(**{name: values[name] for name in COLUMNS})
 
 
 COLUMNS = tuple(f.name for f in fields(ItemRecord))
 
 
+class ArchiveError(ValueError):
+    """An archive, or one of its entries, that cannot be read as the format says."""
+
+
 class Manifest:
+    """The manifest of `folder`: created and written with `create`, else opened for queries only."""
+
     def __init__(self, folder: Path, *, create: bool = False) -> None:
         path = Path(folder) / MANIFEST
         if not create and not path.is_file():
             raise FileNotFoundError(f"{folder}: not a latent archive (no {MANIFEST})")
-        self.connection = sqlite3.connect(path)
+        try:
+            if create:
+                self.connection = sqlite3.connect(path)
+                self.connection.executescript(f"BEGIN; {SCHEMA} COMMIT;")  # a kill leaves all of it or none
+            else:
+                # Read-write underneath so that the journal a killed writer left is rolled back, but
+                # query_only: a reader never changes the manifest, whatever it holds.
+                self.connection = sqlite3.connect(path)
+                self.connection.execute("PRAGMA query_only = ON")
+                self._check_schema()
+        except sqlite3.DatabaseError as exc:
+            raise ArchiveError(f"{folder}: not a latent archive ({MANIFEST}: {exc})") from None
         self.connection.row_factory = sqlite3.Row
-        self.connection.executescript(SCHEMA)
+
+    def _check_schema(self) -> None:
+        for table, wanted in (("meta", ("key", "value")), ("shards", ("name", "sha256", "bytes", "items")),
+                              ("items", COLUMNS)):
+            found = {row[1] for row in self.connection.execute(f"PRAGMA table_info({table})")}
+            missing = [column for column in wanted if column not in found]
+            if missing:
+                raise sqlite3.DatabaseError(f"table {table} lacks {', '.join(missing)}")
 
     def close(self) -> None:
         self.connection.close()
@@ -94,6 +122,10 @@ class Manifest:
 
     def keys(self) -> set[str]:
         return {row[0] for row in self.connection.execute("SELECT key FROM items")}
+
+    def sha256_of(self, key: str) -> str | None:
+        row = self.connection.execute("SELECT sha256 FROM items WHERE key = ?", (key,)).fetchone()
+        return row[0] if row else None
 
     def hashes(self) -> dict[str, str]:
         """sha256 -> key of every encoded image (for --dedupe)."""
@@ -114,6 +146,16 @@ class Manifest:
             self.connection.executemany(f"INSERT INTO items ({', '.join(COLUMNS)}) VALUES ({placeholders})",
                                         [r.row() for r in records])
 
+    def replace_shards(self, old: list[str], name: str, sha256: str, size: int, offsets: dict[str, int]) -> None:
+        """Shards `old` merged into `name` (`offsets`: tensor -> byte offset there), in one transaction."""
+        marks = ", ".join("?" * len(old))
+        with self.connection:
+            moved = list(self.connection.execute(f"SELECT key, tensor FROM items WHERE shard IN ({marks})", old))
+            self.connection.execute("INSERT INTO shards VALUES (?, ?, ?, ?)", (name, sha256, size, len(moved)))
+            self.connection.executemany("UPDATE items SET shard = ?, offset = ? WHERE key = ?",
+                                        [(name, offsets[tensor], key) for key, tensor in moved])
+            self.connection.executemany("DELETE FROM shards WHERE name = ?", [(n,) for n in old])
+
     def add(self, records: list[ItemRecord]) -> None:
         """Items without latents (failures, duplicates), committed at once."""
         placeholders = ", ".join("?" * len(COLUMNS))
@@ -121,9 +163,13 @@ class Manifest:
             self.connection.executemany(f"INSERT INTO items ({', '.join(COLUMNS)}) VALUES ({placeholders})",
                                         [r.row() for r in records])
 
-    def items(self, status: str | None = None) -> Iterator[ItemRecord]:
+    def rows(self, status: str | None = None) -> Iterator[sqlite3.Row]:
         query = "SELECT * FROM items" + (" WHERE status = ?" if status else "") + " ORDER BY rowid"
-        for row in self.connection.execute(query, (status,) if status else ()):
+        yield from self.connection.execute(query, (status,) if status else ())
+
+    def items(self, status: str | None = None) -> Iterator[ItemRecord]:
+        """Records in encoding order; ArchiveError at a row that cannot be read."""
+        for row in self.rows(status):
             yield ItemRecord.from_row(row)
 
     def item(self, key: str) -> ItemRecord | None:

@@ -126,7 +126,10 @@ def load(stored: Stored, fmt: LatentFormat, shape: tuple[int, ...]) -> np.ndarra
     if fmt.zstd:
         import zstandard
 
-        raw = zstandard.ZstdDecompressor().decompress(codes.tobytes(), max_output_size=int(np.prod(shape)))
+        packed, expected = codes.tobytes(), int(np.prod(shape))
+        if zstandard.frame_content_size(packed) not in (-1, expected):  # never allocate what a header claims
+            raise ValueError(f"zstd frame holds {zstandard.frame_content_size(packed)} bytes, {expected} expected")
+        raw = zstandard.ZstdDecompressor().decompress(packed, max_output_size=expected)
         codes = np.frombuffer(raw, np.uint8).reshape(shape)
         if fmt.predictor == "med":
             codes = med_codes(codes)

@@ -18,12 +18,12 @@ from .encode import (
     admit,
     decode_source,
     encode_isolating,
-    one_line,
     record_failure,
     store_encoded,
 )
 from .sizing import SizePolicy
 from .sources import SourceItem
+from .text import one_line
 from .writer import ArchiveWriter
 
 CHUNK = 512  # sources handed to Ray per dataset: bounds the driver's memory for large collections

@@ -1,19 +1,40 @@
-"""Reading an archive lazily (`open_archive`), checking it (`verify_archive`), and safe output names."""
+"""Reading an archive lazily (`open_archive`), checking it (`verify_archive`), and safe output names.
+
+A manifest may come from someone else: every shard it names must be a file of the archive folder, every
+entry is checked before use, and a damaged entry is that entry's problem, never the whole archive's.
+"""
 
 from __future__ import annotations
 
+import hashlib
 import json
 import os
 import re
+from collections import OrderedDict
 from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any, Iterator
 
 import numpy as np
 
-from .manifest import ItemRecord, Manifest
+from .manifest import ArchiveError, ItemRecord, Manifest
 from .quantize import Stored, get_format, load
+from .text import one_line, shown
 from .writer import file_sha256
+
+MAX_LATENT_VALUES = 1 << 28  # one entry's latents, whatever its manifest row says (1 GiB as float32)
+OPEN_SHARDS = 32  # shard handles kept open while reading
+
+
+@dataclass
+class Problem:
+    """One entry (or shard) that cannot be used, and why."""
+
+    key: str
+    reason: str
+
+    def __str__(self) -> str:
+        return f"{shown(self.key)}: {shown(self.reason, 500)}"
 
 
 @dataclass
@@ -35,16 +56,21 @@ class ArchiveEntry:
 class Archive:
     """A latent archive opened for reading; iterate it for `ArchiveEntry` objects in encoding order.
 
+    With `verify_checksums`, each shard's size and SHA-256 are checked against the manifest before
+    its first entry is read; entries of a shard that fails raise ArchiveError.
+
     >>> with open_archive("out/kodak.latents") as archive:      # doctest: +SKIP
     ...     for entry in archive:
     ...         train_step(entry.latents, entry.record.extra)
     """
 
-    def __init__(self, folder: str | os.PathLike) -> None:
+    def __init__(self, folder: str | os.PathLike, *, verify_checksums: bool = False) -> None:
         self.folder = Path(folder)
         self.manifest = Manifest(self.folder)
         self.meta = {k: _maybe_json(v) for k, v in self.manifest.meta().items()}
-        self._handles: dict[str, Any] = {}
+        self.verify_checksums = verify_checksums
+        self._handles: OrderedDict[str, Any] = OrderedDict()
+        self._checked: dict[str, str | None] = {}  # shard name -> its problem, None if sound
         # Archives of format version 1 stored q8-zstd codes without spatial prediction.
         self._unpredicted = str(self.meta.get("format_version")) == "1"
 
@@ -71,17 +97,70 @@ class Archive:
             raise KeyError(key)
         return ArchiveEntry(record, self)
 
+    def scan(self) -> Iterator[ArchiveEntry | Problem]:
+        """Every encoded entry whose manifest row is sound, and a Problem for each other one."""
+        for row in self.manifest.rows("ok"):
+            key = row["key"] if isinstance(row["key"], str) else repr(row["key"])
+            try:
+                record = ItemRecord.from_row(row)
+                check_record(record)
+            except ArchiveError as exc:
+                yield Problem(key, str(exc))
+                continue
+            yield ArchiveEntry(record, self)
+
     def failures(self) -> list[ItemRecord]:
         return list(self.manifest.items("failed"))
+
+    def shard_path(self, name: Any) -> Path:
+        """The path of a shard the manifest names; ArchiveError unless it is a file of the archive folder."""
+        if not isinstance(name, str) or name in ("", ".", "..") or re.search(r"[/\\\0]", name):
+            raise ArchiveError(f"shard name {shown(name)} is not a file name in the archive folder")
+        path = self.folder / name
+        if path.resolve().parent != self.folder.resolve():
+            raise ArchiveError(f"shard {shown(name)} leads outside the archive folder")
+        return path
+
+    def shard_problem(self, name: Any) -> str | None:
+        """Why a shard cannot be trusted (not confined, missing, size or checksum unlike the manifest's)."""
+        if isinstance(name, str) and name in self._checked:
+            return self._checked[name]
+        try:
+            path = self.shard_path(name)
+        except ArchiveError as exc:
+            return str(exc)
+        row = self.manifest.connection.execute("SELECT bytes, sha256 FROM shards WHERE name = ?", (name,)).fetchone()
+        if row is None:
+            problem = f"shard {shown(name)} is not in the manifest's shard list"
+        elif not path.is_file():
+            problem = f"shard {shown(name)} is missing"
+        elif path.stat().st_size != row["bytes"]:
+            problem = f"shard {shown(name)}: {path.stat().st_size} bytes, the manifest says {shown(row['bytes'])}"
+        elif file_sha256(path) != row["sha256"]:
+            problem = f"shard {shown(name)}: checksum mismatch (the file changed after it was written)"
+        else:
+            problem = None
+        self._checked[name] = problem
+        return problem
 
     def _shard(self, name: str):
         from safetensors import safe_open
 
-        if name not in self._handles:
-            self._handles[name] = safe_open(str(self.folder / name), framework="numpy")
+        if name in self._handles:
+            self._handles.move_to_end(name)
+            return self._handles[name]
+        path = self.shard_path(name)
+        if self.verify_checksums and (problem := self.shard_problem(name)):
+            raise ArchiveError(problem)
+        self._handles[name] = safe_open(str(path), framework="numpy")
+        if len(self._handles) > OPEN_SHARDS:
+            self._handles.popitem(last=False)
         return self._handles[name]
 
     def latents(self, record: ItemRecord) -> np.ndarray:
+        """An entry's latents; ArchiveError (or the shard reader's error) when they cannot be read back
+        as the manifest describes them."""
+        check_record(record)
         shard = self._shard(record.shard)
         base = record.tensor[: -len("::data")]
         fmt = get_format(record.format)
@@ -90,61 +169,100 @@ class Archive:
         stored = Stored(shard.get_tensor(record.tensor))
         if fmt.quantized:
             stored.scale, stored.offset = shard.get_tensor(f"{base}::scale"), shard.get_tensor(f"{base}::offset")
-        return load(stored, fmt, tuple(record.latent_shape))
+        latents = load(stored, fmt, tuple(record.latent_shape))
+        if list(latents.shape) != record.latent_shape:
+            raise ArchiveError(f"latents of shape {list(latents.shape)}, the manifest says {record.latent_shape}")
+        if not np.isfinite(latents).all():
+            raise ArchiveError("latents hold values that are not finite")
+        return latents
 
 
-def open_archive(path: str | os.PathLike) -> Archive:
-    return Archive(path)
+def check_record(record: ItemRecord) -> None:
+    """ArchiveError naming the first column of an encoded entry that cannot be what the writer wrote."""
+    def positive_int(value: Any) -> bool:
+        return isinstance(value, int) and not isinstance(value, bool) and value > 0
+
+    shape = record.latent_shape
+    if not isinstance(record.shard, str):
+        raise ArchiveError(f"manifest column shard is {shown(record.shard)}, not a shard name")
+    if not isinstance(record.tensor, str) or not record.tensor.endswith("::data"):
+        raise ArchiveError(f"manifest column tensor is {shown(record.tensor)}, not a tensor name")
+    if not isinstance(shape, list) or len(shape) != 3 or not all(map(positive_int, shape)) \
+            or int(np.prod(shape, dtype=np.float64)) > MAX_LATENT_VALUES:
+        raise ArchiveError(f"manifest column latent_shape is {shown(shape)}, not 3 positive sizes "
+                           f"of at most {MAX_LATENT_VALUES} values")
+    if not (positive_int(record.encoded_width) and positive_int(record.encoded_height)):
+        raise ArchiveError("manifest columns encoded_width and encoded_height must be positive integers")
+    try:
+        get_format(record.format)
+    except (ValueError, TypeError):
+        raise ArchiveError(f"manifest column format is {shown(record.format)}, not a latent format") from None
+
+
+def open_archive(path: str | os.PathLike, *, verify_checksums: bool = False) -> Archive:
+    return Archive(path, verify_checksums=verify_checksums)
 
 
 def _maybe_json(value: str) -> Any:
     try:
         return json.loads(value)
-    except ValueError:
+    except (ValueError, TypeError, RecursionError):
         return value
 
 
-def verify_archive(folder: str | os.PathLike) -> list[str]:
-    """Every problem found: shard checksums and sizes, and every manifest item against its shard."""
-    from safetensors import SafetensorError
-
-    problems: list[str] = []
+def verify_archive(folder: str | os.PathLike) -> list[Problem]:
+    """Every problem found: each shard's confinement, size and checksum, and every manifest entry read
+    back from its shard; one damaged entry never hides the others."""
+    problems: list[Problem] = []
     with open_archive(folder) as archive:
-        shards = {row["name"]: row for row in archive.manifest.shards()}
-        for name, row in shards.items():
-            path = archive.folder / name
-            if not path.is_file():
-                problems.append(f"{name}: missing")
-            elif path.stat().st_size != row["bytes"]:
-                problems.append(f"{name}: {path.stat().st_size} bytes, the manifest says {row['bytes']}")
-            elif file_sha256(path) != row["sha256"]:
-                problems.append(f"{name}: checksum mismatch (the file changed after it was written)")
+        shards = {}
+        for row in archive.manifest.shards():
+            shards[row["name"]] = row["items"]
+            if problem := archive.shard_problem(row["name"]):
+                problems.append(Problem(str(row["name"]), problem))
         counts: dict[str, int] = {}
-        for record in archive.manifest.items("ok"):
+        for entry in archive.scan():
+            if isinstance(entry, Problem):
+                problems.append(entry)
+                continue
+            record = entry.record
             counts[record.shard] = counts.get(record.shard, 0) + 1
-            if record.shard not in shards or not (archive.folder / record.shard).is_file():
-                problems.append(f"{record.key}: its shard {record.shard} is missing")
+            if record.shard not in shards:
+                problems.append(Problem(record.key, f"its shard {shown(record.shard)} is not in the shard list"))
                 continue
             try:
-                latents = archive.latents(record)
-            except (SafetensorError, KeyError, ValueError, OSError) as exc:
-                problems.append(f"{record.key}: unreadable in {record.shard}: {exc}")
-                continue
-            if list(latents.shape) != record.latent_shape or not np.isfinite(latents).all():
-                problems.append(f"{record.key}: latents do not match the manifest (shape or values)")
-        for name, row in shards.items():
-            if counts.get(name, 0) != row["items"]:
-                problems.append(f"{name}: {counts.get(name, 0)} items listed, the shard row says {row['items']}")
+                archive.latents(record)
+            except Exception as exc:  # noqa: BLE001 - whatever a damaged shard raises is this entry's problem
+                problems.append(Problem(record.key, f"unreadable in {shown(record.shard)}: {one_line(exc)}"))
+        for name, items in shards.items():
+            if counts.get(name, 0) != items:
+                problems.append(Problem(str(name), f"{counts.get(name, 0)} items listed, the shard row says "
+                                                   f"{shown(items)}"))
     return problems
 
 
 _UNSAFE = re.compile(r"[^A-Za-z0-9._-]+")
+MAX_NAME = 200  # bytes of one output path component (file systems allow 255)
+MAX_DEPTH = 32  # output folders under DIR
+
+
+def _bounded(part: str, room: int = MAX_NAME) -> str:
+    """A path component of at most `room` characters; a long one keeps its start and a digest of the whole."""
+    if len(part) <= room:
+        return part
+    return f"{part[:room - 17]}-{hashlib.sha256(part.encode()).hexdigest()[:16]}"
 
 
 def safe_relative_path(key: str, suffix: str) -> Path:
     """A key as a relative output path that cannot leave the output folder (no absolute paths, no
-    `..`, no odd characters), whatever a hostile manifest says."""
+    `..`, no odd characters, no component or depth a file system refuses), whatever a hostile
+    manifest says."""
     parts = [_UNSAFE.sub("_", part) for part in re.split(r"[\\/]+", key)]
     parts = [part for part in parts if part not in ("", ".", "..")]
     parts = [part.lstrip(".") or "_" for part in parts] or ["_"]
-    return Path(*parts).with_suffix(suffix) if Path(parts[-1]).suffix else Path(*parts[:-1], parts[-1] + suffix)
+    if len(parts) > MAX_DEPTH:
+        parts = [*parts[:MAX_DEPTH - 1], "_".join(parts[MAX_DEPTH - 1:])]
+    last = Path(parts[-1])
+    stem = last.stem if last.suffix else parts[-1]
+    folders = [_bounded(part) for part in parts[:-1]]
+    return Path(*folders, _bounded(stem, MAX_NAME - len(suffix)) + suffix)

@@ -2,7 +2,10 @@
 
 Resume rule: an item is in the archive exactly when the manifest lists it. A shard file is renamed
 into place before its transaction commits, so after a crash there may be a complete shard file that
-the manifest does not know; it is removed on reopening and its items are encoded again.
+the manifest does not know; it is removed on reopening and its items are encoded again. A shard is
+written when it reaches its size or when its first item has waited `commit_s` seconds, so a crash
+loses at most those seconds of work; `compact` merges the small shards this leaves, by the same rule
+(new shard renamed into place, one transaction, old files removed last).
 """
 
 from __future__ import annotations
@@ -10,22 +13,32 @@ from __future__ import annotations
 import hashlib
 import json
 import os
+import re
 import struct
+import time
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 
+from latentd.vae.fileio import follow_umask
+
 from .manifest import FORMAT_VERSION, ItemRecord, Manifest
 from .quantize import LatentFormat, store
 
 SHARD_PREFIX = "shard-"
 SHARD_SUFFIX = ".safetensors"
+COMMIT_S = 5.0  # seconds of encoded work held in memory at most; `latentd encode --commit-s`
 
 
 def shard_name(index: int) -> str:
     return f"{SHARD_PREFIX}{index:06d}{SHARD_SUFFIX}"
+
+
+def shard_index(name: str) -> int | None:
+    match = re.fullmatch(rf"{SHARD_PREFIX}(\d+){re.escape(SHARD_SUFFIX)}", name)
+    return int(match.group(1)) if match else None
 
 
 def file_sha256(path: Path) -> str:
@@ -70,14 +83,15 @@ class _PendingShard:
     tensors: dict[str, np.ndarray] = field(default_factory=dict)
     records: list[ItemRecord] = field(default_factory=list)
     nbytes: int = 0
+    started: float = 0.0  # time.monotonic() of the first record
 
 
 class ArchiveWriter:
     def __init__(self, folder: str | os.PathLike, settings: ArchiveSettings, fmt: LatentFormat,
-                 shard_bytes: int = 256 << 20) -> None:
+                 shard_bytes: int = 256 << 20, commit_s: float = COMMIT_S) -> None:
         self.folder = Path(folder)
         self.folder.mkdir(parents=True, exist_ok=True)
-        self.settings, self.fmt, self.shard_bytes = settings, fmt, shard_bytes
+        self.settings, self.fmt, self.shard_bytes, self.commit_s = settings, fmt, shard_bytes, commit_s
         self.manifest = Manifest(self.folder, create=True)
         self._check_settings()
         known = self.manifest.shard_names()
@@ -86,7 +100,7 @@ class ArchiveWriter:
                 path.unlink()
         self.done = self.manifest.keys()
         self.hashes = self.manifest.hashes()
-        self._next = max((int(name[len(SHARD_PREFIX):-len(SHARD_SUFFIX)]) for name in known), default=-1) + 1
+        self._next = max((i for i in map(shard_index, known) if i is not None), default=-1) + 1
         self._pending = _PendingShard()
 
     def _check_settings(self) -> None:
@@ -102,7 +116,9 @@ class ArchiveWriter:
                                        "use another output folder")
 
     def add(self, record: ItemRecord, latents: np.ndarray) -> None:
-        """Queue one encoded image; the shard is written when it reaches its size."""
+        """Queue one encoded image; the shard is written when it reaches its size or `commit_s`."""
+        if record.key in self.done:  # keys are unique by construction (sources.py); never overwrite one
+            raise ValueError(f"key {record.key!r} is already in the archive")
         stored = store(latents, self.fmt)
         name = record.key
         self._pending.tensors[f"{name}::data"] = stored.data
@@ -116,38 +132,80 @@ class ArchiveWriter:
         record.bpp = stored.nbytes * 8 / (record.width * record.height)
         record.model = self.settings.model
         record.scaling_factor, record.shift_factor = self.settings.scaling_factor, self.settings.shift_factor
+        if not self._pending.records:
+            self._pending.started = time.monotonic()
         self._pending.records.append(record)
         self._pending.nbytes += stored.nbytes
         self.done.add(record.key)
         if record.sha256:
             self.hashes.setdefault(record.sha256, record.key)
-        if self._pending.nbytes >= self.shard_bytes:
+        if self._pending.nbytes >= self.shard_bytes or time.monotonic() - self._pending.started >= self.commit_s:
             self.flush()
 
     def add_without_latents(self, record: ItemRecord) -> None:
         """A failure or a duplicate: committed at once (it needs no shard)."""
+        if record.key in self.done:
+            raise ValueError(f"key {record.key!r} is already in the archive")
         self.manifest.add([record])
         self.done.add(record.key)
 
     def flush(self) -> None:
         """Write the pending shard under a temporary name, rename it, then commit its items."""
-        from safetensors.numpy import save_file
-
         pending, self._pending = self._pending, _PendingShard()
         if not pending.records:
             return
-        name = shard_name(self._next)
-        final = self.folder / name
-        temp = final.with_name(final.name + ".tmp")
-        save_file(pending.tensors, str(temp), metadata={"format": self.fmt.name, "model": self.settings.model})
-        with open(temp, "rb+") as handle:
-            os.fsync(handle.fileno())
-        os.replace(temp, final)
+        name, final = self._write_shard(pending.tensors)
         offsets = tensor_offsets(final)
         for record in pending.records:
             record.shard, record.offset = name, offsets[record.tensor]
         self.manifest.commit_shard(name, file_sha256(final), final.stat().st_size, pending.records)
+
+    def _write_shard(self, tensors: dict[str, np.ndarray]) -> tuple[str, Path]:
+        """The next shard file, complete and synced under its final name (not yet in the manifest)."""
+        from safetensors.numpy import save_file
+
+        name = shard_name(self._next)
         self._next += 1
+        final = self.folder / name
+        temp = final.with_name(final.name + ".tmp")
+        save_file(tensors, str(temp), metadata={"format": self.fmt.name, "model": self.settings.model})
+        follow_umask(temp)  # safetensors creates 0600
+        with open(temp, "rb+") as handle:
+            os.fsync(handle.fileno())
+        os.replace(temp, final)
+        return name, final
+
+    def compact(self) -> int:
+        """Merge runs of consecutive shards under half the shard size into shards of at most that size;
+        the number of shards this removed."""
+        self.flush()
+        groups: list[list[str]] = [[]]
+        size = 0
+        for row in self.manifest.shards():  # name order is writing order
+            small = row["bytes"] < self.shard_bytes // 2
+            if groups[-1] and (not small or size + row["bytes"] > self.shard_bytes):
+                groups.append([])
+                size = 0
+            if small:
+                groups[-1].append(row["name"])
+                size += row["bytes"]
+        removed = 0
+        for group in (g for g in groups if len(g) > 1):
+            self._merge(group)
+            removed += len(group) - 1
+        return removed
+
+    def _merge(self, names: list[str]) -> None:
+        from safetensors import safe_open
+
+        tensors: dict[str, np.ndarray] = {}
+        for name in names:
+            with safe_open(str(self.folder / name), framework="numpy") as shard:
+                tensors.update((tensor, shard.get_tensor(tensor)) for tensor in shard.keys())
+        name, final = self._write_shard(tensors)
+        self.manifest.replace_shards(names, name, file_sha256(final), final.stat().st_size, tensor_offsets(final))
+        for old in names:
+            (self.folder / old).unlink(missing_ok=True)  # a crash before this leaves orphans, removed on reopening
 
     def close(self) -> None:
         self.flush()

@@ -3,9 +3,12 @@
 from __future__ import annotations
 
 import argparse
+import itertools
+import sys
 from pathlib import Path
 
-from .common import EXIT_FAILED, EXIT_OK, add_model_args, add_server_args, backend_from_args
+from .archive_input import archive_input
+from .common import EXIT_FAILED, EXIT_OK, EXIT_USAGE, CommandError, add_model_args, add_server_args, backend_from_args
 
 SUFFIX = {"png": ".png", "jpeg": ".jpg", "webp": ".webp"}
 
@@ -15,56 +18,99 @@ def add_parser(subparsers: argparse._SubParsersAction) -> None:
         "decode", help="decode a latent archive back to image files",
         description="Decode every image of ARCHIVE to DIR at its encoded size (the original size for the native "
                     "policy). Names come from the archive keys, made safe: nothing is written outside DIR. "
-                    "Existing files are kept, so an interrupted run can simply be started again.")
+                    "Existing files are kept, so an interrupted run can simply be started again. Each shard's "
+                    "checksum is checked before its images are decoded. An entry that cannot be decoded (damaged "
+                    "shard or manifest row) is printed with the reason and the others go on. Exit codes: 0 all "
+                    "decoded, 1 some entries failed (or a runtime error), 2 bad usage or not an archive.")
     parser.add_argument("archive", type=Path)
     parser.add_argument("-o", "--output", required=True, type=Path, metavar="DIR")
     parser.add_argument("--image-format", choices=tuple(SUFFIX), default="png", help="default: png")
     parser.add_argument("--quality", type=int, default=95, help="JPEG/WebP quality (default: 95)")
     parser.add_argument("--batch-size", type=int, default=8)
+    parser.add_argument("--no-verify", dest="verify", action="store_false",
+                        help="skip the shard checksums (a damaged shard then decodes to wrong images silently)")
     add_model_args(parser)
     add_server_args(parser)
     parser.set_defaults(run=run, model=None)
 
 
 def run(args: argparse.Namespace) -> int:
-    from latentd.client.archive.reader import open_archive, safe_relative_path
-    from latentd.vae.fileio import write_atomic
+    from latentd.client.archive.reader import Problem, open_archive
 
-    with open_archive(args.archive) as archive:
+    if args.output.exists() and not args.output.is_dir():
+        raise CommandError(f"{args.output}: exists and is not a folder", EXIT_USAGE)
+    with archive_input():
+        archive = open_archive(args.archive, verify_checksums=args.verify)
+    with archive:
         if args.model is None:
             args.model = archive.meta.get("model", "default")  # the model that wrote it
         backend = backend_from_args(args)
-        root = args.output.resolve()
-        used: set[Path] = set()
-        entries = list(archive)
-        written = failed = 0
-        for start in range(0, len(entries), max(1, args.batch_size)):
-            chunk = entries[start:start + args.batch_size]
-            sizes = [(e.record.encoded_height, e.record.encoded_width) for e in chunk]
-            images = backend.decode([e.latents for e in chunk], sizes)
-            for entry, image in zip(chunk, images):
-                target = _unique(root / safe_relative_path(entry.key, SUFFIX[args.image_format]), used)
-                if root not in target.resolve().parents:  # defence in depth: never write outside DIR
-                    failed += 1
-                    continue
-                if not target.exists():
-                    target.parent.mkdir(parents=True, exist_ok=True)
-                    write_atomic(target, _file_bytes(image, args.image_format, args.quality))
-                written += 1
-    print(f"decoded {written} images to {args.output}" + (f" ({failed} refused)" if failed else ""))
-    return EXIT_FAILED if failed else EXIT_OK
+        writer = _Writer(args.output.resolve(), args.image_format, args.quality)
+        problems: list[Problem] = []
+        entries = archive.scan()
+        while chunk := list(itertools.islice(entries, max(1, args.batch_size))):
+            _decode_chunk(backend, chunk, writer, problems)
+    for problem in problems:
+        print(f"FAILED {problem}", file=sys.stderr)
+    print(f"decoded {writer.written} images to {args.output}" + (f"; {len(problems)} failed" if problems else ""))
+    return EXIT_FAILED if problems else EXIT_OK
 
 
-def _unique(path: Path, used: set[Path]) -> Path:
-    candidate, counter = path, 2
-    while candidate in used:
-        candidate = path.with_name(f"{path.stem}-{counter}{path.suffix}")
-        counter += 1
-    used.add(candidate)
-    return candidate
+def _decode_chunk(backend, chunk: list, writer: "_Writer", problems: list) -> None:
+    """Decode the sound entries of `chunk` in one call (each alone if one of them is at fault)."""
+    from latentd.client.archive.encode import call_isolating
+    from latentd.client.archive.text import one_line
+    from latentd.client.archive.reader import Problem
+
+    ready = []
+    for entry in chunk:
+        if isinstance(entry, Problem):
+            problems.append(entry)
+            continue
+        try:
+            ready.append((entry, entry.latents))
+        except Exception as exc:  # noqa: BLE001 - a damaged entry is that entry's failure
+            problems.append(Problem(entry.key, one_line(exc)))
+
+    def decode(pairs):
+        return backend.decode([latents for _, latents in pairs],
+                              [(e.record.encoded_height, e.record.encoded_width) for e, _ in pairs])
+
+    for (entry, _), image in zip(ready, call_isolating(decode, ready)):
+        if isinstance(image, str):
+            problems.append(Problem(entry.key, image))
+            continue
+        try:
+            writer.write(entry.key, image)
+        except (OSError, ValueError) as exc:
+            problems.append(Problem(entry.key, f"cannot write: {one_line(exc)}"))
 
 
-def _file_bytes(image, image_format: str, quality: int) -> bytes:
-    from latentd.vae.imageio import encode_image
+class _Writer:
+    """Image files under `root`, one per key, names made safe and unique."""
 
-    return encode_image(image, image_format.upper(), quality if image_format != "png" else None)
+    def __init__(self, root: Path, image_format: str, quality: int) -> None:
+        self.root, self.image_format, self.quality = root, image_format, quality
+        self.used: set[Path] = set()
+        self.written = 0
+
+    def write(self, key: str, image) -> None:
+        from latentd.client.archive.reader import safe_relative_path
+        from latentd.vae.fileio import write_atomic
+        from latentd.vae.imageio import encode_image
+
+        target = self._unique(self.root / safe_relative_path(key, SUFFIX[self.image_format]))
+        if self.root not in target.resolve().parents:  # defence in depth: never write outside DIR
+            raise ValueError("its file name leads outside the output folder")
+        if not target.exists():
+            quality = self.quality if self.image_format != "png" else None
+            write_atomic(target, encode_image(image, self.image_format.upper(), quality))
+        self.written += 1
+
+    def _unique(self, path: Path) -> Path:
+        candidate, counter = path, 2
+        while candidate in self.used:
+            candidate = path.with_name(f"{path.stem}-{counter}{path.suffix}")
+            counter += 1
+        self.used.add(candidate)
+        return candidate

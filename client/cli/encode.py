@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import functools
 import sys
 from pathlib import Path
 
@@ -11,13 +12,17 @@ from .common import EXIT_FAILED, EXIT_OK, EXIT_USAGE, CommandError, add_model_ar
 
 def add_parser(subparsers: argparse._SubParsersAction) -> None:
     from latentd.client.archive.quantize import FORMAT_NAMES
+    from latentd.client.archive.sources import MAX_ITEM_BYTES
+    from latentd.client.archive.writer import COMMIT_S
 
     parser = subparsers.add_parser(
         "encode", help="encode an image collection into a latent archive (resumable)",
         description="Encode every image of the sources into ARCHIVE (sharded safetensors + a SQLite manifest). "
                     "Re-running the same command after a crash finishes the job with every image exactly once. "
-                    "Unreadable images are listed in the manifest with the reason; the exit code is 1 if any "
-                    "failed.")
+                    "Every image is kept: sources with equal names get distinct keys (LABEL/NAME, a repeated name "
+                    "NAME~2), and only --dedupe skips equal bytes. An unreadable image, member or source is "
+                    "listed in the manifest with the reason (latentd inspect ARCHIVE --failures) and the others "
+                    "go on. Exit codes: 0 all encoded, 1 some failed (or a runtime error), 2 bad usage or input.")
     parser.add_argument("sources", nargs="+", type=Path, metavar="SRC",
                         help="folders (recursive), list files (.txt), tar/zip files, webdataset shards, images")
     parser.add_argument("-o", "--output", required=True, type=Path, metavar="ARCHIVE", help="archive folder")
@@ -27,8 +32,17 @@ def add_parser(subparsers: argparse._SubParsersAction) -> None:
                         help="native, resize:WxH, center-crop:S or buckets:S (default: native)")
     parser.add_argument("--batch-size", type=int, default=8, help="images per model call (default: 8)")
     parser.add_argument("--workers", type=int, default=4, help="image-decoding threads (default: 4)")
-    parser.add_argument("--shard-mb", type=float, default=256, help="shard size in MB (default: 256)")
-    parser.add_argument("--dedupe", action="store_true", help="skip images whose bytes were already encoded")
+    parser.add_argument("--shard-mb", type=float, default=256, help="shard size in MB; the smaller shards --commit-s writes are merged up to it at the end "
+                             "of a run (default: 256)")
+    parser.add_argument("--dedupe", action="store_true",
+                        help="skip images whose bytes were already encoded; each is listed by "
+                             "`latentd inspect ARCHIVE --duplicates`")
+    parser.add_argument("--max-item-mb", type=float, default=MAX_ITEM_BYTES / (1 << 20),
+                        help="refuse (as a failed item) any image file or member larger than this, before reading "
+                             f"it whole (default: {MAX_ITEM_BYTES >> 20})")
+    parser.add_argument("--commit-s", type=float, default=COMMIT_S,
+                        help="write encoded images to the archive at least this often, so an interrupted run "
+                             f"loses at most this much work; 0 commits every image (default: {COMMIT_S:g})")
     parser.add_argument("--engine", choices=("local", "ray"), default="local",
                         help="local threads, or Ray Data actors (a running cluster via RAY_ADDRESS, else a local "
                              "one) (default: local)")
@@ -43,6 +57,7 @@ def add_parser(subparsers: argparse._SubParsersAction) -> None:
 
 def run(args: argparse.Namespace) -> int:
     from latentd.client.archive.encode import encode_sources
+    from latentd.client.archive.manifest import ArchiveError
     from latentd.client.archive.quantize import get_format
     from latentd.client.archive.sizing import SizePolicy
     from latentd.client.archive.sources import iter_sources
@@ -52,34 +67,43 @@ def run(args: argparse.Namespace) -> int:
         policy = SizePolicy.parse(args.size)
     except ValueError as exc:
         raise CommandError(str(exc), EXIT_USAGE) from exc
-    if args.batch_size < 1 or args.workers < 1 or args.shard_mb <= 0:
-        raise CommandError("--batch-size and --workers must be at least 1, --shard-mb positive", EXIT_USAGE)
+    if args.batch_size < 1 or args.workers < 1 or not args.shard_mb > 0 or not args.max_item_mb > 0 \
+            or not args.commit_s >= 0:
+        raise CommandError("--batch-size and --workers must be at least 1, --shard-mb and --max-item-mb "
+                           "positive, --commit-s at least 0", EXIT_USAGE)
     missing = [str(p) for p in args.sources if not p.exists()]
     if missing:
         raise CommandError(f"no such source: {', '.join(missing)}", EXIT_USAGE)
+    if args.output.exists() and not args.output.is_dir():
+        raise CommandError(f"{args.output}: exists and is not an archive folder", EXIT_USAGE)
+    items = functools.partial(iter_sources, args.sources, int(args.max_item_mb * (1 << 20)))
+    try:
+        items()  # checks the sources' kinds and that none is given twice
+    except ValueError as exc:
+        raise CommandError(str(exc), EXIT_USAGE) from exc
     backend = backend_from_args(args)
     settings = ArchiveSettings(args.format, str(policy), backend.name, backend.scaling_factor, backend.shift_factor,
                                backend.factor)
     try:
-        writer = ArchiveWriter(args.output, settings, get_format(args.format), int(args.shard_mb * (1 << 20)))
-    except ArchiveMismatchError as exc:
+        writer = ArchiveWriter(args.output, settings, get_format(args.format), int(args.shard_mb * (1 << 20)),
+                               commit_s=args.commit_s)
+    except (ArchiveMismatchError, ArchiveError) as exc:
         raise CommandError(str(exc), EXIT_USAGE) from exc
     # Counting first costs a directory walk (no image is read) and gives the bar its ETA.
-    bar = _progress_bar(args.progress, sum(1 for _ in iter_sources(args.sources)) if args.progress else None)
+    bar = _progress_bar(args.progress, sum(1 for _ in items()) if args.progress else None)
     try:
         if args.engine == "ray":
-            import functools
-
             from latentd.client.archive.ray_engine import encode_with_ray
 
-            summary = encode_with_ray(iter_sources(args.sources), writer, functools.partial(backend_from_args, args),
+            summary = encode_with_ray(items(), writer, functools.partial(backend_from_args, args),
                                       policy, batch_size=args.batch_size, actors=args.ray_actors,
                                       gpus_per_actor=args.ray_gpus_per_actor, dedupe=args.dedupe,
                                       progress=bar.update if bar else None)
         else:
-            summary = encode_sources(iter_sources(args.sources), writer, backend, policy,
+            summary = encode_sources(items(), writer, backend, policy,
                                      batch_size=args.batch_size, workers=args.workers, dedupe=args.dedupe,
                                      progress=bar.update if bar else None)
+        writer.compact()  # the small shards of --commit-s, merged up to --shard-mb
     finally:
         writer.close()
         if bar:
@@ -91,6 +115,8 @@ def run(args: argparse.Namespace) -> int:
           f"-> {args.output}")
     if summary.failed:
         print(f"see the failures with: latentd inspect {args.output} --failures", file=sys.stderr)
+    if summary.duplicates:
+        print(f"see the duplicates with: latentd inspect {args.output} --duplicates", file=sys.stderr)
     return EXIT_FAILED if summary.failed else EXIT_OK
 
 

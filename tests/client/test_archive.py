@@ -323,3 +323,81 @@ def test_the_ray_engine_writes_what_the_local_engine_writes(tmp_path, tiny_model
             assert (a.record.sha256, a.record.latent_shape, a.record.width) == \
                 (b.record.sha256, b.record.latent_shape, b.record.width)
             np.testing.assert_allclose(a.latents, b.latents, atol=1e-5)
+
+
+def test_source_labels_tell_sources_with_equal_names_apart(tmp_path):
+    from latentd.client.archive.sources import source_labels
+
+    for folder in ("src/a/imgs", "src/b/imgs", "x/a/imgs", "cats"):
+        (tmp_path / folder).mkdir(parents=True)
+    assert source_labels([tmp_path / "cats"]) == [""]
+    assert source_labels([tmp_path / "src/a/imgs", tmp_path / "cats"]) == ["imgs", "cats"]
+    assert source_labels([tmp_path / "src/a/imgs", tmp_path / "src/b/imgs", tmp_path / "x/a/imgs"]) == [
+        "src/a/imgs", "src/b/imgs", "x/a/imgs"]  # one depth for all the sources of a name
+    assert source_labels([tmp_path / "src/a/imgs", tmp_path / "src/b/imgs"]) == ["a/imgs", "b/imgs"]
+    with pytest.raises(ValueError, match="given twice"):
+        source_labels([tmp_path / "cats", tmp_path / "src" / ".." / "cats"])
+
+
+def test_unique_keys_number_a_key_met_again():
+    from latentd.client.archive.sources import SourceItem, unique_keys
+
+    items = [SourceItem(key, key, bytes) for key in ("a", "a", "a~2", "a", "b")]
+    assert [item.key for item in unique_keys(items)] == ["a", "a~2", "a~2~2", "a~3", "b"]
+
+
+def test_the_writer_commits_a_shard_once_its_first_image_waited_commit_s(tmp_path):
+    from latentd.client.archive.manifest import ItemRecord
+    from latentd.client.archive.quantize import get_format
+    from latentd.client.archive.writer import ArchiveSettings, ArchiveWriter
+
+    latents = np.zeros((4, 8, 8), np.float32)
+
+    def record(key):
+        return ItemRecord(key, key, "ok", width=16, height=16, encoded_width=16, encoded_height=16)
+
+    settings = ArchiveSettings("float16", "native", "tiny-vae", 0.5, 0.1, 2)
+    immediate = ArchiveWriter(tmp_path / "a", settings, get_format("float16"), commit_s=0)
+    immediate.add(record("x"), latents)
+    immediate.add(record("y"), latents)
+    assert len(immediate.manifest.shards()) == 2 and immediate.manifest.keys() == {"x", "y"}
+    with pytest.raises(ValueError, match="already in the archive"):
+        immediate.add(record("x"), latents)
+    immediate.close()
+    patient = ArchiveWriter(tmp_path / "b", settings, get_format("float16"), commit_s=3600)
+    patient.add(record("x"), latents)
+    patient.add(record("y"), latents)
+    assert patient.manifest.shards() == []
+    patient.close()
+    with open_archive(tmp_path / "b") as archive:
+        assert len(archive.manifest.shards()) == 1 and len(archive) == 2
+
+
+def test_compaction_merges_small_shards_and_survives_a_crash_before_its_commit(tmp_path, tiny_model_dir,
+                                                                              monkeypatch):
+    from latentd.client.archive.manifest import Manifest
+
+    folder = tmp_path / "imgs"
+    for i in range(7):
+        _save(Image.fromarray(smooth_image(16, 16, seed=i)), folder / f"{i}.png")
+    archive = tmp_path / "archive"
+    args = ["encode", str(folder), "-o", str(archive), "--model", str(tiny_model_dir), "--no-progress",
+            "--batch-size", "1", "--commit-s", "0"]
+    monkeypatch.setattr(Manifest, "replace_shards", lambda *a, **k: (_ for _ in ()).throw(SystemExit("crash")))
+    with pytest.raises(SystemExit):
+        main(args)
+    monkeypatch.undo()
+    with open_archive(archive) as opened:
+        assert len(opened.manifest.shards()) == 7 and len(opened) == 7
+    assert len(list(archive.glob("shard-*"))) == 8  # the merged shard, renamed but never committed
+    with open_archive(archive) as opened:
+        before = {entry.key: entry.latents for entry in opened}
+        small = {row["name"] for row in opened.manifest.shards()}
+    assert main(args) == 0  # reopening removes the orphan; this run compacts
+    with open_archive(archive) as opened:
+        assert len(opened.manifest.shards()) == 1 and [row["items"] for row in opened.manifest.shards()] == [7]
+        for entry in opened:
+            np.testing.assert_array_equal(entry.latents, before[entry.key])
+    merged = [p.name for p in archive.glob("shard-*")]
+    assert len(merged) == 1 and merged[0] not in small
+    assert main(["verify", str(archive)]) == 0

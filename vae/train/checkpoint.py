@@ -16,6 +16,7 @@ from pathlib import Path
 import torch
 
 from ..errors import InvalidInputError
+from ..fileio import follow_umask
 
 _STEP_DIR = re.compile(r"^step-(\d{7})$")
 EMA_FILE = "ema.safetensors"
@@ -73,6 +74,7 @@ def save_ema(ema, path: Path) -> None:
     tensors = {f"shadow.{i:04d}": t.detach().cpu().contiguous() for i, t in enumerate(state["shadow_params"])}
     scalars = {k: v for k, v in state.items() if k != "shadow_params" and isinstance(v, (int, float, bool))}
     save_file(tensors, str(path), metadata={"scalars": json.dumps(scalars)})
+    follow_umask(path)  # safetensors creates 0600
 
 
 def load_ema(ema, path: Path) -> None:
