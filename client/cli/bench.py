@@ -73,8 +73,8 @@ def add_parser(subparsers: argparse._SubParsersAction) -> None:
                        help="interleaved rounds of in-process, batched and unbatched measurements per workload, "
                             "so that all see the same drift of the machine's speed (default: 3)")
     serve.add_argument("--max-batch-size", type=int, default=8, help="the server's batch size (default: 8)")
-    serve.add_argument("--target", metavar="HOST:PORT", type=server_address, help="measure a running server instead of starting one "
-                                                             "(no batching-off phase, no batch sizes)")
+    serve.add_argument("--target", metavar="HOST:PORT", type=server_address,
+                       help="measure a running server instead of starting one (no batching-off phase, no batch sizes)")
     serve.add_argument("--device", help="cpu, cuda, ... (default: auto)")
     serve.add_argument("--json", action="store_true", help="print one JSON object")
     serve.set_defaults(run=run_serve)
