@@ -39,7 +39,7 @@ def _kind(handler: grpc.RpcMethodHandler) -> tuple[Callable, bool, bool]:
 
 def _build(behaviour: Callable, requests: bool, responses: bool,
            response_serializer: Callable | None) -> grpc.RpcMethodHandler:
-    """A handler that receives the raw request bytes (no request deserializer: see `_parsing`)."""
+    """A handler that receives the raw request bytes (no request deserializer: see `_parser`)."""
     build = next(builder for _, builder, r, s in KINDS if (r, s) == (requests, responses))
     return build(behaviour, request_deserializer=None, response_serializer=response_serializer)
 
@@ -58,7 +58,7 @@ def _parser(deserialize: Callable | None) -> Callable[[bytes, int | None], objec
     def parse(raw: bytes, index: int | None) -> object:
         try:
             return deserialize(raw)
-        except Exception as exc:  # noqa: BLE001 - protobuf raises DecodeError, but also others on odd input
+        except Exception:  # noqa: BLE001 - protobuf raises DecodeError, but also others on odd input
             where = "request" if index is None else f"request {index} of the stream"
             raise MalformedRequestError(f"{where} is not a valid {type_name} message ({len(raw)} bytes)",
                                         field="request") from None
