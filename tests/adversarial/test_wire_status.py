@@ -114,6 +114,21 @@ def test_a_malformed_message_mid_stream_ends_the_stream_with_invalid_argument_na
     assert_healthy(harness.channel)
 
 
+@pytest.mark.parametrize("method", ["/latentd.v1.Latentd/Nope", "/latentd.v2.Latentd/Encode", "/", "no-slash"])
+def test_an_unknown_method_is_unimplemented(harness, guarded, method):
+    for server in (harness, guarded):
+        with pytest.raises(grpc.RpcError) as raised:
+            server.channel.unary_unary(method)(MALFORMED["garbage"], timeout=10)
+        assert raised.value.code() == grpc.StatusCode.UNIMPLEMENTED
+    assert_healthy(harness.channel)
+
+
+@pytest.mark.parametrize("rpc", [r for r in rpcs.EVERY if r.request_streaming], ids=lambda rpc: rpc.method)
+def test_an_empty_stream_ends_with_ok_and_no_answers(harness, rpc):
+    assert rpc.call(harness.channel, [], raw=True) == []
+    assert_healthy(harness.channel)
+
+
 def test_health_watch_streams_the_status_as_it_changes(harness):
     stub = health_pb2_grpc.HealthStub(harness.channel)
     watch = stub.Watch(health_pb2.HealthCheckRequest(service=""), timeout=30)
