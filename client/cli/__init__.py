@@ -48,8 +48,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     except SystemExit as exit_:  # --help, --version and usage errors
         return exit_.code if isinstance(exit_.code, int) else EXIT_USAGE
     args.extra = extra
-    if not getattr(args, "run", None):
-        parser.print_help(sys.stderr)
+    if not getattr(args, "run", None):  # `latentd` or `latentd bench` alone
+        prog = " ".join(filter(None, ("latentd", args.command)))
+        print(f"{prog}: error: a command is needed (see {prog} --help)", file=sys.stderr)
         return EXIT_USAGE
     retain_freed_memory()  # every command runs models repeatedly: 11-18% faster 512x512 calls on CPU
     try:

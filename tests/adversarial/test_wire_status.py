@@ -451,6 +451,14 @@ def test_an_unknown_flag_exits_2_with_one_line(command, capsys):
     assert "\n" not in err and "--no-such-flag" in err
 
 
+@pytest.mark.parametrize("argv", [[], ["bench"], ["no-such-command"], ["serve", "--port", "x"],
+                                  ["serve", "--port", "70000"], ["encode", "src", "-o", "a", "--batch-size", "0"]])
+def test_bad_usage_exits_2_with_one_line(argv, capsys):
+    assert main(argv) == 2
+    err = capsys.readouterr().err.strip()
+    assert err.startswith("latentd") and "error:" in err and "\n" not in err
+
+
 def test_the_exit_codes_are_in_the_help(capsys):
     assert main(["--help"]) == 0
     out = capsys.readouterr().out
