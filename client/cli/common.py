@@ -21,6 +21,7 @@ EXIT_CODES_HELP = f"""exit codes (every subcommand):
        or request the server refuses as invalid; one line on stderr says which
   {EXIT_INTERRUPTED}  interrupted (Ctrl-C)"""
 
+
 class CommandError(Exception):
     """A failure the user can fix, reported as one line with `exit_code`."""
 
