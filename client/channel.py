@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import ipaddress
 import os
+import re
 import socket
 from typing import Any, Sequence
 
@@ -27,6 +28,12 @@ CHANNEL_OPTIONS: tuple[tuple[str, Any], ...] = (
 
 TLS = bool | str | os.PathLike | bytes | grpc.ChannelCredentials | None
 
+DEFAULT_PORT = 50051
+# gRPC's own target schemes pass through as they are (replica lists, DNS re-resolution, sockets).
+_GRPC_SCHEMES = re.compile(r"(dns|ipv4|ipv6|unix|unix-abstract|vsock):(?!\d+$)")
+_LABEL = r"[A-Za-z0-9_]([A-Za-z0-9_-]{0,61}[A-Za-z0-9_])?"
+_HOSTNAME = re.compile(rf"(?=.{{1,253}}$){_LABEL}(\.{_LABEL})*\.?")
+
 
 def credentials(tls: TLS) -> grpc.ChannelCredentials | None:
     """None/False: plaintext; True: TLS with the system roots; a path or PEM bytes: TLS trusting that CA;
@@ -49,15 +56,46 @@ def auth_metadata(token: str | None) -> tuple[tuple[str, str], ...]:
     return (("authorization", f"Bearer {token}"),) if token else ()
 
 
+def server_target(text: str) -> str:
+    """One server's address as a gRPC target: HOST, HOST:PORT, [IPv6]:PORT or a bare IPv6 address, on
+    port 50051 unless given (gRPC's own default would be 443); a target with a gRPC scheme
+    (dns:///name:port, unix:/path, ipv4:a:p,b:p) passes as it is. ValueError says what is wrong."""
+    text = text.strip()
+    if _GRPC_SCHEMES.match(text):
+        return text
+    try:
+        return f"[{ipaddress.IPv6Address(text)}]:{DEFAULT_PORT}"
+    except ValueError:
+        pass
+    bracketed = re.fullmatch(r"\[([^\]]*)\](?::(.*))?", text)
+    if bracketed:
+        host, port = bracketed.group(1), bracketed.group(2)
+        try:
+            ipaddress.IPv6Address(host)
+        except ValueError:
+            raise ValueError(f"{text!r}: {host!r} is not an IPv6 address") from None
+        host = f"[{host}]"
+    else:
+        host, sep, port = text.partition(":")
+        port = port if sep else None
+        if not _HOSTNAME.fullmatch(host):
+            raise ValueError(f"{text!r}: {host!r} is not a host name or address (HOST:PORT)")
+    if port is None:
+        return f"{host}:{DEFAULT_PORT}"
+    if not (port.isascii() and port.isdigit() and 1 <= int(port) <= 65535):
+        raise ValueError(f"{text!r}: the port must be a number 1-65535, got {port!r}")
+    return f"{host}:{int(port)}"
+
+
 def channel_target(target: str | Sequence[str]) -> str:
     """One gRPC target for one address or a list of replicas.
 
-    A string passes through (`host:port`, or `dns:///name:port` to follow a DNS name's records). A
+    A string is one server (see `server_target`; `dns:///name:port` follows a DNS name's records). A
     list of `host:port` becomes an `ipv4:`/`ipv6:` address list; host names in it are resolved once,
     here, to all their addresses.
     """
     if isinstance(target, str):
-        return target
+        return server_target(target)
     if not target:
         raise ValueError("no server addresses given")
     v4, v6 = [], []

@@ -67,6 +67,9 @@ _BY_CODE = {cls.code: cls for cls in (InvalidInputError, NotFoundError, Unauthen
                                       CancelledError, InternalError)}
 # Only these mean "try again later"; everything else would fail the same way again.
 RETRYABLE = frozenset({grpc.StatusCode.UNAVAILABLE, grpc.StatusCode.RESOURCE_EXHAUSTED})
+# The request itself is at fault (the CLI exits 2 on these): the same call fails the same way anywhere.
+CALLER_ERRORS = frozenset({grpc.StatusCode.INVALID_ARGUMENT, grpc.StatusCode.NOT_FOUND, grpc.StatusCode.OUT_OF_RANGE,
+                           grpc.StatusCode.UNAUTHENTICATED, grpc.StatusCode.PERMISSION_DENIED})
 
 
 def error_for(code: grpc.StatusCode, details: str) -> LatentdClientError:

@@ -37,6 +37,7 @@ DTYPES: tuple[WireDType, ...] = (
     WireDType(pb.FLOAT32, "float32", "<f4", 4),
 )
 _BY_PROTO = {d.proto: d for d in DTYPES}
+MAX_DIMS = 8  # latentd's tensors have 3 or 4 (numpy stops at 64)
 _BY_NAME = {d.name: d for d in DTYPES}
 
 
@@ -74,8 +75,13 @@ def from_tensor(message: pb.Tensor, field: str) -> np.ndarray:
         raise TensorError(f"{field}.dtype {message.dtype} is not a known dtype", f"{field}.dtype")
     wire = _BY_PROTO[message.dtype]
     shape = tuple(message.shape)
+    if len(shape) > MAX_DIMS:
+        raise TensorError(f"{field}.shape has {len(shape)} dimensions; at most {MAX_DIMS}", f"{field}.shape")
     if not shape or any(n < 0 for n in shape):
         raise TensorError(f"{field}.shape {list(shape)} must be non-empty and non-negative", f"{field}.shape")
+    # An empty tensor's other dimensions are not bounded by its data; no array can span more bytes.
+    if math.prod(n for n in shape if n) * wire.itemsize > np.iinfo(np.intp).max:
+        raise TensorError(f"{field}.shape {list(shape)} is larger than any array", f"{field}.shape")
     expected = math.prod(shape) * wire.itemsize
     if len(message.data) != expected:
         raise TensorError(f"{field}.data has {len(message.data)} bytes; shape {list(shape)} of {wire.name} "

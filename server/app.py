@@ -11,7 +11,6 @@ from typing import Any
 
 import grpc
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
-from grpc_reflection.v1alpha import reflection
 
 from latentd.v1 import latentd_pb2 as pb
 from latentd.v1 import latentd_pb2_grpc as pb_grpc
@@ -20,6 +19,7 @@ from latentd.vae.errors import InvalidInputError
 from .interceptors import AuthInterceptor, ErrorInterceptor
 from .metrics import ServerMetrics, start_metrics_http
 from .models import ModelPool
+from .reflection import enable_server_reflection
 from .servicer import LatentdServicer
 from .settings import ServerSettings
 
@@ -90,21 +90,27 @@ async def create_server(settings: ServerSettings, *, load: bool = True) -> tuple
     interceptors.append(ErrorInterceptor())
     limit = settings.max_message_mb * 1024 * 1024
     server = grpc.aio.server(interceptors=interceptors, options=[
-        ("grpc.max_receive_message_length", limit), ("grpc.max_send_message_length", limit)])
+        ("grpc.max_receive_message_length", limit), ("grpc.max_send_message_length", limit),
+        # On by default in grpc: a second server on a port in use would start and share it silently.
+        ("grpc.so_reuseport", 0)])
     pb_grpc.add_LatentdServicer_to_server(LatentdServicer(pool, settings, metrics), server)
     health_servicer = health.aio.HealthServicer()
     health_pb2_grpc.add_HealthServicer_to_server(health_servicer, server)
-    reflection.enable_server_reflection(
-        (SERVICE_NAME, health_pb2.DESCRIPTOR.services_by_name["Health"].full_name, reflection.SERVICE_NAME), server)
+    enable_server_reflection((SERVICE_NAME, health_pb2.DESCRIPTOR.services_by_name["Health"].full_name), server)
     credentials = _credentials(settings)
     try:
         port = (server.add_secure_port(settings.address, credentials) if credentials
                 else server.add_insecure_port(settings.address))
     except RuntimeError as exc:
-        raise InvalidInputError(f"cannot listen on {settings.address}: {exc}", field="port") from exc
+        raise InvalidInputError(f"cannot listen on {settings.address}: the port is in use, or the host is not an "
+                                "address of this machine", field="port") from exc
     http, metrics_port = None, None
     if settings.metrics_port is not None:
-        http, _, metrics_port = start_metrics_http(metrics, settings.metrics_host, settings.metrics_port)
+        try:
+            http, _, metrics_port = start_metrics_http(metrics, settings.metrics_host, settings.metrics_port)
+        except OSError as exc:
+            raise InvalidInputError(f"cannot serve metrics on {settings.metrics_host}:{settings.metrics_port}: "
+                                    f"{exc.strerror or exc}", field="metrics_port") from exc
     running = LatentdServer(server, port, settings, health_servicer, pool, metrics, metrics_port, http)
     await running.set_serving(False)
     await server.start()

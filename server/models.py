@@ -11,10 +11,11 @@ from dataclasses import dataclass
 from typing import Any, Callable, Hashable
 
 from latentd.vae.codec import Codec, CodecOptions, load_codec
-from latentd.vae.errors import InvalidInputError
+from latentd.vae.errors import ModelNotFoundError
 
 from .batcher import Batcher, BatchStats
 from .compute import ComputeLanes
+from .echo import quoted
 from .jobs import DECODE, predict, warm_up
 from .settings import ServerSettings
 
@@ -140,8 +141,7 @@ class ModelPool:
             raise NotReadyError("the server is still loading its models; retry shortly")
         model = self._models.get(name or self.settings.default_model)
         if model is None:
-            raise InvalidInputError(f"model {name!r} is not served here (served: {', '.join(self._models)})",
-                                    field="model")
+            raise ModelNotFoundError(f"model {quoted(name)} is not served here (served: {', '.join(self._models)})")
         return model
 
     def stop(self, timeout: float | None = None) -> None:

@@ -18,6 +18,7 @@ from latentd.v1 import latentd_pb2_grpc as pb_grpc
 from latentd.vae.errors import InvalidInputError
 
 from . import wire
+from .echo import log_value, quoted
 from .metrics import ServerMetrics
 from .jobs import DECODE, ENCODE, DecodeFinish, EncodeFinish, Job
 from .models import ModelPool, ServedModel
@@ -116,8 +117,8 @@ class LatentdServicer(pb_grpc.LatentdServicer):
             self.metrics.request_done(rpc, code, seconds)
             if self.settings.log_requests:
                 logger.info("id=%s rpc=%s model=%s items=%d sizes=%s code=%s queue_ms=%.1f compute_ms=%.1f "
-                            "total_ms=%.1f", log.id, rpc, log.model, log.items, log.sizes or "-", code,
-                            log.queue_ms, log.compute_ms, seconds * 1e3)
+                            "total_ms=%.1f", log_value(log.id), rpc, log_value(log.model), log.items,
+                            log.sizes or "-", code, log.queue_ms, log.compute_ms, seconds * 1e3)
 
     # ---- encode / decode -----------------------------------------------------------------------
 
@@ -261,7 +262,7 @@ class LatentdServicer(pb_grpc.LatentdServicer):
                 raise InvalidInputError(f"steps must be 2-64, got {request.steps}", field="steps")
             method = request.method or "slerp"
             if method not in ("slerp", "lerp"):
-                raise InvalidInputError(f"method must be slerp or lerp, got {method!r}", field="method")
+                raise InvalidInputError(f"method must be slerp or lerp, got {quoted(method)}", field="method")
 
             pair = (request.image_a, request.image_b)
             a, b = await self._off_loop(

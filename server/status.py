@@ -9,6 +9,7 @@ import grpc
 from latentd.vae.errors import InvalidInputError, LatentdError, ModelNotFoundError, NumericalError
 
 from .batcher import BatcherClosedError, BatchSizeMismatchError, DeadlineExpiredError, QueueFullError
+from .echo import bounded
 from .models import NotReadyError
 
 logger = logging.getLogger(__name__)
@@ -29,10 +30,11 @@ STATUS_TABLE: tuple[tuple[type[BaseException], grpc.StatusCode], ...] = (
 
 def status_for(exc: BaseException) -> tuple[grpc.StatusCode, str]:
     """(code, message) for an exception; unexpected ones are logged with their traceback and answered
-    INTERNAL with a generic message, so no internals (paths, tensors, secrets) reach the client."""
+    INTERNAL with a generic message, so no internals (paths, tensors, secrets) reach the client. Messages
+    are bounded (see echo.STATUS_CHARS): a status larger than the client accepts reaches it as another."""
     for kind, code in STATUS_TABLE:
         if isinstance(exc, kind):
-            return code, str(exc)
+            return code, bounded(str(exc))
     if isinstance(exc, MemoryError) or "out of memory" in str(exc).lower():
         return grpc.StatusCode.RESOURCE_EXHAUSTED, "the server ran out of memory for this request"
     logger.error("unexpected error", exc_info=exc)

@@ -22,6 +22,11 @@ LATENT_DTYPES = {pb.DTYPE_UNSPECIFIED: "float32", pb.FLOAT32: "float32", pb.FLOA
 ENCODED_FORMATS = {pb.IMAGE_FORMAT_UNSPECIFIED: ("PNG", False), pb.PNG: ("PNG", False), pb.JPEG: ("JPEG", True),
                    pb.WEBP: ("WEBP", True)}
 DEFAULT_QUALITY = 90
+# Float pixels are in [-1, 1]; the band leaves room for resampling overshoot. Far beyond it they are no
+# image, and the model overflows to NaN on them.
+FLOAT_PIXEL_BOUND = 1.5
+# Real latents stay within about +-100; far beyond, a model's float32 normalisation overflows to NaN.
+LATENT_BOUND = 1e4
 
 
 def _tensor(message: pb.Tensor, field: str) -> np.ndarray:
@@ -29,6 +34,13 @@ def _tensor(message: pb.Tensor, field: str) -> np.ndarray:
         return from_tensor(message, field)
     except TensorError as exc:
         raise InvalidInputError(str(exc), field=exc.field) from None
+
+
+def _check_bound(array: np.ndarray, bound: float, field: str) -> None:
+    largest = float(np.abs(array).max()) if array.size else 0.0
+    if largest > bound:
+        raise InvalidInputError(f"{field} holds values beyond +-{bound:g} (largest magnitude {largest:.3g})",
+                                field=field)
 
 
 def tiling(value: int, field: str) -> str:
@@ -87,6 +99,7 @@ def read_image(message: pb.Image, field: str, max_pixels: int) -> np.ndarray | t
             check_pixel_limit(pixels.shape[2], pixels.shape[1], max_pixels, field)
             if not np.isfinite(pixels).all():
                 raise InvalidInputError(f"{field}.pixels holds NaN or infinite values", field=f"{field}.pixels")
+            _check_bound(pixels, FLOAT_PIXEL_BOUND, f"{field}.pixels")
             return torch.from_numpy(pixels.astype(np.float32))
         raise InvalidInputError(f"{field}.pixels must be uint8 [H, W, 3] or float [3, H, W], got "
                                 f"{pixels.dtype.name} {list(pixels.shape)}", field=f"{field}.pixels")
@@ -113,6 +126,7 @@ def read_latents(message: pb.Latents, field: str, info: ModelInfo, max_pixels: i
         raise InvalidInputError(f"{label}.shape {list(array.shape)} is empty", field=f"{label}.shape")
     if not np.isfinite(array).all():
         raise InvalidInputError(f"{label} holds NaN or infinite values", field=label)
+    _check_bound(array, LATENT_BOUND, label)
     full = (h * info.downsampling_factor, w * info.downsampling_factor)
     height, width = message.height or full[0], message.width or full[1]
     for name, value, limit in (("height", height, full[0]), ("width", width, full[1])):

@@ -9,7 +9,7 @@ from importlib import metadata
 from typing import Sequence
 
 from . import bench, decode, encode, eval_rd, evaluate, health, info, inspect, models, roundtrip, serve, train, verify
-from .common import EXIT_FAILED, EXIT_USAGE, CommandError, one_line
+from .common import EXIT_CODES_HELP, EXIT_INTERRUPTED, EXIT_USAGE, Parser, exit_code, one_line
 
 # Each module adds its own parser with `add_parser(subparsers)`; order is the order of `--help`.
 COMMANDS = (info, serve, models, health, encode, decode, inspect, verify, roundtrip, evaluate, eval_rd, train, bench)
@@ -26,9 +26,10 @@ def _version() -> str:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(
+    parser = Parser(
         prog="latentd",
         description="Latent-diffusion image compression: encode images to VAE latents and back.",
+        epilog=EXIT_CODES_HELP, formatter_class=argparse.RawDescriptionHelpFormatter,
     )
     parser.add_argument("--version", action="version", version=f"latentd {_version()}")
     parser.add_argument("--debug", action="store_true", help="show the full traceback of an error")
@@ -48,8 +49,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     except SystemExit as exit_:  # --help, --version and usage errors
         return exit_.code if isinstance(exit_.code, int) else EXIT_USAGE
     args.extra = extra
-    if not getattr(args, "run", None):
-        parser.print_help(sys.stderr)
+    if not getattr(args, "run", None):  # `latentd` or `latentd bench` alone
+        prog = " ".join(filter(None, ("latentd", args.command)))
+        print(f"{prog}: error: a command is needed (see {prog} --help)", file=sys.stderr)
         return EXIT_USAGE
     if args.command in MODEL_COMMANDS:
         from latentd.vae.allocator import retain_freed_memory
@@ -59,15 +61,12 @@ def main(argv: Sequence[str] | None = None) -> int:
         return int(args.run(args) or 0)
     except KeyboardInterrupt:
         print(f"latentd {args.command}: interrupted", file=sys.stderr)
-        return 130
-    except CommandError as exc:
-        print(f"latentd {args.command}: error: {one_line(exc)}", file=sys.stderr)
-        return exc.exit_code
+        return EXIT_INTERRUPTED
     except Exception as exc:  # every failure is one line; --debug shows where it came from
         if args.debug:
             traceback.print_exc()
         print(f"latentd {args.command}: error: {one_line(exc)}", file=sys.stderr)
-        return EXIT_FAILED
+        return exit_code(exc)
 
 
 __all__ = ["build_parser", "main"]

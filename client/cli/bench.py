@@ -7,7 +7,8 @@ import json
 from dataclasses import asdict
 from pathlib import Path
 
-from .common import EXIT_FAILED, EXIT_OK, EXIT_USAGE, CommandError, add_model_args, add_server_args, backend_from_args
+from .common import (EXIT_FAILED, EXIT_OK, EXIT_USAGE, CommandError, add_model_args, add_server_args,
+                     backend_from_args, server_address)
 
 # Speed-ups latentd aims for over plain diffusers (CPU, 512x512, batch 1); printed, never asserted.
 TARGETS = {"encode": 1.25, "decode": 1.15}
@@ -72,8 +73,8 @@ def add_parser(subparsers: argparse._SubParsersAction) -> None:
                        help="interleaved rounds of in-process, batched and unbatched measurements per workload, "
                             "so that all see the same drift of the machine's speed (default: 3)")
     serve.add_argument("--max-batch-size", type=int, default=8, help="the server's batch size (default: 8)")
-    serve.add_argument("--target", metavar="HOST:PORT", help="measure a running server instead of starting one "
-                                                             "(no batching-off phase, no batch sizes)")
+    serve.add_argument("--target", metavar="HOST:PORT", type=server_address,
+                       help="measure a running server instead of starting one (no batching-off phase, no batch sizes)")
     serve.add_argument("--device", help="cpu, cuda, ... (default: auto)")
     serve.add_argument("--json", action="store_true", help="print one JSON object")
     serve.set_defaults(run=run_serve)

@@ -1,16 +1,25 @@
-"""Pieces the subcommands share: exit codes, model options, one-line errors."""
+"""Pieces the subcommands share: exit codes, model and server options, one-line errors."""
 
 from __future__ import annotations
 
 import argparse
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, NoReturn
 
 if TYPE_CHECKING:
     from latentd.vae import Codec
 
 EXIT_OK = 0
 EXIT_FAILED = 1  # the command ran but failed, or some of its items did
-EXIT_USAGE = 2  # bad arguments (argparse uses 2 as well)
+EXIT_USAGE = 2  # bad usage or bad input: arguments, files or requests that cannot succeed as given
+EXIT_INTERRUPTED = 130
+
+EXIT_CODES_HELP = f"""exit codes (every subcommand):
+  {EXIT_OK}    success
+  {EXIT_FAILED}    a runtime failure: the server unreachable, busy or failing, an I/O error, or some
+       items of a batch failed (each is reported)
+  {EXIT_USAGE}    bad usage or bad input: unknown flags, values out of range, missing input files, a model
+       or request the server refuses as invalid; one line on stderr says which
+  {EXIT_INTERRUPTED}  interrupted (Ctrl-C)"""
 
 
 class CommandError(Exception):
@@ -19,6 +28,39 @@ class CommandError(Exception):
     def __init__(self, message: str, exit_code: int = EXIT_FAILED):
         super().__init__(message)
         self.exit_code = exit_code
+
+
+class Parser(argparse.ArgumentParser):
+    """argparse with usage errors as one line (the usage itself is one `--help` away)."""
+
+    def error(self, message: str) -> NoReturn:
+        self.exit(EXIT_USAGE, f"{self.prog}: error: {' '.join(message.split())} (see {self.prog} --help)\n")
+
+
+def server_address(text: str) -> str:
+    """`--server` and `--target` (argparse type): see `channel.server_target`."""
+    from latentd.client.channel import server_target
+
+    try:
+        return server_target(text)
+    except ValueError as exc:
+        raise argparse.ArgumentTypeError(str(exc)) from None
+
+
+def exit_code(exc: BaseException) -> int:
+    """EXIT_USAGE for input that can never succeed as given (the same request would fail the same way),
+    EXIT_FAILED for everything else."""
+    from latentd.client.errors import CALLER_ERRORS, LatentdClientError
+    from latentd.client.tensors import TensorError
+    from latentd.vae.errors import InvalidInputError, ModelNotFoundError  # no torch: the errors module alone
+
+    if isinstance(exc, CommandError):
+        return exc.exit_code
+    if isinstance(exc, LatentdClientError):
+        return EXIT_USAGE if exc.code in CALLER_ERRORS else EXIT_FAILED
+    bad_input = (InvalidInputError, ModelNotFoundError, TensorError, FileNotFoundError, NotADirectoryError,
+                 IsADirectoryError)
+    return EXIT_USAGE if isinstance(exc, bad_input) else EXIT_FAILED
 
 
 def one_line(exc: BaseException) -> str:
@@ -55,8 +97,9 @@ def add_server_args(parser: argparse.ArgumentParser, required: bool = False) -> 
     import os
 
     group = parser.add_argument_group("server (instead of the in-process model)")
-    group.add_argument("--server", metavar="HOST:PORT", required=required,
-                       help="use a latentd server" + ("" if required else " instead of loading the model here"))
+    group.add_argument("--server", metavar="HOST:PORT", required=required, type=server_address,
+                       help="use a latentd server" + ("" if required else " instead of loading the model here") +
+                            " (port 50051 unless given)")
     group.add_argument("--token", default=os.environ.get("LATENTD_TOKEN"),
                        help="bearer token (default: $LATENTD_TOKEN; prefer the variable, flags show in `ps`)")
     group.add_argument("--tls-ca", metavar="PEM", help="use TLS, trusting this CA certificate")

@@ -17,7 +17,7 @@ def add_parser(subparsers: argparse._SubParsersAction) -> None:
                     "which wins over the file. SIGTERM drains in-flight requests and exits 0.")
     parser.add_argument("--config", type=Path, help="settings file (TOML, YAML or JSON)")
     parser.add_argument("--host", help="address to bind (default: 127.0.0.1; 0.0.0.0 for every interface)")
-    parser.add_argument("--port", type=int, help="port (default: 50051; 0: any free port)")
+    parser.add_argument("--port", type=int, help="port (default: 50051; 0: any free port; one in use: exit 2)")
     parser.add_argument("--model", dest="models", action="append", metavar="NAME=SOURCE",
                         help="serve SOURCE (registry name, model folder, checkpoint or Hub id) as NAME; repeat for "
                              "several, the first is the default (default: default=default)")

@@ -84,7 +84,7 @@ def test_same_stem_inputs_keep_both_outputs(tmp_path, tiny_model_dir):
 def test_errors_are_one_line_with_a_nonzero_exit(tmp_path, capsys):
     image = tmp_path / "x.png"
     Image.fromarray(smooth_image(8, 8)).save(image)
-    assert main(["roundtrip", str(image), "-o", str(tmp_path / "o"), "--model", "no-such-model"]) == 1
+    assert main(["roundtrip", str(image), "-o", str(tmp_path / "o"), "--model", "no-such-model"]) == 2  # bad input
     err = capsys.readouterr().err.strip()
     assert err.startswith("latentd roundtrip: error:") and "no-such-model" in err and "\n" not in err
 

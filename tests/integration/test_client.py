@@ -18,6 +18,7 @@ from latentd.client import (
     DeadlineExceededError,
     InvalidInputError,
     LatentClient,
+    NotFoundError,
     RetryPolicy,
     UnauthenticatedError,
     UnavailableError,
@@ -122,7 +123,7 @@ def test_errors_are_typed_and_carry_the_field(served):
     assert "items[0].latents.shape" in str(raised.value)
     registry = harness.server.metrics.registry
     assert registry.get_sample_value("latentd_requests_total", {"rpc": "Decode", "code": "INVALID_ARGUMENT"}) == 1
-    with pytest.raises(InvalidInputError, match="model"):
+    with pytest.raises(NotFoundError, match="model"):
         client.encode(smooth_image(8, 8), model="missing")
 
 

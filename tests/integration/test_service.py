@@ -121,7 +121,6 @@ BAD_REQUESTS = [
      "images[0].pixels"),
     ("Encode", pb.EncodeRequest(images=[pb.Image(pixels=pb.Tensor(dtype=pb.UINT8, shape=[8, 8, 3], data=b"x"))]),
      "images[0].pixels.data"),
-    ("Encode", pb.EncodeRequest(model="nope", images=[pb.Image(encoded=png(smooth_image(8, 8)))]), "model"),
     ("Encode", pb.EncodeRequest(images=[pb.Image(pixels=to_tensor(np.zeros((300, 300, 3), np.uint8)))]),
      "images[0]"),  # over max_pixels
     ("Encode", pb.EncodeRequest(images=[pb.Image(encoded=png(smooth_image(8, 8)))],

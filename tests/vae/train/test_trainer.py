@@ -232,7 +232,7 @@ def test_export_loads_back_with_unit_variance_latents(tmp_path, write_config, im
     assert cli["scaling_factor"] == pytest.approx(result.scaling_factor, rel=1e-6)
     assert {t.dtype for t in _weights(tmp_path / "cli" / "diffusion_pytorch_model.safetensors").values()} == {
         torch.float16}
-    assert main(["export", str(tmp_path / "nothing-here"), "-o", str(tmp_path / "x")]) == 1
+    assert main(["export", str(tmp_path / "nothing-here"), "-o", str(tmp_path / "x")]) == 2  # bad input
     assert not (tmp_path / "x").exists()
 
 
