@@ -315,6 +315,10 @@ class Batcher:
                     live = self._admit(group[start:start + limit])
                     if live:
                         self._compute(group[0].key, live, run)
+        except BatcherClosedError as exc:  # the compute slot closed (shutdown): expected, no traceback
+            for item in group:
+                if not item.future.done():
+                    _settle(item.future, error=exc)
         except Exception as exc:  # a bug here fails this group only; the loop goes on
             logger.exception("batcher %s: unexpected error", self.name)
             for item in group:

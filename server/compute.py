@@ -11,14 +11,16 @@ from typing import Any, Callable, Iterator
 
 import torch
 
+from .batcher import BatcherClosedError
+
 # How long after two calls last met (one ready while another ran or waited) shareable calls keep
 # taking narrow lanes, so that two batcher workers finishing together do not fall back to taking
 # turns on the wide lane. A lone client's calls never meet another, so they keep the wide lane.
 SHARING_LINGER_S = 0.5
 
 
-class LanesClosedError(Exception):
-    """A call asked for a lane after close()."""
+class LanesClosedError(BatcherClosedError):
+    """A call asked for a lane after close() (the server is stopping: UNAVAILABLE, like a closed batcher)."""
 
 
 class _Lane:

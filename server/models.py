@@ -14,6 +14,7 @@ from latentd.vae.codec import Codec, CodecOptions, load_codec
 from latentd.vae.errors import InvalidInputError
 
 from .batcher import Batcher, BatchStats
+from .cancel import ServerStoppingError
 from .compute import ComputeLanes
 from .jobs import DECODE, predict, warm_up
 from .settings import ServerSettings
@@ -85,6 +86,12 @@ class ModelPool:
         self._on_batch = on_batch
         self._models: dict[str, ServedModel] = {}
         self._lanes = ComputeLanes(settings.cpu_compute_lanes)
+        self._stopping = False
+
+    def running(self) -> None:
+        """Raise ServerStoppingError once stop() began: long work checks it between its chunks."""
+        if self._stopping:
+            raise ServerStoppingError("the server is stopping")
 
     def submit(self, fn: Callable[..., Any], *args: Any) -> concurrent.futures.Future:
         """fn(*args) on the wide compute lane; the future of its result."""
@@ -108,7 +115,7 @@ class ModelPool:
             pixel_limit = batch_pixel_limit(self.settings, codec.placement.device.type)
             on_cpu = codec.placement.device.type == "cpu"
             batcher = Batcher(
-                name, functools.partial(predict, codec),
+                name, functools.partial(predict, codec, running=self.running),
                 max_batch_size=self.settings.max_batch_size,
                 max_delay_s=self.settings.max_batch_delay_ms / 1e3,
                 queue_limit=self.settings.queue_limit,
@@ -145,6 +152,9 @@ class ModelPool:
         return model
 
     def stop(self, timeout: float | None = None) -> None:
+        """Stop every model's work at its next chunk (the grace period is over when this runs), join
+        the batchers for up to `timeout`, and close the lanes."""
+        self._stopping = True
         for model in self._models.values():
             model.batcher.stop(timeout)
         # Not waiting: a batch still running past the grace period must not hold up the exit.
