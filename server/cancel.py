@@ -5,10 +5,10 @@ from __future__ import annotations
 import time
 from dataclasses import dataclass
 
-from .batcher import BatcherClosedError, DeadlineExpiredError
+from .batcher import BatcherClosedError, BatchStoppedError, DeadlineExpiredError
 
 
-class WorkCancelledError(Exception):
+class WorkCancelledError(BatchStoppedError):
     """Nobody waits for this work any more (the RPC was cancelled or failed)."""
 
 

@@ -65,6 +65,11 @@ class _Lane:
             self._closed = True
             self._calls.put(None)
 
+    def join(self, timeout: float | None) -> bool:
+        """Wait for the thread to end (after its current call); True if it did."""
+        self._thread.join(timeout)
+        return not self._thread.is_alive()
+
 
 class ComputeLanes:
     """The server's torch work on lanes: one wide lane with all of this process's intra-op threads
@@ -166,12 +171,16 @@ class ComputeLanes:
         """fn(*args) on the wide lane; the future of its result (for callers that must not block)."""
         return self._dispatch.submit(self.run, fn, *args)
 
-    def close(self) -> None:
+    def close(self, wait_s: float | None = 0) -> bool:
         """Refuse new holds, cancel submitted work not started, and end the lanes' threads after the
-        calls they are running (not waited for)."""
+        calls they are running, waiting up to `wait_s` for those (None: as long as they take).
+        True if every lane ended."""
         with self._cond:
             self._closed = True
             self._cond.notify_all()
         self._dispatch.shutdown(wait=False, cancel_futures=True)
-        for lane in (self._wide, *self._narrow):
+        lanes = (self._wide, *self._narrow)
+        for lane in lanes:
             lane.close()
+        ends = None if wait_s is None else time.monotonic() + wait_s
+        return all([lane.join(None if ends is None else max(0.0, ends - time.monotonic())) for lane in lanes])

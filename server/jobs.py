@@ -76,6 +76,7 @@ def predict(codec: Codec, key: Hashable, jobs: list[Job], running: Callable[[], 
             raise WorkCancelledError("no request waits for this batch")
 
     with stoppable(check):
+        check()  # before the batch's images are even converted
         return _predict(codec, key, jobs)
 
 

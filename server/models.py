@@ -28,6 +28,10 @@ logger = logging.getLogger(__name__)
 CPU_BATCH_PIXELS = 4 * 512 * 512
 
 
+# How long stop() waits for the chunk (one model call or tile) each lane is running.
+CHUNK_WAIT_S = 60.0
+
+
 class NotReadyError(Exception):
     """A request arrived before the models finished loading (health is NOT_SERVING until then)."""
 
@@ -157,5 +161,7 @@ class ModelPool:
         self._stopping = True
         for model in self._models.values():
             model.batcher.stop(timeout)
-        # Not waiting: a batch still running past the grace period must not hold up the exit.
-        self._lanes.close()
+        # Work still running stops at its next chunk; wait for that chunk, for a process that exits
+        # while torch is inside a model call aborts (SIGABRT) instead of exiting 0.
+        if not self._lanes.close(wait_s=CHUNK_WAIT_S):
+            logger.warning("a compute lane was still running %.0f s after the stop; exiting anyway", CHUNK_WAIT_S)
