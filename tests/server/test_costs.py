@@ -134,3 +134,15 @@ def test_interpolation_costs_its_steps(tiny_codec):
 def test_costs_add_and_scale():
     assert Cost(1, 2, 3) + Cost(10, 20, 30) == Cost(11, 22, 33)
     assert Cost(1, 2, 3) * 4 == Cost(4, 8, 12)
+
+
+def test_an_answer_larger_than_its_estimate_is_still_out_of_range_not_a_send_failure():
+    from latentd.server.metrics import ServerMetrics
+    from latentd.server.servicer import LatentdServicer
+
+    servicer = LatentdServicer(None, ServerSettings(models={"tiny": "x"}, max_message_mb=1), ServerMetrics())
+    small = pb.ImagesResponse(images=[pb.Image(encoded=bytes(1000))])
+    assert servicer._fits(small, "count") is small
+    with pytest.raises(ResponseTooLargeError, match="max_message_mb 1") as raised:
+        servicer._fits(pb.ImagesResponse(images=[pb.Image(encoded=bytes(2 * costs.MIB))]), "count")
+    assert raised.value.field == "count"
