@@ -1,4 +1,4 @@
-"""What a request will cost (model work, answer size, memory held), from its headers and numbers alone, and the limits."""
+"""What a request will cost (model work, answer size, memory held), from its headers and numbers alone."""
 
 from __future__ import annotations
 
@@ -54,8 +54,9 @@ def check(cost: Cost, settings: ServerSettings, field: str, what: str) -> Cost:
     `what` says what the field counts (in the messages)."""
     if cost.model_pixels > settings.max_request_pixels:
         raise InvalidInputError(f"{field}: {what} need {cost.model_pixels} model pixels (sizes padded to the model's "
-                                f"factor, tile overlaps counted, a model call at least {MIN_CALL_PIXELS}), over max_request_pixels {settings.max_request_pixels}; "
-                                "send fewer or smaller images per request", field=field)
+                                f"factor, tile overlaps counted, a model call at least {MIN_CALL_PIXELS}), over "
+                                f"max_request_pixels {settings.max_request_pixels}; send fewer or smaller images per "
+                                "request", field=field)
     limit = settings.max_message_mb * MIB
     if cost.response_bytes + RESPONSE_OVERHEAD > limit:
         raise ResponseTooLargeError(f"{field}: the answer to {what} would take up to "
@@ -188,7 +189,9 @@ def decode_cost(request: pb.DecodeRequest, codec: Codec, settings: ServerSetting
             continue  # wire.read_latents refuses it, naming the field
         height, width = shape[1] * f, shape[2] * f
         _check_pixels(width, height, settings.max_pixels, f"items[{index}].latents")
-        crop = (min(item.height or height, height), min(item.width or width, width))
+        # A crop outside 1..full is refused by wire.read_latents before any work; costed at full size.
+        crop = tuple(value if 0 < value <= full else full
+                     for value, full in ((item.height, height), (item.width, width)))
         check_format_size(*crop, output, f"items[{index}]")
         cost += _decode_image(codec, height, width, crop, output, tiling)
     return check(cost, settings, "items", f"{len(request.items)} items")

@@ -120,7 +120,8 @@ def test_streams_answer_impossible_requests_with_their_code_and_go_on(harness):
     fine = encode_request([smooth_image(16, 16)])
     fine.id = "fine"
     answers = {r.id: r for r in harness.stub.EncodeStream(iter([too_costly, fine]), timeout=60)}
-    assert answers["costly"].error.code == "INVALID_ARGUMENT" and "max_request_pixels" in answers["costly"].error.message
+    costly = answers["costly"].error
+    assert costly.code == "INVALID_ARGUMENT" and "max_request_pixels" in costly.message
     assert not answers["fine"].HasField("error") and len(answers["fine"].items) == 1
     latents = np.zeros((4, 512, 512), np.float32)
     item = pb.Latents(latents=pb.Tensor(dtype=pb.FLOAT32, shape=list(latents.shape), data=latents.tobytes()))

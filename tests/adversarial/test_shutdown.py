@@ -1,4 +1,4 @@
-"""SIGTERM with long work running: `latentd serve` stops it at its next chunk and exits within grace_s plus that chunk."""
+"""SIGTERM with long work running: `latentd serve` stops it at its next chunk, exiting in grace_s plus one chunk."""
 
 from __future__ import annotations
 
