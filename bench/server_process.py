@@ -21,6 +21,7 @@ class ServerProcess:
         self.args = args
         self.process: subprocess.Popen | None = None
         self.port = self.metrics_port = 0
+        self.log: list[str] = []  # its stderr lines so far
 
     @classmethod
     def latentd(cls, model: str, source: str, max_batch_size: int, extra: tuple[str, ...] = ()) -> "ServerProcess":
@@ -50,12 +51,23 @@ class ServerProcess:
                 self.port, self.metrics_port = int(listening.group(1)), int(listening.group(2))
             if line and "serving " in line:
                 break
-        threading.Thread(target=self.process.stderr.read, daemon=True).start()  # keep the pipe drained
+        self.log = lines
+        threading.Thread(target=self._keep_log, daemon=True).start()  # keep the pipe drained
         return self
+
+    def _keep_log(self) -> None:
+        for line in self.process.stderr:
+            self.log.append(line)
 
     @property
     def target(self) -> str:
         return f"127.0.0.1:{self.port}"
+
+    def metric(self, name: str) -> float:
+        """One unlabelled value from this server's Prometheus endpoint (0 when absent)."""
+        text = urllib.request.urlopen(f"http://127.0.0.1:{self.metrics_port}/metrics", timeout=10).read().decode()
+        found = re.search(rf"^{name} ([0-9.e+]+)$", text, re.MULTILINE)
+        return float(found.group(1)) if found else 0.0
 
     def counters(self, op: str) -> Counters:
         """A reader of this server's counters for `op` (its Prometheus endpoint)."""

@@ -89,7 +89,8 @@ async def create_server(settings: ServerSettings, *, load: bool = True) -> tuple
         interceptors.append(AuthInterceptor(settings.auth_tokens))
     interceptors.append(ErrorInterceptor())
     limit = settings.max_message_mb * 1024 * 1024
-    server = grpc.aio.server(interceptors=interceptors, options=[
+    # Beyond max_concurrent_rpcs gRPC answers RESOURCE_EXHAUSTED before reading the request's message.
+    server = grpc.aio.server(interceptors=interceptors, maximum_concurrent_rpcs=settings.max_concurrent_rpcs, options=[
         ("grpc.max_receive_message_length", limit), ("grpc.max_send_message_length", limit),
         # On by default in grpc: a second server on a port in use would start and share it silently.
         ("grpc.so_reuseport", 0)])

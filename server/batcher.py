@@ -14,6 +14,7 @@ from typing import Any
 
 __all__ = [
     "BatchSizeMismatchError",
+    "BatchStoppedError",
     "BatchStats",
     "Batcher",
     "BatcherClosedError",
@@ -46,6 +47,11 @@ class BatcherClosedError(Exception):
 
 class DeadlineExpiredError(Exception):
     """The item's deadline passed before its batch was computed."""
+
+
+class BatchStoppedError(Exception):
+    """predict stopped the batch as a whole (nobody waits for it, the server stops): every item fails
+    with it at once, never retried in halves."""
 
 
 class BatchSizeMismatchError(Exception):
@@ -315,6 +321,10 @@ class Batcher:
                     live = self._admit(group[start:start + limit])
                     if live:
                         self._compute(group[0].key, live, run)
+        except BatcherClosedError as exc:  # the compute slot closed (shutdown): expected, no traceback
+            for item in group:
+                if not item.future.done():
+                    _settle(item.future, error=exc)
         except Exception as exc:  # a bug here fails this group only; the loop goes on
             logger.exception("batcher %s: unexpected error", self.name)
             for item in group:
@@ -340,9 +350,8 @@ class Batcher:
         try:
             outputs = run(self._predict, key, [item.payload for item in items])
         except Exception as exc:
-            if len(items) == 1:
-                _settle(items[0].future, error=exc)
-                self._report(key, items, start, failed=1)
+            if len(items) == 1 or isinstance(exc, (BatchStoppedError, BatcherClosedError, DeadlineExpiredError)):
+                self._report(key, items, start, failed=self._fail_all(items, exc))
                 return
             # failed=0: these items are not finished; the retries report how each of them ends.
             self._report(key, items, start, failed=0)

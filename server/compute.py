@@ -11,14 +11,16 @@ from typing import Any, Callable, Iterator
 
 import torch
 
+from .batcher import BatcherClosedError
+
 # How long after two calls last met (one ready while another ran or waited) shareable calls keep
 # taking narrow lanes, so that two batcher workers finishing together do not fall back to taking
 # turns on the wide lane. A lone client's calls never meet another, so they keep the wide lane.
 SHARING_LINGER_S = 0.5
 
 
-class LanesClosedError(Exception):
-    """A call asked for a lane after close()."""
+class LanesClosedError(BatcherClosedError):
+    """A call asked for a lane after close() (the server is stopping: UNAVAILABLE, like a closed batcher)."""
 
 
 class _Lane:
@@ -62,6 +64,11 @@ class _Lane:
         with self._lock:
             self._closed = True
             self._calls.put(None)
+
+    def join(self, timeout: float | None) -> bool:
+        """Wait for the thread to end (after its current call); True if it did."""
+        self._thread.join(timeout)
+        return not self._thread.is_alive()
 
 
 class ComputeLanes:
@@ -164,12 +171,16 @@ class ComputeLanes:
         """fn(*args) on the wide lane; the future of its result (for callers that must not block)."""
         return self._dispatch.submit(self.run, fn, *args)
 
-    def close(self) -> None:
+    def close(self, wait_s: float | None = 0) -> bool:
         """Refuse new holds, cancel submitted work not started, and end the lanes' threads after the
-        calls they are running (not waited for)."""
+        calls they are running, waiting up to `wait_s` for those (None: as long as they take).
+        True if every lane ended."""
         with self._cond:
             self._closed = True
             self._cond.notify_all()
         self._dispatch.shutdown(wait=False, cancel_futures=True)
-        for lane in (self._wide, *self._narrow):
+        lanes = (self._wide, *self._narrow)
+        for lane in lanes:
             lane.close()
+        ends = None if wait_s is None else time.monotonic() + wait_s
+        return all([lane.join(None if ends is None else max(0.0, ends - time.monotonic())) for lane in lanes])

@@ -3,14 +3,17 @@
 from __future__ import annotations
 
 import time
+import dataclasses
 from dataclasses import dataclass
 from typing import Any, Callable, Hashable
 
 import numpy as np
 
 from latentd.vae.codec import Codec
+from latentd.vae.stopping import stoppable
 
 from . import wire
+from .cancel import Watch, WorkCancelledError
 
 # Batch keys: ("encode", is_uint8, height, width, tiling) and ("decode", channels, h, w, tiling). Items of one
 # key have one shape, so a batch is one forward pass; the codec splits it further to bound memory.
@@ -51,17 +54,33 @@ class DecodeFinish:
 class Job:
     """One image (encode: uint8 [H, W, 3]) or latent (decode: wire.DecodeItem) on its way through a
     batch; `finish(codec, output)` turns its model output into plain arrays where the batch runs; the
-    batch stamps its compute window on it for the request's log line."""
+    batch stamps its compute window on it for the request's log line. `watch` says when nobody
+    wants it any more (see predict)."""
 
     data: Any
     finish: Callable[[Codec, Any], Any] | None = None
+    watch: Watch = dataclasses.field(default_factory=Watch)
     started: float = 0.0
     finished: float = 0.0
 
 
-def predict(codec: Codec, key: Hashable, jobs: list[Job]) -> list[Any]:
+def predict(codec: Codec, key: Hashable, jobs: list[Job], running: Callable[[], None] | None = None) -> list[Any]:
     """One batch of one key through the codec: posteriors for encode, float images for decode, each
-    passed through its job's `finish`."""
+    passed through its job's `finish`. Between model calls and tiles the batch stops when none of its
+    jobs is wanted any more, or when `running()` raises (the server is stopping)."""
+    def check() -> None:
+        if running is not None:
+            running()
+        if not any(job.watch.live for job in jobs):
+            jobs[0].watch.check()  # the first job's reason (cancelled or expired)
+            raise WorkCancelledError("no request waits for this batch")
+
+    with stoppable(check):
+        check()  # before the batch's images are even converted
+        return _predict(codec, key, jobs)
+
+
+def _predict(codec: Codec, key: Hashable, jobs: list[Job]) -> list[Any]:
     op, *_, tiling = key
     started = time.monotonic()
     if op == ENCODE:

@@ -32,6 +32,8 @@ class ServerMetrics:
         self.queue_depth = Gauge("latentd_queue_depth", "Items waiting for a batch", ["model"], registry=r)
         self.model_load_seconds = Gauge("latentd_model_load_seconds", "Time to load and warm up a model",
                                         ["model"], registry=r)
+        self.held_bytes = Gauge("latentd_memory_held_bytes", "Bytes of the memory budget held by requests",
+                                registry=r)
         ProcessCollector(registry=r)  # process_resident_memory_bytes & co: memory growth under soak
 
     def observe_batch(self, model: str, stats: BatchStats) -> None:
@@ -44,6 +46,9 @@ class ServerMetrics:
 
     def track_depth(self, model: str, depth: Callable[[], int]) -> None:
         self.queue_depth.labels(model).set_function(depth)
+
+    def track_held_bytes(self, held: Callable[[], int]) -> None:
+        self.held_bytes.set_function(held)
 
     def request_done(self, rpc: str, code: str, seconds: float) -> None:
         self.requests.labels(rpc, code).inc()

@@ -14,6 +14,7 @@ from latentd.vae.codec import Codec, CodecOptions, load_codec
 from latentd.vae.errors import ModelNotFoundError
 
 from .batcher import Batcher, BatchStats
+from .cancel import ServerStoppingError
 from .compute import ComputeLanes
 from .echo import quoted
 from .jobs import DECODE, predict, warm_up
@@ -26,6 +27,10 @@ logger = logging.getLogger(__name__)
 # 1.00-1.05x at 256x256 and 512x512, now that freed memory is kept for the next call (vae/allocator.py);
 # before that, 512x512 batches were slower than single calls and the budget was two 256x256 images.
 CPU_BATCH_PIXELS = 4 * 512 * 512
+
+
+# How long stop() waits for the chunk (one model call or tile) each lane is running.
+CHUNK_WAIT_S = 60.0
 
 
 class NotReadyError(Exception):
@@ -86,6 +91,12 @@ class ModelPool:
         self._on_batch = on_batch
         self._models: dict[str, ServedModel] = {}
         self._lanes = ComputeLanes(settings.cpu_compute_lanes)
+        self._stopping = False
+
+    def running(self) -> None:
+        """Raise ServerStoppingError once stop() began: long work checks it between its chunks."""
+        if self._stopping:
+            raise ServerStoppingError("the server is stopping")
 
     def submit(self, fn: Callable[..., Any], *args: Any) -> concurrent.futures.Future:
         """fn(*args) on the wide compute lane; the future of its result."""
@@ -109,7 +120,7 @@ class ModelPool:
             pixel_limit = batch_pixel_limit(self.settings, codec.placement.device.type)
             on_cpu = codec.placement.device.type == "cpu"
             batcher = Batcher(
-                name, functools.partial(predict, codec),
+                name, functools.partial(predict, codec, running=self.running),
                 max_batch_size=self.settings.max_batch_size,
                 max_delay_s=self.settings.max_batch_delay_ms / 1e3,
                 queue_limit=self.settings.queue_limit,
@@ -145,7 +156,12 @@ class ModelPool:
         return model
 
     def stop(self, timeout: float | None = None) -> None:
+        """Stop every model's work at its next chunk (the grace period is over when this runs), join
+        the batchers for up to `timeout`, and close the lanes."""
+        self._stopping = True
         for model in self._models.values():
             model.batcher.stop(timeout)
-        # Not waiting: a batch still running past the grace period must not hold up the exit.
-        self._lanes.close()
+        # Work still running stops at its next chunk; wait for that chunk, for a process that exits
+        # while torch is inside a model call aborts (SIGABRT) instead of exiting 0.
+        if not self._lanes.close(wait_s=CHUNK_WAIT_S):
+            logger.warning("a compute lane was still running %.0f s after the stop; exiting anyway", CHUNK_WAIT_S)

@@ -16,8 +16,11 @@ import numpy as np
 from latentd.v1 import latentd_pb2 as pb
 from latentd.v1 import latentd_pb2_grpc as pb_grpc
 from latentd.vae.errors import InvalidInputError
+from latentd.vae.stopping import stoppable
 
-from . import wire
+from . import costs, wire
+from .admission import MemoryBudget
+from .cancel import Watch
 from .echo import log_value, quoted
 from .metrics import ServerMetrics
 from .jobs import DECODE, ENCODE, DecodeFinish, EncodeFinish, Job
@@ -67,6 +70,8 @@ class LatentdServicer(pb_grpc.LatentdServicer):
         self.pool = pool
         self.settings = settings
         self.metrics = metrics
+        self.budget = MemoryBudget(settings.memory_budget_mb * costs.MIB, settings.admission_wait_ms / 1e3)
+        metrics.track_held_bytes(lambda: self.budget.held)
 
     # ---- shared machinery ----------------------------------------------------------------------
 
@@ -74,7 +79,7 @@ class LatentdServicer(pb_grpc.LatentdServicer):
                    deadline: float | None, log: RequestLog, finishes: list[Any]) -> list[Any]:
         """Submit one job per item and wait for all; on failure or cancellation the rest are cancelled.
         `finishes[i]` converts item i's output where its batch runs (see jobs.Job)."""
-        jobs = [Job(item, finish) for item, finish in zip(data, finishes, strict=True)]
+        jobs = [Job(item, finish, Watch(deadline)) for item, finish in zip(data, finishes, strict=True)]
         futures: list[concurrent.futures.Future] = []
         submitted = time.monotonic()
         try:
@@ -84,11 +89,40 @@ class LatentdServicer(pb_grpc.LatentdServicer):
         finally:
             for future in futures:
                 future.cancel()  # no-op for finished ones; frees the batch of work nobody waits for
+            for job in jobs:
+                job.watch.abandoned = True  # a batch already computing stops at its next chunk
             log.note_jobs([job for job in jobs if job.finished], submitted)
 
-    async def _compute(self, fn: Callable[[], Any]) -> Any:
-        """fn() on the pool's wide compute lane, where torch work outside batches runs (see ModelPool)."""
-        return await asyncio.wrap_future(self.pool.submit(fn))
+    async def _compute(self, fn: Callable[[], Any], deadline: float | None) -> Any:
+        """fn() on the pool's wide compute lane, where torch work outside batches runs (see ModelPool).
+        It stops between its chunks (model calls, tiles) once the caller leaves, its deadline passes
+        or the server stops."""
+        watch = Watch(deadline)
+
+        def check() -> None:
+            self.pool.running()
+            watch.check()
+
+        def work() -> Any:
+            with stoppable(check):
+                check()
+                return fn()
+        try:
+            return await asyncio.wrap_future(self.pool.submit(work))
+        finally:
+            watch.abandoned = True
+
+    def _fits(self, response: Any, field: str) -> Any:
+        """The response, if it fits the message limit. Costs bound every answer beforehand; this
+        catches an encoded image larger than its bound (a lossy format at its worst), so that the
+        client gets OUT_OF_RANGE, not a send failure, and the log tells the truth."""
+        limit = self.settings.max_message_mb * costs.MIB
+        size = response.ByteSize()
+        if size > limit:
+            raise costs.ResponseTooLargeError(f"{field}: the answer takes {size} bytes, over the message limit "
+                                              f"max_message_mb {self.settings.max_message_mb}; ask for fewer images "
+                                              "per request or a smaller format", field=field)
+        return response
 
     @staticmethod
     async def _off_loop(fn: Callable[[], Any], needed: bool) -> Any:
@@ -134,6 +168,13 @@ class LatentdServicer(pb_grpc.LatentdServicer):
             if getattr(options, flag) and not served.codec.info.has_posterior:
                 raise InvalidInputError(f"options.{flag}: model {served.name!r} is deterministic",
                                         field=f"options.{flag}")
+        cost = costs.encode_cost(request, served.codec, self.settings, tiling, dtype)
+        async with self.budget.hold(cost.held_bytes):
+            return self._fits(await self._encode_admitted(request, served, tiling, dtype, deadline, log), "images")
+
+    async def _encode_admitted(self, request: pb.EncodeRequest, served: ServedModel, tiling: str, dtype: str,
+                               deadline: float | None, log: RequestLog) -> pb.EncodeResponse:
+        options = request.options
         images = await self._off_loop(lambda: self._read_images(request.images), _has_files(request.images))
         sizes = [wire.image_size(image) for image in images]
         log.items, log.sizes = len(images), _sizes(sizes)
@@ -157,6 +198,13 @@ class LatentdServicer(pb_grpc.LatentdServicer):
         output = wire.OutputFormat.parse(options.format, options.quality)
         if not request.items:
             raise InvalidInputError("items is empty", field="items")
+        cost = costs.decode_cost(request, served.codec, self.settings, tiling, output)
+        async with self.budget.hold(cost.held_bytes):
+            return self._fits(await self._decode_admitted(request, served, tiling, output, deadline, log), "items")
+
+    async def _decode_admitted(self, request: pb.DecodeRequest, served: ServedModel, tiling: str,
+                               output: wire.OutputFormat, deadline: float | None, log: RequestLog) -> pb.DecodeResponse:
+        options = request.options
         codec = served.codec
         items = [dataclasses.replace(wire.read_latents(item, f"items[{i}]", codec.info, self.settings.max_pixels),
                                      scaled=not options.raw)
@@ -254,6 +302,8 @@ class LatentdServicer(pb_grpc.LatentdServicer):
     # ---- latent-space operations (not batched: one call each, on the wide compute lane) -------
 
     async def Interpolate(self, request, context):
+        deadline = _deadline(context)
+
         async def handle(log: RequestLog):
             served = self.pool.get(request.model)
             log.model, log.items = served.name, request.steps or 8
@@ -264,19 +314,27 @@ class LatentdServicer(pb_grpc.LatentdServicer):
             if method not in ("slerp", "lerp"):
                 raise InvalidInputError(f"method must be slerp or lerp, got {quoted(method)}", field="method")
 
+            steps = request.steps or 8
+            cost = costs.interpolate_cost(request, served.codec, self.settings, steps, output)
+            async with self.budget.hold(cost.held_bytes):
+                return self._fits(await interpolate(served, output, steps, method), "steps")
+
+        async def interpolate(served: ServedModel, output: wire.OutputFormat, steps: int, method: str):
             pair = (request.image_a, request.image_b)
             a, b = await self._off_loop(
                 lambda: [wire.read_image(image, name, self.settings.max_pixels)
                          for image, name in zip(pair, ("image_a", "image_b"))], _has_files(pair))
 
             def work():
-                frames = served.codec.interpolate(a, b, steps=request.steps or 8, method=method, output="tensor")
+                frames = served.codec.interpolate(a, b, steps=steps, method=method, output="tensor")
                 return [wire.image_array(frame, output) for frame in frames]
-            arrays = await self._compute(work)
+            arrays = await self._compute(work, deadline)
             return pb.ImagesResponse(model=served.name, images=await self._image_messages(arrays, output))
         return await self._observed("Interpolate", "", handle)
 
     async def SamplePrior(self, request, context):
+        deadline = _deadline(context)
+
         async def handle(log: RequestLog):
             served = self.pool.get(request.model)
             log.model, log.items = served.name, request.count
@@ -290,23 +348,31 @@ class LatentdServicer(pb_grpc.LatentdServicer):
                 raise InvalidInputError(f"height x width exceeds max_pixels {self.settings.max_pixels}",
                                         field="height")
 
+            cost = costs.sample_prior_cost(request, served.codec, self.settings, output)
+
             def work():
                 images = served.codec.sample_prior(request.count, request.height, request.width, request.seed,
                                                    output="tensor")
                 return [wire.image_array(image, output) for image in images]
-            arrays = await self._compute(work)
-            return pb.ImagesResponse(model=served.name, images=await self._image_messages(arrays, output))
+            async with self.budget.hold(cost.held_bytes):
+                arrays = await self._compute(work, deadline)
+                return self._fits(pb.ImagesResponse(model=served.name,
+                                                    images=await self._image_messages(arrays, output)), "count")
         return await self._observed("SamplePrior", "", handle)
 
     async def AnomalyScore(self, request, context):
+        deadline = _deadline(context)
+
         async def handle(log: RequestLog):
             served = self.pool.get(request.model)
             log.model, log.items = served.name, len(request.images)
             if not request.images:
                 raise InvalidInputError("images is empty", field="images")
 
-            images = await self._off_loop(lambda: self._read_images(request.images), _has_files(request.images))
-            scores = await self._compute(lambda: served.codec.anomaly_score(images))
+            cost = costs.anomaly_cost(request, served.codec, self.settings)
+            async with self.budget.hold(cost.held_bytes):
+                images = await self._off_loop(lambda: self._read_images(request.images), _has_files(request.images))
+                scores = await self._compute(lambda: served.codec.anomaly_score(images), deadline)
             return pb.AnomalyScoreResponse(model=served.name,
                                            scores=[pb.Score(mse=s.mse, psnr=s.psnr) for s in scores])
         return await self._observed("AnomalyScore", "", handle)

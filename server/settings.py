@@ -36,6 +36,14 @@ class ServerSettings:
     stream_window: int = 16  # requests of one stream in flight (or answered but not yet read by the client)
     max_message_mb: int = 64  # gRPC send/receive message size limit
     max_pixels: int = 4096 * 4096  # per image, in and out
+    # What one request may cost in model work: image pixels the model runs over, in and out, each size
+    # padded to the model's factor and every tile overlap counted (costs.py). Four tiled 4096x4096 encodes.
+    max_request_pixels: int = 64 * 1024 * 1024
+    # Server memory held by requests at once (bytes received, decoded pixels, latents, answers; see
+    # costs.py); a request waits up to admission_wait_ms for room, then RESOURCE_EXHAUSTED.
+    memory_budget_mb: int = 2048
+    admission_wait_ms: float = 1000.0
+    max_concurrent_rpcs: int = 128  # RPCs in progress (a stream counts once, health too); then RESOURCE_EXHAUSTED
     tls_cert: str | None = None
     tls_key: str | None = None
     tls_client_ca: str | None = None  # set: clients must present a certificate signed by it (mutual TLS)
@@ -59,6 +67,10 @@ class ServerSettings:
             ("stream_window", self.stream_window >= 1, "must be at least 1"),
             ("max_message_mb", self.max_message_mb >= 1, "must be at least 1"),
             ("max_pixels", self.max_pixels >= 64, "must be at least 64"),
+            ("max_request_pixels", self.max_request_pixels >= self.max_pixels, "must be at least max_pixels"),
+            ("memory_budget_mb", self.memory_budget_mb >= 1, "must be at least 1"),
+            ("admission_wait_ms", self.admission_wait_ms >= 0, "must be >= 0"),
+            ("max_concurrent_rpcs", self.max_concurrent_rpcs >= 1, "must be at least 1"),
             ("grace_s", self.grace_s >= 0, "must be >= 0"),
             ("tls_key", (self.tls_cert is None) == (self.tls_key is None), "tls_cert and tls_key go together"),
             ("tls_client_ca", self.tls_client_ca is None or self.tls_cert is not None, "mutual TLS needs tls_cert"),

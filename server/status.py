@@ -8,7 +8,10 @@ import grpc
 
 from latentd.vae.errors import InvalidInputError, LatentdError, ModelNotFoundError, NumericalError
 
+from .admission import OverloadedError
 from .batcher import BatcherClosedError, BatchSizeMismatchError, DeadlineExpiredError, QueueFullError
+from .cancel import WorkCancelledError
+from .costs import ResponseTooLargeError
 from .echo import bounded
 from .models import NotReadyError
 
@@ -16,9 +19,12 @@ logger = logging.getLogger(__name__)
 
 # Most specific first: the first matching row wins.
 STATUS_TABLE: tuple[tuple[type[BaseException], grpc.StatusCode], ...] = (
+    (ResponseTooLargeError, grpc.StatusCode.OUT_OF_RANGE),
     (InvalidInputError, grpc.StatusCode.INVALID_ARGUMENT),
     (ModelNotFoundError, grpc.StatusCode.NOT_FOUND),
     (QueueFullError, grpc.StatusCode.RESOURCE_EXHAUSTED),
+    (OverloadedError, grpc.StatusCode.RESOURCE_EXHAUSTED),
+    (WorkCancelledError, grpc.StatusCode.CANCELLED),
     (BatcherClosedError, grpc.StatusCode.UNAVAILABLE),
     (NotReadyError, grpc.StatusCode.UNAVAILABLE),
     (DeadlineExpiredError, grpc.StatusCode.DEADLINE_EXCEEDED),

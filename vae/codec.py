@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import collections
 import copy
 import logging
 import os
@@ -30,7 +31,8 @@ from .latent_ops import gaussian_like, interpolation_path
 from .loading import load_model
 from .metrics import mse, psnr
 from .model_info import ModelInfo, describe_model, latent_shape
-from .tiling import tiled_map
+from .stopping import checkpoint
+from .tiling import tile_spans, tiled_map
 
 logger = logging.getLogger(__name__)
 
@@ -243,6 +245,25 @@ class Codec:
             scores.append(AnomalyScore(mse=mse(a, b), psnr=psnr(a, b)))
         return scores
 
+    def model_calls(self, height: int, width: int, *, decode: bool, tiling: Tiling = "auto") -> dict[int, int]:
+        """The model calls that encode a height x width image (or decode latents back to it), as
+        {image pixels of one call: how many such calls}: one call of the size padded to the factor,
+        or one per tile, each tile's overlap included. What the work costs, known before it runs."""
+        f = self.factor
+        grid_h, grid_w = -(-height // f), -(-width // f)
+        tiled = (self._tiling_predicate(tiling, f)(grid_h, grid_w) if decode
+                 else self._tiling_predicate(tiling, 1)(height, width))
+        if not tiled:
+            return {grid_h * grid_w * f * f: 1}
+        tile, overlap = self.options.tile_size // f, self.options.tile_overlap // f
+        rows = collections.Counter(end - start for start, end in tile_spans(grid_h, tile, overlap))
+        cols = collections.Counter(end - start for start, end in tile_spans(grid_w, tile, overlap))
+        calls: collections.Counter[int] = collections.Counter()
+        for row, row_count in rows.items():
+            for col, col_count in cols.items():
+                calls[row * col * f * f] += row_count * col_count
+        return dict(calls)
+
     # ---- batching, padding, tiling ---------------------------------------------------------
 
     def _roundtrip_tensors(self, tensors: list[torch.Tensor], tiling: Tiling) -> list[torch.Tensor]:
@@ -400,6 +421,7 @@ def _map_grouped(
             continue
         size = max(1, per_batch(height, width))
         for first in range(0, len(indices), size):
+            checkpoint()
             chunk = indices[first : first + size]
             outputs = batch_fn(torch.stack([items[i] for i in chunk]))
             if outputs.shape[0] != len(chunk):

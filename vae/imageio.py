@@ -2,11 +2,12 @@
 
 from __future__ import annotations
 
+import contextlib
 import io
 import os
 import warnings
 from pathlib import Path
-from typing import BinaryIO, Union
+from typing import BinaryIO, Iterator, Union
 
 import numpy as np
 from PIL import Image, ImageOps, UnidentifiedImageError
@@ -86,27 +87,37 @@ def check_pixel_limit(width: int, height: int, max_pixels: int, label: str) -> N
         raise ImageTooLargeError(label, f"{width}x{height} = {width * height} pixels exceeds the limit of {max_pixels}")
 
 
-def _decode(source: ImageSource, label: str, max_pixels: int) -> Image.Image:
+def read_size(data: bytes, *, name: str | None = None) -> tuple[int, int]:
+    """(width, height) of an image file's bytes, from its header alone: no pixel is decoded."""
+    label = name or describe_source(data)
+    with _image_errors(label):
+        with Image.open(_stream(data, label)) as image:
+            return image.size
+
+
+def _stream(source: ImageSource, label: str) -> BinaryIO | str:
     if isinstance(source, (bytes, bytearray, memoryview)):
         if len(source) == 0:
             raise InvalidImageError(label, "empty data")
-        stream: BinaryIO | str = io.BytesIO(bytes(source))
-    elif isinstance(source, (str, os.PathLike)):
+        return io.BytesIO(bytes(source))
+    if isinstance(source, (str, os.PathLike)):
         path = Path(source)
         if not path.is_file():
             raise InvalidImageError(label, "no such file")
         if path.stat().st_size == 0:
             raise InvalidImageError(label, "empty file")
-        stream = str(path)
-    else:
-        stream = source
+        return str(path)
+    return source
+
+
+@contextlib.contextmanager
+def _image_errors(label: str) -> Iterator[None]:
+    """Pillow's failures as InvalidImageError / ImageTooLargeError naming the input."""
     try:
         with warnings.catch_warnings():
             # Our own limit replaces Pillow's global one; its warning would only be noise.
             warnings.simplefilter("ignore", Image.DecompressionBombWarning)
-            image = Image.open(stream)
-            check_pixel_limit(image.width, image.height, max_pixels, label)
-            image.load()
+            yield
     except InvalidImageError:
         raise
     except Image.DecompressionBombError as exc:
@@ -115,6 +126,14 @@ def _decode(source: ImageSource, label: str, max_pixels: int) -> Image.Image:
         raise InvalidImageError(label, "not a recognised image format") from exc
     except (OSError, ValueError, SyntaxError, EOFError) as exc:
         raise InvalidImageError(label, f"corrupt or truncated image ({exc})") from exc
+
+
+def _decode(source: ImageSource, label: str, max_pixels: int) -> Image.Image:
+    stream = _stream(source, label)
+    with _image_errors(label):
+        image = Image.open(stream)
+        check_pixel_limit(image.width, image.height, max_pixels, label)
+        image.load()
     return image
 
 

@@ -13,6 +13,8 @@ from typing import Callable
 
 import torch
 
+from .stopping import checkpoint
+
 
 def tile_spans(length: int, tile: int, overlap: int) -> list[tuple[int, int]]:
     """Start/end pairs covering [0, length) with tiles of `tile` overlapping by at least `overlap`."""
@@ -68,6 +70,7 @@ def tiled_map(
     col_ramps = [blend_ramp(cols, j, out_scale) for j in range(len(cols))]
     cells = [(i, j) for i in range(len(rows)) for j in range(len(cols))]
     for first in range(0, len(cells), batch_size):
+        checkpoint()
         chunk = cells[first : first + batch_size]
         # Tiles of one chunk can differ in size only at the edges; group equal shapes.
         by_shape: dict[tuple[int, int], list[tuple[int, int]]] = {}

@@ -39,6 +39,18 @@ def add_parser(subparsers: argparse._SubParsersAction) -> None:
                                                         "(default: 256)")
     parser.add_argument("--max-pixels", type=int, help="largest image in pixels (default: 4096x4096)")
     parser.add_argument("--max-message-mb", type=int, help="gRPC message size limit (default: 64)")
+    parser.add_argument("--max-request-pixels", type=int,
+                        help="model work one request may cost, in image pixels in and out (padded to the model's "
+                             "factor, tile overlaps counted); beyond it INVALID_ARGUMENT (default: 67108864)")
+    parser.add_argument("--memory-budget-mb", type=int,
+                        help="server memory held by requests at once (received bytes, pixels, latents, answers) "
+                             "(default: 2048)")
+    parser.add_argument("--admission-wait-ms", type=float,
+                        help="how long a request waits for room in the memory budget before RESOURCE_EXHAUSTED "
+                             "(default: 1000)")
+    parser.add_argument("--max-concurrent-rpcs", type=int,
+                        help="RPCs in progress at once (a stream counts once); beyond it RESOURCE_EXHAUSTED "
+                             "(default: 128)")
     parser.add_argument("--metrics-port", type=int, help="serve Prometheus /metrics on this port (default: off)")
     parser.add_argument("--metrics-host", help="address of the metrics endpoint (default: 127.0.0.1)")
     parser.add_argument("--tls-cert", help="server certificate (PEM); with --tls-key enables TLS")
@@ -55,7 +67,8 @@ def add_parser(subparsers: argparse._SubParsersAction) -> None:
 
 FLAG_SETTINGS = ("host", "port", "models", "device", "dtype", "max_batch_size", "max_batch_delay_ms",
                  "busy_batch_delay_ms", "max_batch_pixels", "cpu_compute_lanes", "queue_limit", "max_pixels",
-                 "max_message_mb", "metrics_port", "metrics_host", "tls_cert", "tls_key", "tls_client_ca", "grace_s",
+                 "max_message_mb", "max_request_pixels", "memory_budget_mb", "admission_wait_ms",
+                 "max_concurrent_rpcs", "metrics_port", "metrics_host", "tls_cert", "tls_key", "tls_client_ca", "grace_s",
                  "warmup")
 
 

@@ -14,6 +14,7 @@ from latentd.server.batcher import (
     Batcher,
     BatcherClosedError,
     BatchSizeMismatchError,
+    BatchStoppedError,
     BatchStats,
     DeadlineExpiredError,
     QueueFullError,
@@ -271,6 +272,39 @@ def test_exception_output_fails_only_that_item(make_batcher):
     with pytest.raises(ValueError, match="bad -1"):
         bad.result(timeout=WAIT)
     assert sizes == [3]
+
+
+def test_a_batch_stopped_as_a_whole_fails_every_item_once_without_splitting(make_batcher):
+    calls: list[list] = []
+
+    def predict(key, payloads):
+        calls.append(list(payloads))
+        raise BatchStoppedError("no request waits for this batch")
+
+    batcher = make_batcher(predict, max_batch_size=4)
+    futures = [batcher.submit("k", p) for p in range(4)]
+    batcher.start()
+    for future in futures:
+        with pytest.raises(BatchStoppedError):
+            future.result(timeout=WAIT)
+    assert calls == [[0, 1, 2, 3]]
+
+
+def test_a_closed_compute_slot_fails_the_group_without_a_traceback(make_batcher, caplog):
+    import contextlib
+
+    @contextlib.contextmanager
+    def closed(key):
+        raise BatcherClosedError("compute lanes closed")
+        yield  # pragma: no cover
+
+    batcher = make_batcher(lambda key, payloads: payloads, hold=closed)
+    future = batcher.submit("k", 1)
+    with caplog.at_level(logging.ERROR, logger="latentd.server.batcher"):
+        batcher.start()
+        with pytest.raises(BatcherClosedError):
+            future.result(timeout=WAIT)
+    assert not caplog.records
 
 
 def test_raising_predict_splits_so_only_the_poison_item_fails(make_batcher):

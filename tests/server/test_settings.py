@@ -43,6 +43,10 @@ def test_yaml_and_json_files(tmp_path):
     ({"max_batch_pixels": -1}, "max_batch_pixels"),
     ({"cpu_compute_lanes": 0}, "cpu_compute_lanes"),
     ({"busy_batch_delay_ms": -1}, "busy_batch_delay_ms"),
+    ({"max_request_pixels": 1000}, "max_request_pixels"),
+    ({"memory_budget_mb": 0}, "memory_budget_mb"),
+    ({"admission_wait_ms": -1}, "admission_wait_ms"),
+    ({"max_concurrent_rpcs": 0}, "max_concurrent_rpcs"),
     ({"queue_limit": "many"}, "queue_limit"),
     ({"warmup": "perhaps"}, "warmup"),
     ({"tls_cert": "c.pem"}, "tls_key"),
@@ -95,3 +99,11 @@ def test_batch_pixel_policy():
     assert items_per_call(("decode", 4, 32, 32, "auto"), budget, factor=8) == 2  # 256x256 pixels out
     assert items_per_call(encode(512), CPU_BATCH_PIXELS, factor=8) == 4
     assert items_per_call(encode(512), 0, factor=8) >= 1 << 20
+
+
+def test_admission_flags_reach_the_settings():
+    args = build_parser().parse_args(["serve", "--max-request-pixels", "33554432", "--memory-budget-mb", "512",
+                                      "--admission-wait-ms", "250", "--max-concurrent-rpcs", "32"])
+    settings = settings_from_args(args, environ={})
+    assert (settings.max_request_pixels, settings.memory_budget_mb, settings.admission_wait_ms,
+            settings.max_concurrent_rpcs) == (33554432, 512, 250.0, 32)
