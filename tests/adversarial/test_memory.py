@@ -11,7 +11,7 @@ from pathlib import Path
 import grpc
 import pytest
 
-from latentd.server.server_process import ServerProcess
+from latentd.bench.server_process import ServerProcess
 from latentd.v1 import latentd_pb2 as pb
 from latentd.v1 import latentd_pb2_grpc as pb_grpc
 from tests.adversarial.test_cost_limits import assert_still_serving, blank_png, refused

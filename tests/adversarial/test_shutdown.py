@@ -9,7 +9,7 @@ from concurrent.futures import ThreadPoolExecutor
 import grpc
 import pytest
 
-from latentd.server.server_process import ServerProcess
+from latentd.bench.server_process import ServerProcess
 from latentd.v1 import latentd_pb2 as pb
 from latentd.v1 import latentd_pb2_grpc as pb_grpc
 from tests.adversarial.test_cost_limits import blank_png
