@@ -12,7 +12,7 @@ import grpc
 import numpy as np
 from prometheus_client import CollectorRegistry, ProcessCollector, start_http_server
 
-from latentd.client.tensors import to_tensor
+from latentd.v1.tensors import to_tensor
 from latentd.v1 import latentd_pb2 as pb
 from latentd.v1 import latentd_pb2_grpc as pb_grpc
 from latentd.vae.model_info import latent_shape

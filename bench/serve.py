@@ -13,7 +13,7 @@ from typing import Callable
 import grpc
 import numpy as np
 
-from latentd.client.tensors import to_tensor
+from latentd.v1.tensors import to_tensor
 from latentd.v1 import latentd_pb2 as pb
 from latentd.v1 import latentd_pb2_grpc as pb_grpc
 

@@ -17,9 +17,10 @@ from .convert import (
     prepare_latents,
 )
 from .errors import InvalidInputError
-from .tensors import from_tensor
+from latentd.v1.tensors import LATENT_DTYPES as WIRE_LATENT_DTYPES
+from latentd.v1.tensors import from_tensor, wire_dtype
 
-LATENT_DTYPES = {"float32": pb.FLOAT32, "float16": pb.FLOAT16, "bfloat16": pb.BFLOAT16}
+LATENT_DTYPES = {name: wire_dtype(name).proto for name in WIRE_LATENT_DTYPES}
 FILE_FORMATS = {"png": pb.PNG, "jpeg": pb.JPEG, "webp": pb.WEBP}
 TILING = {"auto": pb.TILING_AUTO, "on": pb.TILING_ON, "off": pb.TILING_OFF}
 
@@ -41,7 +42,7 @@ class Call:
 
 def encode_call(images: Any, *, model: str | None, sample: bool, seed: int | None, scaled: bool, dtype: str,
                 tiling: str, output: str) -> Call:
-    check_output(output, ("numpy", "torch"))
+    output = check_output(output, ("numpy", "tensor"))
     options = pb.EncodeOptions(raw=not scaled, sample=sample, latent_dtype=_choice(dtype, LATENT_DTYPES, "dtype"),
                                tiling=_choice(tiling, TILING, "tiling"))
     if seed is not None:
@@ -73,9 +74,9 @@ def encode_result(response: pb.EncodeResponse, call: Call) -> Any:
 
 def decode_call(latents: Any, *, model: str | None, format: str, quality: int | None, sizes: Any, scaled: bool,
                 tiling: str, output: str) -> Call:
-    check_output(output)
+    output = check_output(output)
     if format == "raw":
-        wire = pb.RAW_FLOAT if output == "torch" else pb.RAW_UINT8
+        wire = pb.RAW_FLOAT if output == "tensor" else pb.RAW_UINT8
     else:
         wire = _choice(format, FILE_FORMATS, "format")
     if quality is not None and not 1 <= quality <= 100:
@@ -97,9 +98,9 @@ def images_result(response: pb.ImagesResponse, output: str) -> list[Any]:
 
 def image_format(format: str, output: str) -> int:
     """The wire format for interpolate/sample replies."""
-    check_output(output)
     if format == "raw":
-        return pb.RAW_FLOAT if output == "torch" else pb.RAW_UINT8
+        return pb.RAW_FLOAT if check_output(output) == "tensor" else pb.RAW_UINT8
+    check_output(output)
     return _choice(format, FILE_FORMATS, "format")
 
 

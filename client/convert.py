@@ -10,12 +10,12 @@ import numpy as np
 
 from latentd.v1 import latentd_pb2 as pb
 
+from latentd.v1.outputs import OUTPUT_KINDS, normalise
+from latentd.v1.tensors import from_tensor, to_tensor
+
 from .errors import InvalidInputError
-from .tensors import from_tensor, to_tensor
 
 Form = Literal["single", "list", "batch"]
-OutputKind = Literal["numpy", "pil", "torch"]
-OUTPUT_KINDS = ("numpy", "pil", "torch")
 
 
 @dataclass(frozen=True)
@@ -122,9 +122,8 @@ def prepare_latents(latents: Any, sizes: Any = None) -> Prepared:
 
 
 def latents_output(arrays: list[np.ndarray], form: Form, output: str) -> Any:
-    if output not in ("numpy", "torch"):
-        raise InvalidInputError(f"output must be numpy or torch for latents, got {output!r}")
-    if output == "torch":
+    output = check_output(output, ("numpy", "tensor"))
+    if output == "tensor":
         import torch
 
         arrays = [torch.from_numpy(array) for array in arrays]
@@ -133,6 +132,7 @@ def latents_output(arrays: list[np.ndarray], form: Form, output: str) -> Any:
 
 def image_from_message(image: pb.Image, output: str) -> Any:
     """A decoded Image message as numpy uint8 HWC, PIL, torch float CHW in [-1, 1], or encoded bytes."""
+    output = normalise(output)
     if image.WhichOneof("content") == "encoded":
         return image.encoded
     array = from_tensor(image.pixels, "pixels")
@@ -140,7 +140,7 @@ def image_from_message(image: pb.Image, output: str) -> Any:
         from PIL import Image
 
         return Image.fromarray(array)
-    if output == "torch":
+    if output == "tensor":
         import torch
 
         return torch.from_numpy(array)
@@ -148,7 +148,7 @@ def image_from_message(image: pb.Image, output: str) -> Any:
 
 
 def images_output(images: list[Any], form: Form, output: str) -> Any:
-    return _in_form(images, form, output)
+    return _in_form(images, form, normalise(output))
 
 
 def _in_form(items: list[Any], form: Form, output: str) -> Any:
@@ -156,7 +156,7 @@ def _in_form(items: list[Any], form: Form, output: str) -> Any:
         return items[0]
     if form == "batch" and output != "pil" and not isinstance(items[0], bytes) \
             and len({tuple(item.shape) for item in items}) == 1:
-        if output == "torch":
+        if output == "tensor":
             import torch
 
             return torch.stack(items)
@@ -164,6 +164,9 @@ def _in_form(items: list[Any], form: Form, output: str) -> Any:
     return list(items)
 
 
-def check_output(output: str, allowed: Sequence[str] = OUTPUT_KINDS) -> None:
-    if output not in allowed:
+def check_output(output: str, allowed: Sequence[str] = OUTPUT_KINDS) -> str:
+    """`output` in the shared vocabulary (`latentd.v1.outputs`; "torch" is "tensor"), if `allowed`."""
+    kind = normalise(output)
+    if kind not in allowed:
         raise InvalidInputError(f"output must be one of {', '.join(allowed)}, got {output!r}")
+    return kind

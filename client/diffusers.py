@@ -70,7 +70,7 @@ class RemoteAutoencoderKL:
 
     def encode(self, x: torch.Tensor, return_dict: bool = True) -> AutoencoderKLOutput | tuple:
         """Images [N, 3, H, W] in [-1, 1] -> the posterior, as `AutoencoderKL.encode` returns it."""
-        means, logvars = self.client.posterior(x.detach().float().cpu(), model=self.model_name, output="torch")
+        means, logvars = self.client.posterior(x.detach().float().cpu(), model=self.model_name, output="tensor")
         means, logvars = _batched(means), _batched(logvars)
         parameters = torch.cat([means, logvars], dim=1).to(device=x.device, dtype=x.dtype)
         dist = DiagonalGaussianDistribution(parameters)
@@ -79,7 +79,7 @@ class RemoteAutoencoderKL:
     def decode(self, z: torch.Tensor, return_dict: bool = True, generator: Any = None) -> DecoderOutput | tuple:
         """Raw latents [N, C, h, w] (already divided by the scaling factor, as pipelines do) -> images
         [N, 3, h*f, w*f] in [-1, 1], as `AutoencoderKL.decode` returns them."""
-        images = self.client.decode(z.detach().float().cpu(), model=self.model_name, scaled=False, output="torch")
+        images = self.client.decode(z.detach().float().cpu(), model=self.model_name, scaled=False, output="tensor")
         sample = _batched(images).to(device=z.device, dtype=z.dtype)
         return DecoderOutput(sample=sample) if return_dict else (sample,)
 

@@ -1,11 +1,16 @@
-"""The client's exception hierarchy: one class per gRPC status code a caller handles, with the server's message."""
+"""The client's exception hierarchy: one class per gRPC status code a caller handles, with the server's message.
+
+Each is a `latentd.v1.errors.LatentdError`, and INVALID_ARGUMENT / NOT_FOUND answers are the library's
+`InvalidInputError` / `NotFoundError` too, so one `except` handles a local codec and a server alike."""
 
 from __future__ import annotations
 
 import grpc
 
+from latentd.v1 import errors as shared
 
-class LatentdClientError(Exception):
+
+class LatentdClientError(shared.LatentdError):
     """A call to a latentd server failed; `code` is the gRPC status, `details` the server's message."""
 
     code: grpc.StatusCode = grpc.StatusCode.UNKNOWN
@@ -20,13 +25,13 @@ class LatentdClientError(Exception):
         return f"{self.code.name}: {self.details}"
 
 
-class InvalidInputError(LatentdClientError, ValueError):
+class InvalidInputError(LatentdClientError, shared.InvalidInputError):
     """The request was refused as malformed; the message names the field (INVALID_ARGUMENT)."""
 
     code = grpc.StatusCode.INVALID_ARGUMENT
 
 
-class NotFoundError(LatentdClientError, LookupError):
+class NotFoundError(LatentdClientError, shared.NotFoundError):
     code = grpc.StatusCode.NOT_FOUND
 
 

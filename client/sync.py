@@ -73,7 +73,8 @@ class LatentClient:
                timeout: float | None = None) -> Any:
         """Images -> latents [C, H/f, W/f] (diffusers-scaled unless `scaled=False`; the posterior mean
         unless `sample=True`, reproducible with `seed`), in the form given: one image -> one array, a
-        list -> a list, an NHWC/NCHW batch -> a stacked array; numpy, or torch with `output="torch"`.
+        list -> a list, an NHWC/NCHW batch -> a stacked array; numpy, or torch with `output="tensor"`
+        ("torch" is understood too).
 
         Images: file paths, encoded bytes, PIL images, uint8 arrays (HWC, NHWC, NCHW), float arrays or
         tensors (CHW/NCHW in [-1, 1])."""

@@ -46,13 +46,12 @@ def roundtrip_image(backend, source: Path, *, latent_dtype: str, tiling: str):
 
 def roundtrip_all(backend, sources: list[Path], *, latent_dtype: str, tiling: str):
     """`roundtrip_image` for each source; a bad image yields a failed result and the rest go on."""
-    from latentd.client.errors import LatentdClientError
-    from latentd.vae.errors import LatentdError
+    from latentd.v1.errors import LatentdError  # in process, and the SDK's errors too
 
     for source in sources:
         try:
             yield roundtrip_image(backend, source, latent_dtype=latent_dtype, tiling=tiling)
-        except (LatentdError, LatentdClientError, OSError) as exc:
+        except (LatentdError, OSError) as exc:
             yield ImageResult(source=str(source), error=" ".join(str(exc).split()) or type(exc).__name__), None, None
 
 

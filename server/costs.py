@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-from latentd.client.tensors import wire_dtype
+from latentd.v1.tensors import wire_dtype
 from latentd.v1 import latentd_pb2 as pb
 from latentd.vae.codec import Codec
 from latentd.vae.errors import InvalidInputError

@@ -7,7 +7,7 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 
-from latentd.client.tensors import TensorError, from_tensor, to_tensor
+from latentd.v1.tensors import LATENT_DTYPES, TensorError, from_tensor, to_tensor, wire_dtype
 from latentd.v1 import latentd_pb2 as pb
 from latentd.vae.convert import tensor_to_uint8
 from latentd.vae.errors import InvalidInputError
@@ -16,8 +16,6 @@ from latentd.vae.model_info import ModelInfo
 
 
 TILING = {pb.TILING_AUTO: "auto", pb.TILING_ON: "on", pb.TILING_OFF: "off"}
-LATENT_DTYPES = {pb.DTYPE_UNSPECIFIED: "float32", pb.FLOAT32: "float32", pb.FLOAT16: "float16",
-                 pb.BFLOAT16: "bfloat16"}
 # Encoded output formats: (Pillow format name, takes a quality).
 ENCODED_FORMATS = {pb.IMAGE_FORMAT_UNSPECIFIED: ("PNG", False), pb.PNG: ("PNG", False), pb.JPEG: ("JPEG", True),
                    pb.WEBP: ("WEBP", True)}
@@ -50,9 +48,13 @@ def tiling(value: int, field: str) -> str:
 
 
 def latent_dtype(value: int, field: str) -> str:
-    if value not in LATENT_DTYPES:
+    try:
+        name = "float32" if value == pb.DTYPE_UNSPECIFIED else wire_dtype(value).name
+    except TensorError:
+        name = None
+    if name not in LATENT_DTYPES:
         raise InvalidInputError(f"{field} must be FLOAT32, FLOAT16 or BFLOAT16", field=field)
-    return LATENT_DTYPES[value]
+    return name
 
 
 @dataclass(frozen=True)

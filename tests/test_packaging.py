@@ -11,7 +11,7 @@ import pytest
 
 REPO = Path(__file__).resolve().parents[1]
 IMPORT_ALL = (
-    "import latentd.vae, latentd.server.app, latentd.client, latentd.client.cli, latentd.client.tensors, latentd.v1; "
+    "import latentd.vae, latentd.server.app, latentd.client, latentd.client.cli, latentd.v1.tensors, latentd.v1; "
     "print(latentd.vae.__file__)"
 )
 
@@ -29,7 +29,7 @@ def test_installed_package_imports_from_outside_the_repo(tmp_path):
 def test_client_and_cli_help_do_not_import_torch(tmp_path):
     code = (
         "import sys, contextlib, io\n"
-        "import latentd.client, latentd.client.tensors\n"
+        "import latentd.client, latentd.v1.tensors\n"
         "from latentd.client import LatentClient, AsyncLatentClient, InvalidInputError\n"
         "from latentd.client.cli import main\n"
         "with contextlib.redirect_stdout(io.StringIO()):\n"

@@ -13,14 +13,14 @@ from typing import Any, Literal, Sequence
 
 import numpy as np
 import torch
+
+from latentd.v1.outputs import OUTPUT_KINDS, OutputKind, normalise
 from PIL import Image
 
 from .errors import InvalidImageError, InvalidInputError
 from .imageio import DEFAULT_BACKGROUND, DEFAULT_MAX_PIXELS, check_pixel_limit, open_image
 
 Form = Literal["single", "batch", "list"]
-OutputKind = Literal["numpy", "pil", "tensor"]
-OUTPUT_KINDS: tuple[str, ...] = ("numpy", "pil", "tensor")
 
 
 @dataclass
@@ -133,6 +133,7 @@ def tensor_to_uint8(image: torch.Tensor) -> np.ndarray:
 
 def format_images(images: Sequence[torch.Tensor], form: Form, output: OutputKind) -> Any:
     """Shape decoded [3, H, W] float tensors as the caller asked (`output`) in the caller's form."""
+    output = normalise(output)
     if output not in OUTPUT_KINDS:
         raise InvalidInputError(f"output must be one of {', '.join(OUTPUT_KINDS)}, got {output!r}", field="output")
     if output == "tensor":

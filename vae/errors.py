@@ -1,18 +1,12 @@
-"""The exception types of `latentd.vae`; the server maps each to one gRPC status code."""
+"""The exception types of `latentd.vae`, in the shared tree of `latentd.v1.errors`; the server maps each
+to one gRPC status code."""
 
 from __future__ import annotations
 
+from latentd.v1.errors import InvalidInputError, LatentdError, NotFoundError
 
-class LatentdError(Exception):
-    """Base class of every error latentd raises on purpose."""
-
-
-class InvalidInputError(LatentdError, ValueError):
-    """An argument (image, latent tensor, option) is unusable; `field` names what was wrong."""
-
-    def __init__(self, message: str, *, field: str | None = None):
-        super().__init__(message)
-        self.field = field
+__all__ = ["LatentdError", "InvalidInputError", "InvalidImageError", "ImageTooLargeError", "ModelNotFoundError",
+           "ModelLoadError", "NumericalError"]
 
 
 class InvalidImageError(InvalidInputError):
@@ -28,7 +22,7 @@ class ImageTooLargeError(InvalidImageError):
     """An image above the configured pixel limit (decompression-bomb guard)."""
 
 
-class ModelNotFoundError(LatentdError, LookupError):
+class ModelNotFoundError(NotFoundError):
     """A model name, path or hub id that cannot be resolved to loadable weights."""
 
 

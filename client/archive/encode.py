@@ -97,10 +97,9 @@ def decode_source(data: bytes, origin: str, policy: SizePolicy, max_pixels: int)
 def item_error(exc: BaseException) -> bool:
     """Errors that belong to one image (bad pixels, too large); anything else (server down, out of
     memory) stops the run, which a re-run resumes."""
-    from latentd.client.errors import InvalidInputError as RemoteInvalid
-    from latentd.vae.errors import InvalidInputError as LocalInvalid
+    from latentd.v1.errors import InvalidInputError  # raised in process and, as its subclass, by the SDK
 
-    return isinstance(exc, (RemoteInvalid, LocalInvalid))
+    return isinstance(exc, InvalidInputError)
 
 
 def call_isolating(call: Callable[[list], Iterable], inputs: list) -> list:

@@ -6,7 +6,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from ..tensors import _to_bfloat16_bits
+from latentd.v1.tensors import _to_bfloat16_bits
 
 
 @dataclass(frozen=True)

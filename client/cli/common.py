@@ -51,7 +51,7 @@ def exit_code(exc: BaseException) -> int:
     """EXIT_USAGE for input that can never succeed as given (the same request would fail the same way),
     EXIT_FAILED for everything else."""
     from latentd.client.errors import CALLER_ERRORS, LatentdClientError
-    from latentd.client.tensors import TensorError
+    from latentd.v1.tensors import TensorError
     from latentd.vae.errors import InvalidInputError, ModelNotFoundError  # no torch: the errors module alone
 
     if isinstance(exc, CommandError):
@@ -114,7 +114,7 @@ def client_from_args(args: argparse.Namespace):
 
 def backend_from_args(args: argparse.Namespace):
     """Where round trips run: a server with `--server`, else the model loaded in this process."""
-    from latentd.client.backends import backend_for
+    from latentd.client.cli.backends import backend_for
 
     options = dict(token=args.token, tls=args.tls_ca, timeout=args.timeout)
     return backend_for(args.server, args.model, client_options=options, load_local=lambda: load_codec_from_args(args))

@@ -32,7 +32,8 @@ def add_parser(subparsers: argparse._SubParsersAction) -> None:
                         help="native, resize:WxH, center-crop:S or buckets:S (default: native)")
     parser.add_argument("--batch-size", type=int, default=8, help="images per model call (default: 8)")
     parser.add_argument("--workers", type=int, default=4, help="image-decoding threads (default: 4)")
-    parser.add_argument("--shard-mb", type=float, default=256, help="shard size in MB; the smaller shards --commit-s writes are merged up to it at the end "
+    parser.add_argument("--shard-mb", type=float, default=256,
+                        help="shard size in MB; the smaller shards --commit-s writes are merged up to it at the end "
                              "of a run (default: 256)")
     parser.add_argument("--dedupe", action="store_true",
                         help="skip images whose bytes were already encoded; each is listed by "

@@ -43,8 +43,7 @@ def load_images(sources: list[Path], max_pixels: int) -> tuple[list[Path], list,
     """(loaded paths, uint8 HWC arrays, failures); a bad file is reported on stderr and skipped."""
     import numpy as np
 
-    from latentd.client.errors import LatentdClientError
-    from latentd.vae.errors import LatentdError
+    from latentd.v1.errors import LatentdError
     from latentd.vae.imageio import open_image
 
     paths, images, failed = [], [], 0
@@ -52,7 +51,7 @@ def load_images(sources: list[Path], max_pixels: int) -> tuple[list[Path], list,
         try:
             images.append(np.array(open_image(source, max_pixels=max_pixels)))
             paths.append(source)
-        except (LatentdError, LatentdClientError, OSError) as exc:
+        except (LatentdError, OSError) as exc:
             print(f"{source}: FAILED: {one_line(exc)}", file=sys.stderr)
             failed += 1
     return paths, images, failed
@@ -78,10 +77,9 @@ def run(args: argparse.Namespace) -> int:
     rejected: list[int] = []
 
     def report(index: int, exc: Exception) -> None:
-        from latentd.client.errors import LatentdClientError
-        from latentd.vae.errors import LatentdError
+        from latentd.v1.errors import LatentdError
 
-        if not isinstance(exc, (LatentdError, LatentdClientError, OSError)):
+        if not isinstance(exc, (LatentdError, OSError)):
             raise exc  # a bug, not a bad image
         rejected.append(index)
         print(f"{paths[index]}: FAILED: {one_line(exc)}", file=sys.stderr)

@@ -68,8 +68,8 @@ def add_parser(subparsers: argparse._SubParsersAction) -> None:
 FLAG_SETTINGS = ("host", "port", "models", "device", "dtype", "max_batch_size", "max_batch_delay_ms",
                  "busy_batch_delay_ms", "max_batch_pixels", "cpu_compute_lanes", "queue_limit", "max_pixels",
                  "max_message_mb", "max_request_pixels", "memory_budget_mb", "admission_wait_ms",
-                 "max_concurrent_rpcs", "metrics_port", "metrics_host", "tls_cert", "tls_key", "tls_client_ca", "grace_s",
-                 "warmup")
+                 "max_concurrent_rpcs", "metrics_port", "metrics_host", "tls_cert", "tls_key", "tls_client_ca",
+                 "grace_s", "warmup")
 
 
 def settings_from_args(args: argparse.Namespace, environ=None):

@@ -13,7 +13,7 @@ from grpc_health.v1 import health_pb2
 from grpc_reflection.v1alpha import reflection_pb2
 from PIL import Image
 
-from latentd.client.tensors import to_tensor
+from latentd.v1.tensors import to_tensor
 from latentd.v1 import latentd_pb2 as pb
 from tests.conftest import smooth_image
 

@@ -17,7 +17,7 @@ from grpc_reflection.v1alpha import reflection_pb2
 from latentd.client import LatentClient
 from latentd.client.cli import main
 from latentd.client.errors import CALLER_ERRORS, RETRYABLE, InvalidInputError, NotFoundError
-from latentd.client.tensors import to_tensor
+from latentd.v1.tensors import to_tensor
 from latentd.server.app import create_server
 from latentd.server.settings import ServerSettings
 from latentd.v1 import latentd_pb2 as pb

@@ -129,7 +129,7 @@ def test_resume_after_a_crash_mid_shard_gives_every_image_exactly_once(tmp_path,
     from latentd.client.archive.manifest import Manifest
     from latentd.client.archive.sizing import SizePolicy
     from latentd.client.archive.sources import iter_sources
-    from latentd.client.backends import LocalBackend
+    from latentd.client.cli.backends import LocalBackend
 
     folder = tmp_path / "imgs"
     for i in range(11):
@@ -297,7 +297,7 @@ def test_size_policies(tmp_path, tiny_model_dir):
 
 def test_bench_archive_times_the_model_and_the_pipeline(tiny_model_dir, capsys):
     from latentd.bench.archive import bench_archive
-    from latentd.client.backends import LocalBackend
+    from latentd.client.cli.backends import LocalBackend
 
     result = bench_archive(LocalBackend(load_codec(tiny_model_dir)), images=4, size=(48, 32), batch_size=2,
                            workers=2)

@@ -6,7 +6,7 @@ from types import SimpleNamespace
 
 import numpy as np
 
-from latentd.client.backends import Backend, LocalBackend, RemoteBackend
+from latentd.client.cli.backends import Backend, LocalBackend, RemoteBackend
 from tests.conftest import smooth_image
 
 

@@ -70,7 +70,7 @@ def _by_setting(points):
 
 
 def test_latent_formats_encode_once_and_q8_halves_float16(tiny_codec, images):
-    from latentd.client.backends import LocalBackend
+    from latentd.client.cli.backends import LocalBackend
 
     backend = CountingBackend(LocalBackend(tiny_codec))
     points = _by_setting(rd.latent_points(backend, images, ["float16", "bfloat16", "q8", "q8-zstd"]))
@@ -87,7 +87,7 @@ def test_latent_formats_encode_once_and_q8_halves_float16(tiny_codec, images):
 
 
 def test_latent_points_skip_a_rejected_image_in_every_format(tiny_codec, images):
-    from latentd.client.backends import LocalBackend
+    from latentd.client.cli.backends import LocalBackend
 
     class Picky(CountingBackend):
         def encode(self, batch, tiling="auto"):

@@ -47,7 +47,7 @@ def test_floor_server_answers_with_the_real_shapes_and_reports_its_cpu():
     import grpc
     import numpy as np
 
-    from latentd.client.tensors import from_tensor, to_tensor
+    from latentd.v1.tensors import from_tensor, to_tensor
     from latentd.bench.serve import Workload, drive
     from latentd.bench.server_process import ServerProcess
     from latentd.v1 import latentd_pb2 as pb

@@ -12,7 +12,7 @@ import pytest
 import torch
 from PIL import Image
 
-from latentd.client.tensors import from_tensor, to_tensor
+from latentd.v1.tensors import from_tensor, to_tensor
 from latentd.server import models, wire
 from latentd.v1 import latentd_pb2 as pb
 from latentd.vae.codec import Codec

@@ -104,7 +104,7 @@ def backend_for(server: str | None, model: str, *, client_options: dict[str, Any
                 load_local=None) -> Backend:
     """A RemoteBackend for `server`, else a LocalBackend from `load_local()` (a codec factory)."""
     if server:
-        from .sync import LatentClient
+        from latentd.client.sync import LatentClient
 
         return RemoteBackend(LatentClient(server, **(client_options or {})), None if model == "default" else model)
     return LocalBackend(load_local())

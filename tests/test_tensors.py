@@ -6,7 +6,7 @@ import numpy as np
 import pytest
 import torch
 
-from latentd.client.tensors import DTYPES, TensorError, from_tensor, to_tensor
+from latentd.v1.tensors import DTYPES, TensorError, from_tensor, to_tensor
 from latentd.v1 import latentd_pb2 as pb
 
 

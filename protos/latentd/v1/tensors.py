@@ -36,6 +36,8 @@ DTYPES: tuple[WireDType, ...] = (
     WireDType(pb.BFLOAT16, "bfloat16", "<u2", 2),
     WireDType(pb.FLOAT32, "float32", "<f4", 4),
 )
+# The dtypes latents may travel in (uint8 is for pixels only).
+LATENT_DTYPES: tuple[str, ...] = ("float32", "float16", "bfloat16")
 _BY_PROTO = {d.proto: d for d in DTYPES}
 MAX_DIMS = 8  # latentd's tensors have 3 or 4 (numpy stops at 64)
 _BY_NAME = {d.name: d for d in DTYPES}
