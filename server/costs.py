@@ -11,7 +11,7 @@ from latentd.vae.errors import InvalidInputError
 from latentd.vae.imageio import check_pixel_limit, read_size
 
 from .settings import ServerSettings
-from .wire import ENCODED_FORMATS, OutputFormat
+from .wire import ENCODED_FORMATS, OutputFormat, checked_shape
 
 MIB = 1024 * 1024
 UINT8_PIXEL = 3  # bytes of a uint8 RGB pixel
@@ -96,7 +96,7 @@ def image_size(message: pb.Image, field: str, max_pixels: int) -> tuple[int, int
         _check_pixels(width, height, max_pixels, f"{field}.encoded")
         return height, width, UINT8_PIXEL
     if kind == "pixels":
-        shape = list(message.pixels.shape)
+        shape = checked_shape(message.pixels, f"{field}.pixels")
         if len(shape) != 3:
             return 0, 0, 0
         if message.pixels.dtype == pb.UINT8:
@@ -184,7 +184,7 @@ def decode_cost(request: pb.DecodeRequest, codec: Codec, settings: ServerSetting
     f = codec.factor
     cost = Cost(held_bytes=request.ByteSize())
     for index, item in enumerate(request.items):
-        shape = list(item.latents.shape)
+        shape = checked_shape(item.latents, f"items[{index}].latents")
         if len(shape) != 3 or min(shape) < 1:
             continue  # wire.read_latents refuses it, naming the field
         height, width = shape[1] * f, shape[2] * f

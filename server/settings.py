@@ -13,46 +13,68 @@ from latentd.vae.errors import InvalidInputError
 ENV_PREFIX = "LATENTD_"
 
 
+def setting(default: Any = None, help: str = "", *, factory: Any = None, default_text: str | None = None,
+            choices: tuple[str, ...] | None = None, flag: bool = True) -> Any:
+    """A settings field with what its `latentd serve` flag says: `help`, and `default_text` where the
+    default needs words (None, a computed value). `flag=False`: set by a file or the environment only,
+    or by a flag of its own (models, auth tokens)."""
+    metadata = {"help": help, "default_text": default_text, "choices": choices, "flag": flag}
+    if factory is not None:
+        return field(default_factory=factory, metadata=metadata)
+    return field(default=default, metadata=metadata)
+
+
 @dataclass(frozen=True)
 class ServerSettings:
-    host: str = "127.0.0.1"  # loopback unless asked: the server has no auth by default
-    port: int = 50051  # 0: any free port (tests)
+    """Every server setting: its type, default and meaning, once. `latentd serve` makes a flag of each
+    (`--max-batch-size`), the environment a `LATENTD_MAX_BATCH_SIZE`, and a settings file a key."""
+
+    host: str = setting("127.0.0.1", "address to bind; 0.0.0.0 for every interface (loopback unless asked: the "
+                                     "server has no auth by default)")
+    port: int = setting(50051, "port; 0: any free port; one in use: exit 2")
     # Served models, name -> registry name, model folder, checkpoint file or Hub id. The first is the default.
-    models: Mapping[str, str] = field(default_factory=lambda: {"default": "default"})
-    device: str | None = None  # None: CUDA if available, else CPU
-    dtype: str | None = None  # None: bf16/fp16 on GPU, fp32 on CPU
-    max_batch_size: int = 8  # images per model call
-    max_batch_delay_ms: float = 5.0  # how long the first item of a batch waits for company
-    # The same while another batch computes beside it on a CPU lane (see cpu_compute_lanes): one
-    # thread uses a bigger batch better, and the core it leaves meanwhile serves the requests.
-    busy_batch_delay_ms: float = 20.0
-    # Image pixels per model call, summed over its items (a batch always takes at least one item).
-    # None: four 512x512 images on CPU, which bounds a call's memory, unlimited on GPU; 0: unlimited.
-    max_batch_pixels: int | None = None
-    # On a CPU, when batches of small images meet, this many run side by side on an equal share of
-    # the threads each (small images use threads better that way); a lone batch gets every thread. 1: off.
-    cpu_compute_lanes: int = 2
-    queue_limit: int = 256  # images waiting per model (beyond the batches its workers hold); then RESOURCE_EXHAUSTED
-    stream_window: int = 16  # requests of one stream in flight (or answered but not yet read by the client)
-    max_message_mb: int = 64  # gRPC send/receive message size limit
-    max_pixels: int = 4096 * 4096  # per image, in and out
-    # What one request may cost in model work: image pixels the model runs over, in and out, each size
-    # padded to the model's factor and every tile overlap counted (costs.py). Four tiled 4096x4096 encodes.
-    max_request_pixels: int = 64 * 1024 * 1024
-    # Server memory held by requests at once (bytes received, decoded pixels, latents, answers; see
-    # costs.py); a request waits up to admission_wait_ms for room, then RESOURCE_EXHAUSTED.
-    memory_budget_mb: int = 2048
-    admission_wait_ms: float = 1000.0
-    max_concurrent_rpcs: int = 128  # RPCs in progress (a stream counts once, health too); then RESOURCE_EXHAUSTED
-    tls_cert: str | None = None
-    tls_key: str | None = None
-    tls_client_ca: str | None = None  # set: clients must present a certificate signed by it (mutual TLS)
-    auth_tokens: tuple[str, ...] = ()  # non-empty: every call needs `authorization: Bearer <token>`
-    metrics_port: int | None = None  # Prometheus /metrics over HTTP; None: off
-    metrics_host: str = "127.0.0.1"
-    grace_s: float = 10.0  # SIGTERM: in-flight requests get this long to finish
-    warmup: bool = True  # one encode/decode per model before health turns SERVING
-    log_requests: bool = True
+    models: Mapping[str, str] = setting(factory=lambda: {"default": "default"}, flag=False)
+    device: str | None = setting(None, "cpu, cuda, cuda:1", default_text="CUDA if available, else CPU")
+    dtype: str | None = setting(None, "compute dtype", default_text="bfloat16 or float16 on a GPU, float32 on a CPU",
+                                choices=("float32", "float16", "bfloat16"))
+    max_batch_size: int = setting(8, "images per model call")
+    max_batch_delay_ms: float = setting(5.0, "how long the first item of a batch waits for company")
+    # One thread uses a bigger batch better, and the core it leaves meanwhile serves the requests.
+    busy_batch_delay_ms: float = setting(20.0, "how long a batch waits to fill while another batch computes on a "
+                                               "CPU lane")
+    max_batch_pixels: int | None = setting(None, "image pixels per model call, summed over its images (a batch "
+                                                 "always takes one); 0: unlimited",
+                                           default_text="four 512x512 images on a CPU, which bounds a call's "
+                                                        "memory; unlimited on a GPU")
+    # Small images use threads better side by side; a lone batch gets every thread.
+    cpu_compute_lanes: int = setting(2, "on a CPU, batches of small images that meet run side by side on this "
+                                        "many lanes, each with an equal share of the threads; 1: one at a time")
+    queue_limit: int = setting(256, "images waiting per model (beyond the batches its workers hold); then "
+                                    "RESOURCE_EXHAUSTED, and a request with more images is INVALID_ARGUMENT")
+    stream_window: int = setting(16, "requests of one stream in flight (or answered but not yet read)")
+    max_message_mb: int = setting(64, "gRPC send and receive message size limit")
+    max_pixels: int = setting(4096 * 4096, "largest image, in and out, in pixels", default_text="4096x4096")
+    max_request_pixels: int = setting(64 * 1024 * 1024, "model work one request may cost, in image pixels in and "
+                                                        "out (padded to the model's factor, tile overlaps counted; "
+                                                        "see costs.py); beyond it INVALID_ARGUMENT",
+                                      default_text="67108864, four tiled 4096x4096 encodes")
+    memory_budget_mb: int = setting(2048, "server memory held by requests at once (received bytes, decoded "
+                                          "pixels, latents, answers)")
+    admission_wait_ms: float = setting(1000.0, "how long a request waits for room in the memory budget before "
+                                               "RESOURCE_EXHAUSTED")
+    max_concurrent_rpcs: int = setting(128, "RPCs in progress at once (a stream counts once, health too); beyond "
+                                            "it RESOURCE_EXHAUSTED")
+    tls_cert: str | None = setting(None, "server certificate (PEM); with --tls-key enables TLS", default_text="off")
+    tls_key: str | None = setting(None, "server private key (PEM)", default_text="none")
+    tls_client_ca: str | None = setting(None, "require client certificates signed by this CA (mutual TLS)",
+                                        default_text="off")
+    # Non-empty: every call needs `authorization: Bearer <token>`. Never a flag (it would show in `ps`).
+    auth_tokens: tuple[str, ...] = setting((), flag=False)
+    metrics_port: int | None = setting(None, "serve Prometheus /metrics over HTTP on this port", default_text="off")
+    metrics_host: str = setting("127.0.0.1", "address of the metrics endpoint")
+    grace_s: float = setting(10.0, "seconds in-flight requests get on SIGTERM")
+    warmup: bool = setting(True, "one encode and decode per model before health turns SERVING")
+    log_requests: bool = setting(True, "one log line per request")
 
     def __post_init__(self) -> None:
         checks = [

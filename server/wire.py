@@ -7,7 +7,7 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 
-from latentd.v1.tensors import LATENT_DTYPES, TensorError, from_tensor, to_tensor, wire_dtype
+from latentd.v1.tensors import LATENT_DTYPES, TensorError, from_tensor, tensor_shape, to_tensor, wire_dtype
 from latentd.v1 import latentd_pb2 as pb
 from latentd.vae.convert import tensor_to_uint8
 from latentd.vae.errors import InvalidInputError
@@ -30,6 +30,14 @@ LATENT_BOUND = 1e4
 def _tensor(message: pb.Tensor, field: str) -> np.ndarray:
     try:
         return from_tensor(message, field)
+    except TensorError as exc:
+        raise InvalidInputError(str(exc), field=exc.field) from None
+
+
+def checked_shape(message: pb.Tensor, field: str) -> tuple[int, ...]:
+    """A tensor's shape, checked as `_tensor` checks it, without reading its data (for costing)."""
+    try:
+        return tensor_shape(message, field)
     except TensorError as exc:
         raise InvalidInputError(str(exc), field=exc.field) from None
 

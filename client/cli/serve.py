@@ -16,66 +16,52 @@ def add_parser(subparsers: argparse._SubParsersAction) -> None:
                     "environment variable and a key in the --config file; flags win over the environment, "
                     "which wins over the file. SIGTERM drains in-flight requests and exits 0.")
     parser.add_argument("--config", type=Path, help="settings file (TOML, YAML or JSON)")
-    parser.add_argument("--host", help="address to bind (default: 127.0.0.1; 0.0.0.0 for every interface)")
-    parser.add_argument("--port", type=int, help="port (default: 50051; 0: any free port; one in use: exit 2)")
     parser.add_argument("--model", dest="models", action="append", metavar="NAME=SOURCE",
                         help="serve SOURCE (registry name, model folder, checkpoint or Hub id) as NAME; repeat for "
                              "several, the first is the default (default: default=default)")
-    parser.add_argument("--device", help="cpu, cuda, cuda:1 (default: CUDA if available, else CPU)")
-    parser.add_argument("--dtype", choices=("float32", "float16", "bfloat16"), help="compute dtype")
-    parser.add_argument("--max-batch-size", type=int, help="images per model call (default: 8)")
-    parser.add_argument("--max-batch-delay-ms", type=float, help="how long a batch waits to fill (default: 5)")
-    parser.add_argument("--max-batch-pixels", type=int, help="image pixels per model call, summed over its images "
-                                                             "(default: four 512x512 images on CPU, unlimited on GPU; "
-                                                             "0: unlimited)")
-    parser.add_argument("--busy-batch-delay-ms", type=float,
-                        help="how long a batch waits to fill while another batch computes on a CPU lane "
-                             "(default: 20)")
-    parser.add_argument("--cpu-compute-lanes", type=int,
-                        help="on a CPU, batches run side by side on this many lanes, each with an equal share of "
-                             "the threads, when requests queue up; a lone batch gets every thread (default: 2; "
-                             "1: one batch at a time)")
-    parser.add_argument("--queue-limit", type=int, help="images waiting per model before RESOURCE_EXHAUSTED "
-                                                        "(default: 256)")
-    parser.add_argument("--max-pixels", type=int, help="largest image in pixels (default: 4096x4096)")
-    parser.add_argument("--max-message-mb", type=int, help="gRPC message size limit (default: 64)")
-    parser.add_argument("--max-request-pixels", type=int,
-                        help="model work one request may cost, in image pixels in and out (padded to the model's "
-                             "factor, tile overlaps counted); beyond it INVALID_ARGUMENT (default: 67108864)")
-    parser.add_argument("--memory-budget-mb", type=int,
-                        help="server memory held by requests at once (received bytes, pixels, latents, answers) "
-                             "(default: 2048)")
-    parser.add_argument("--admission-wait-ms", type=float,
-                        help="how long a request waits for room in the memory budget before RESOURCE_EXHAUSTED "
-                             "(default: 1000)")
-    parser.add_argument("--max-concurrent-rpcs", type=int,
-                        help="RPCs in progress at once (a stream counts once); beyond it RESOURCE_EXHAUSTED "
-                             "(default: 128)")
-    parser.add_argument("--metrics-port", type=int, help="serve Prometheus /metrics on this port (default: off)")
-    parser.add_argument("--metrics-host", help="address of the metrics endpoint (default: 127.0.0.1)")
-    parser.add_argument("--tls-cert", help="server certificate (PEM); with --tls-key enables TLS")
-    parser.add_argument("--tls-key", help="server private key (PEM)")
-    parser.add_argument("--tls-client-ca", help="require client certificates signed by this CA (mutual TLS)")
     parser.add_argument("--auth-tokens-file", type=Path,
                         help="bearer tokens, one per line (or LATENTD_AUTH_TOKENS=a,b; never on the command line)")
-    parser.add_argument("--grace-s", type=float, help="seconds in-flight requests get on SIGTERM (default: 10)")
-    parser.add_argument("--no-warmup", dest="warmup", action="store_const", const=False,
-                        help="skip the warm-up call per model")
-    parser.add_argument("--log-level", default="INFO", choices=("DEBUG", "INFO", "WARNING", "ERROR"))
+    add_setting_flags(parser.add_argument_group("settings (each also LATENTD_<NAME> and a --config key)"))
+    parser.add_argument("--log-level", default="INFO", choices=("DEBUG", "INFO", "WARNING", "ERROR"),
+                        help="the server log's level (default: INFO)")
     parser.set_defaults(run=run)
 
 
-FLAG_SETTINGS = ("host", "port", "models", "device", "dtype", "max_batch_size", "max_batch_delay_ms",
-                 "busy_batch_delay_ms", "max_batch_pixels", "cpu_compute_lanes", "queue_limit", "max_pixels",
-                 "max_message_mb", "max_request_pixels", "memory_budget_mb", "admission_wait_ms",
-                 "max_concurrent_rpcs", "metrics_port", "metrics_host", "tls_cert", "tls_key", "tls_client_ca",
-                 "grace_s", "warmup")
+def _default_text(value) -> str:
+    return format(value, "g") if isinstance(value, float) else str(value)
+
+
+def add_setting_flags(group) -> None:
+    """One flag per ServerSettings field that has one, from the field's type, default and help: adding a
+    setting is one line in server/settings.py."""
+    import dataclasses
+    import typing
+
+    from latentd.server.settings import ServerSettings
+
+    hints = typing.get_type_hints(ServerSettings)
+    for field in dataclasses.fields(ServerSettings):
+        meta = field.metadata
+        if not meta.get("flag", True):
+            continue
+        flag = "--" + field.name.replace("_", "-")
+        default = meta["default_text"] or _default_text(field.default)
+        kind = next((t for t in typing.get_args(hints[field.name]) if t is not type(None)), hints[field.name])
+        if kind is bool:
+            switch = f"--no-{field.name.replace('_', '-')}" if field.default else flag
+            group.add_argument(switch, dest=field.name, action="store_const", const=not field.default,
+                               help=f"{'turn off: ' if field.default else ''}{meta['help']}")
+        else:
+            group.add_argument(flag, dest=field.name, type=kind, choices=meta["choices"],
+                               help=f"{meta['help']} (default: {default})")
 
 
 def settings_from_args(args: argparse.Namespace, environ=None):
-    from latentd.server.settings import load_settings
+    import dataclasses
 
-    flags = {name: getattr(args, name) for name in FLAG_SETTINGS}
+    from latentd.server.settings import ServerSettings, load_settings
+
+    flags = {field.name: getattr(args, field.name, None) for field in dataclasses.fields(ServerSettings)}
     if args.auth_tokens_file is not None:
         try:
             lines = args.auth_tokens_file.read_text().splitlines()

@@ -74,10 +74,15 @@ def test_an_image_over_max_pixels_is_refused_from_its_header(tiny_codec):
 
 
 def test_raw_pixels_are_sized_from_their_shape(tiny_codec):
-    huge = pb.Image(pixels=pb.Tensor(dtype=pb.UINT8, shape=[2**31, 2**31, 3]))
+    huge = pb.Image(pixels=pb.Tensor(dtype=pb.UINT8, shape=[2**20, 2**20, 3]))
     with pytest.raises(ImageTooLargeError) as raised:
         costs.encode_cost(pb.EncodeRequest(images=[huge]), tiny_codec, SETTINGS, "auto", "float32")
     assert raised.value.field == "images[0].pixels"
+    # A shape no array can have is refused as such, as wire.read_image would, before it is costed.
+    impossible = pb.Image(pixels=pb.Tensor(dtype=pb.UINT8, shape=[2**31, 2**31, 3]))
+    with pytest.raises(InvalidInputError, match="larger than any array") as raised:
+        costs.encode_cost(pb.EncodeRequest(images=[impossible]), tiny_codec, SETTINGS, "auto", "float32")
+    assert raised.value.field == "images[0].pixels.shape"
     pixels = pb.Image(pixels=pb.Tensor(dtype=pb.FLOAT32, shape=[3, 40, 50], data=bytes(3 * 40 * 50 * 4)))
     assert costs.image_size(pixels, "image_a", SETTINGS.max_pixels) == (40, 50, 2 * costs.FLOAT_PIXEL)
     malformed = pb.Image(pixels=pb.Tensor(dtype=pb.UINT8, shape=[5]))

@@ -84,6 +84,26 @@ def test_cli_flags_and_token_file(tmp_path):
     assert settings.auth_tokens == ("alpha", "beta") and settings.warmup is False
 
 
+def test_every_setting_has_its_flag_from_the_dataclass():
+    """Flags are generated from ServerSettings: each field's flag sets it, with its default in the help."""
+    import dataclasses
+
+    serve = build_parser()._subparsers._group_actions[0].choices["serve"]
+    by_dest = {action.dest: action for action in serve._actions}
+    own_flags = {"models": "models", "auth_tokens": "auth_tokens_file"}  # --model, --auth-tokens-file
+    for field in dataclasses.fields(ServerSettings):
+        assert own_flags.get(field.name, field.name) in by_dest, f"no flag for setting {field.name}"
+        if field.metadata["flag"] and field.type != "bool":
+            assert "(default: " in by_dest[field.name].help
+    args = build_parser().parse_args(["serve", "--stream-window", "3", "--no-log-requests", "--max-batch-delay-ms",
+                                      "2.5", "--dtype", "bfloat16"])
+    settings = settings_from_args(args, environ={})
+    assert (settings.stream_window, settings.log_requests, settings.max_batch_delay_ms, settings.dtype) == (
+        3, False, 2.5, "bfloat16")
+    with pytest.raises(SystemExit):
+        build_parser().parse_args(["serve", "--stream-window", "many"])
+
+
 def test_batch_pixel_policy():
     """Auto: a pixel budget on CPU, none on GPU; the flag and variable set it; a call holds at least one image."""
     auto = load_settings(environ={})

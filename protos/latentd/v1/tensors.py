@@ -69,8 +69,9 @@ def to_tensor(array: np.ndarray, dtype: str | None = None) -> pb.Tensor:
     return pb.Tensor(dtype=target.proto, shape=list(array.shape), data=raw.tobytes())
 
 
-def from_tensor(message: pb.Tensor, field: str) -> np.ndarray:
-    """A Tensor message as a numpy array (bfloat16 widened to float32); TensorError names `field`."""
+def tensor_shape(message: pb.Tensor, field: str) -> tuple[int, ...]:
+    """The shape of a Tensor message, checked before anything is sized or read from it: a known dtype, at
+    most MAX_DIMS dimensions, none negative, no larger than any array can be; TensorError names `field`."""
     if message.dtype == pb.DTYPE_UNSPECIFIED:
         raise TensorError(f"{field}.dtype is not set", f"{field}.dtype")
     if message.dtype not in _BY_PROTO:
@@ -84,6 +85,13 @@ def from_tensor(message: pb.Tensor, field: str) -> np.ndarray:
     # An empty tensor's other dimensions are not bounded by its data; no array can span more bytes.
     if math.prod(n for n in shape if n) * wire.itemsize > np.iinfo(np.intp).max:
         raise TensorError(f"{field}.shape {list(shape)} is larger than any array", f"{field}.shape")
+    return shape
+
+
+def from_tensor(message: pb.Tensor, field: str) -> np.ndarray:
+    """A Tensor message as a numpy array (bfloat16 widened to float32); TensorError names `field`."""
+    shape = tensor_shape(message, field)
+    wire = _BY_PROTO[message.dtype]
     expected = math.prod(shape) * wire.itemsize
     if len(message.data) != expected:
         raise TensorError(f"{field}.data has {len(message.data)} bytes; shape {list(shape)} of {wire.name} "
