@@ -98,7 +98,7 @@ def _serve(conn, model_name: str, seed: int, device_name: str, dtype_name: str =
     """The child: load the model, then answer (op, tensor) requests with (seconds, output) until None."""
     try:
         device = torch.device(device_name)
-        model = load_for_bench(model_name, seed).to(device, getattr(torch, dtype_name))
+        model = torch.nn.Module.to(load_for_bench(model_name, seed), device, getattr(torch, dtype_name))
         conn.send(("ok", "ready"))
         while (request := conn.recv()) is not None:
             op, tensor = request
