@@ -46,7 +46,7 @@ def versions() -> dict:
         import latentd.vae  # noqa: F401  # the library imports with what is installed
 
         found["latentd_import"] = "ok"
-    except Exception as exc:  # reported, not fatal: the stages that need it fail on their own
+    except Exception as exc:  # noqa: BLE001  # reported, not fatal: the stages that need it fail on their own
         found["error"] = f"{type(exc).__name__}: {exc}"
     return found
 
@@ -102,7 +102,7 @@ def training(run_dir: Path, metrics: Path, data: Path) -> dict:
             info.update(batch_size=loader["batch_size"], crop_size=loader["crop_size"], train_dirs=loader["train_dirs"],
                         precision=runtime["precision"], lr=optim["lr"], schedule=optim["schedule"],
                         max_steps=optim["max_steps"])
-        except Exception as exc:  # the run's other figures still count
+        except Exception as exc:  # noqa: BLE001  # the run's other figures still count
             info["config_error"] = f"{type(exc).__name__}: {exc}"
     if metrics.is_file():
         with metrics.open() as handle:
@@ -157,9 +157,9 @@ def summary(args: argparse.Namespace) -> int:
 def markdown(result: dict) -> str:
     v = result.get("versions") or {}
     lines = [f"# latentd device run ({result['device']})", "",
-             f"{result['seconds']} s of a {result['budget_s']} s budget; "
-             f"torch {v.get('torch')} (CUDA {v.get('cuda')}), {v.get('gpu', 'no GPU')}, "
-             f"diffusers {v.get('diffusers')}, latentd {v.get('latentd')}, python {v.get('python')}", "",
+             (f"{result['seconds']} s of a {result['budget_s']} s budget; "
+              f"torch {v.get('torch')} (CUDA {v.get('cuda')}), {v.get('gpu', 'no GPU')}, "
+              f"diffusers {v.get('diffusers')}, latentd {v.get('latentd')}, python {v.get('python')}"), "",
              "| stage | status | exit | seconds |", "|---|---|---|---|"]
     for name, stage in result["stages"].items():
         lines.append(f"| {name} | {stage['status']} | {stage['exit'] if stage['exit'] is not None else '-'} | "
@@ -167,9 +167,9 @@ def markdown(result: dict) -> str:
     t = result["training"]
     if t:
         lines += ["", "## Training (vae/train/configs/long.yaml)", "",
-                  f"step {t.get('fresh_from')} -> {t.get('step')} in {t.get('train_seconds')} s "
-                  f"({t.get('steps_per_s')} steps/s), batch {t.get('batch_size')} x {t.get('crop_size')} px, "
-                  f"{t.get('precision')}, lr {t.get('lr')}, max_steps {t.get('max_steps')}"]
+                  (f"step {t.get('fresh_from')} -> {t.get('step')} in {t.get('train_seconds')} s "
+                   f"({t.get('steps_per_s')} steps/s), batch {t.get('batch_size')} x {t.get('crop_size')} px, "
+                   f"{t.get('precision')}, lr {t.get('lr')}, max_steps {t.get('max_steps')}")]
         for row in t.get("validation", []):
             lines.append(f"- validation at step {row['step']}: {_fmt(row['psnr'])} dB, "
                          f"MS-SSIM {_fmt(row['ms_ssim'], '.4f')}")
@@ -177,15 +177,16 @@ def markdown(result: dict) -> str:
     if k:
         lines += ["", "## Kodak (latentd eval, exported fp16 weights)", "",
                   "| images | PSNR (dB) | MS-SSIM | bpp | encode ms | decode ms | device |", "|---|---|---|---|---|---|---|",
-                  f"| {k.get('images')} ({k.get('failed')} failed) | {_fmt(k.get('mean_psnr'))} | "
-                  f"{_fmt(k.get('mean_ms_ssim'), '.4f')} | {_fmt(k.get('mean_bpp'), '.3f')} | "
-                  f"{_fmt(k.get('mean_encode_ms'), '.1f')} | {_fmt(k.get('mean_decode_ms'), '.1f')} | {k.get('device')} |"]
+                  (f"| {k.get('images')} ({k.get('failed')} failed) | {_fmt(k.get('mean_psnr'))} | "
+                   f"{_fmt(k.get('mean_ms_ssim'), '.4f')} | {_fmt(k.get('mean_bpp'), '.3f')} | "
+                   f"{_fmt(k.get('mean_encode_ms'), '.1f')} | {_fmt(k.get('mean_decode_ms'), '.1f')} | "
+                   f"{k.get('device')} |")]
     if result.get("tests"):
         lines += ["", "pytest -m gpu: " + ", ".join(f"{n} {w}" for w, n in result["tests"].items())]
     if result["bench_codec"]:
         lines += ["", "## latentd bench codec (ms per image; diffusers in the same dtype, same process)", "",
-                  "| size | batch | asked | ran | encode diffusers | encode latentd | decode diffusers | "
-                  "decode latentd | agrees |", "|---|---|---|---|---|---|---|---|---|"]
+                  ("| size | batch | asked | ran | encode diffusers | encode latentd | decode diffusers | "
+                   "decode latentd | agrees |"), "|---|---|---|---|---|---|---|---|---|"]
         for r in result["bench_codec"]:
             lines.append(f"| {r['size']} | {r['batch']} | {r['requested']} | {r['dtype']} | "
                          f"{_fmt(r['encode_diffusers_ms'])} | {_fmt(r['encode_latentd_ms'])} | "

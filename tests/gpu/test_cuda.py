@@ -14,8 +14,9 @@ from tests.conftest import make_tiny_kl, smooth_image
 
 pytestmark = pytest.mark.gpu
 
-# Relative L2 error allowed against diffusers in float32 on the same device, by latentd's compute dtype.
-TOLERANCE = {torch.float32: 1e-3, torch.float16: 2e-2, torch.bfloat16: 5e-2}
+# Relative L2 error allowed against diffusers in float32 on the same device, by latentd's compute dtype
+# (float32 too may run TF32 matrix products on Ampere and later).
+TOLERANCE = {torch.float32: 5e-3, torch.float16: 2e-2, torch.bfloat16: 5e-2}
 
 
 def relative_error(a: torch.Tensor, b: torch.Tensor) -> float:
@@ -92,6 +93,7 @@ def test_float16_overflow_retries_in_float32_once(caplog):
 def test_served_round_trip_on_cuda(tmp_path):
     from latentd.client import LatentClient
     from latentd.vae import save_model
+
     from tests.integration.conftest import ServerFactory
 
     factory = ServerFactory({"tiny": str(save_model(make_tiny_kl(), tmp_path / "tiny"))})
