@@ -93,9 +93,9 @@ def test_dry_run_on_cpu_passes_every_stage(packed, tmp_path):
 @pytest.mark.slow
 def test_dry_run_stays_within_a_short_budget(packed, tmp_path):
     out = tmp_path / "out"
-    result, seconds = run_script(packed, out, budget_s=20)
-    assert seconds < 20 + 10, result.stdout[-4000:]  # the summary's few seconds, and the shell's
-    assert result.returncode != 0  # not every stage fits in 20 s on a CPU
+    result, seconds = run_script(packed, out, budget_s=30)
+    assert seconds < 30 + 10, result.stdout[-4000:]  # a stage's kill grace and the shell's own time
+    assert result.returncode != 0  # not every stage fits in 30 s on a CPU
     summary = json.loads((out / "summary.json").read_text())
     assert list(summary["stages"]) == STAGES
     assert {stage["status"] for stage in summary["stages"].values()} - {"pass", "fail", "timeout", "skipped"} == set()

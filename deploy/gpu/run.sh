@@ -138,7 +138,7 @@ print(json.loads(p.read_text())['step'] if p.is_file() else 0)") || return 1
     fi
     wait "$pid"
     rc=$?
-    [ "$rc" -eq 143 ] && echo "train: stopped by SIGTERM with a checkpoint (exit 143)"
+    echo "train: exit $rc"
     [ -f "$RUN/metrics.csv" ] && cp "$RUN/metrics.csv" "$OUT/metrics.csv"
     # 143: stopped by the signal; a signal before the trainer's handler was set leaves no checkpoint
     compgen -G "$RUN/checkpoints/step-*" >/dev/null || { echo "train: no checkpoint"; return 1; }
