@@ -43,9 +43,11 @@ def versions() -> dict:
             found["capability"] = ".".join(map(str, torch.cuda.get_device_capability(0)))
             found["gpu_memory_gib"] = round(torch.cuda.get_device_properties(0).total_memory / 2**30, 1)
             found["cudnn"] = torch.backends.cudnn.version()
-        import latentd.vae  # noqa: F401  # the library imports with what is installed
+        import latentd.vae  # the library imports with what is installed
 
-        found["latentd_import"] = "ok"
+        package = Path(latentd.vae.__file__).parent
+        found["latentd_from"] = str(package.parent)
+        found["default_weights"] = (package / "weights/default/diffusion_pytorch_model.safetensors").is_file()
     except Exception as exc:  # noqa: BLE001  # reported, not fatal: the stages that need it fail on their own
         found["error"] = f"{type(exc).__name__}: {exc}"
     return found
