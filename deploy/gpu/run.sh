@@ -14,8 +14,9 @@
 #   DEVICE=cpu BUDGET_S=150 OUT=out/gpu-dry bash deploy/gpu/run.sh  # the CPU dry run, tiny settings
 #
 # Environment: DEVICE (cuda), BUDGET_S (540), OUT (out/gpu-run where the device tool sets none), PY (python3),
-# WHEELS (.whl; without wheels the packages already importable are used), DATA (.gpu-data, from pack.sh), and
-# the stage settings below (TRAIN_*, BENCH_*, SERVE_ARGS, RESERVE_S).
+# WHEELS (.whl; without wheels the packages already importable are used), DATA (.gpu-data, from pack.sh), ONLY
+# (stage names: run just these, e.g. ONLY="install tests"), and the stage settings below (TRAIN_*, BENCH_*,
+# SERVE_ARGS, RESERVE_S).
 set -u -o pipefail
 cd "$(dirname "${BASH_SOURCE[0]}")/../.." || exit 2
 export ROOT=$PWD
@@ -60,6 +61,11 @@ export -f left
 # run_stage NAME CAP_S FUNCTION: FUNCTION in its own process group, stopped after min(CAP_S, time left).
 run_stage() {
     local name=$1 cap=$2 fn=$3 limit rc status t0
+    if [ -n "${ONLY:-}" ] && [[ " $ONLY " != *" $name "* ]]; then
+        echo "== $name: skipped, not in ONLY"
+        printf '%s\tskipped\t-\t0\n' "$name" >>"$STAGES"
+        return 1
+    fi
     limit=$(($(left) - SUMMARY_S))
     [ "$cap" -lt "$limit" ] && limit=$cap
     if [ "$limit" -lt 3 ]; then
