@@ -130,8 +130,11 @@ print(json.loads(p.read_text())['step'] if p.is_file() else 0)") || return 1
     next_report=$(($(date +%s) + 60))
     while kill -0 "$pid" 2>/dev/null && [ "$(date +%s)" -lt "$end" ]; do
         sleep 1
-        if [ "$(date +%s)" -ge "$next_report" ] && [ -f "$RUN/metrics.csv" ]; then
-            echo "train: $(tail -n 1 "$RUN/metrics.csv" | cut -d, -f1-3,12) (step, loss, reconstruction, steps/s)"
+        if [ "$(date +%s)" -ge "$next_report" ]; then
+            [ -f "$RUN/metrics.csv" ] &&
+                echo "train: $(tail -n 1 "$RUN/metrics.csv" | cut -d, -f1-3,12) (step, loss, reconstruction, steps/s)"
+            command -v nvidia-smi >/dev/null && echo "train: GPU $(nvidia-smi --format=csv,noheader \
+                --query-gpu=utilization.gpu,memory.used,power.draw 2>/dev/null | head -n 1) (busy, memory, power)"
             next_report=$((next_report + 60))
         fi
     done
