@@ -17,7 +17,7 @@ DEMO_OUT ?= out/demo
 EVAL_MODEL ?= default
 PYTEST_ARGS ?=
 
-.PHONY: kodak install test test-fast serve demo eval eval-rd bench protos clean
+.PHONY: kodak install test test-fast serve demo eval eval-rd bench protos clean gpu-pack gpu-run gpu-dry-run
 
 install: $(STAMP)
 
@@ -65,5 +65,16 @@ protos: $(STAMP)
 bench: $(STAMP)
 	$(BIN)/latentd bench codec --model sd --size 512 --batch 1
 
+# The one prepared device run (docs/gpu.md): pack what it carries (.whl, .gpu-data), then, on the device,
+# `bash deploy/gpu/run.sh` (what gpu-run runs); gpu-dry-run is the same script on this CPU with tiny settings.
+gpu-pack: $(STAMP)
+	DATASETS=$(DATASETS) PYTHON=$(BIN)/python bash deploy/gpu/pack.sh
+
+gpu-run:
+	bash deploy/gpu/run.sh
+
+gpu-dry-run: $(STAMP)
+	DEVICE=cpu BUDGET_S=$${BUDGET_S:-300} OUT=out/gpu-dry-run PY=$(BIN)/python bash deploy/gpu/run.sh
+
 clean:
-	rm -rf $(VENV) build *.egg-info out .pytest_cache
+	rm -rf $(VENV) build *.egg-info out .pytest_cache .whl .gpu-data

@@ -34,11 +34,13 @@ def timed(fn) -> tuple[float, Any]:
 
 
 def diffusers_call(model: torch.nn.Module, op: str, tensor: torch.Tensor, device: torch.device) -> torch.Tensor:
-    """diffusers' own API, nothing else: `encode(x).latent_dist.mode()` or `decode(z).sample`, under no_grad."""
+    """diffusers' own API, nothing else: `encode(x).latent_dist.mode()` or `decode(z).sample`, under no_grad,
+    in the model's dtype; float32 out."""
+    dtype = next(model.parameters()).dtype
     with torch.no_grad():
         if op == "encode":
-            return model.encode(tensor.to(device)).latent_dist.mode().cpu()
-        return model.decode(tensor.to(device)).sample.cpu()
+            return model.encode(tensor.to(device, dtype)).latent_dist.mode().float().cpu()
+        return model.decode(tensor.to(device, dtype)).sample.float().cpu()
 
 
 class BaselineProcess:
@@ -46,8 +48,8 @@ class BaselineProcess:
     vae/allocator.py), on the same weights; it waits on a pipe while the caller times latentd, so the two
     never share the cores and their runs can be interleaved."""
 
-    def __init__(self, model: str, seed: int, device: torch.device) -> None:
-        self._args = (model, seed, str(device))
+    def __init__(self, model: str, seed: int, device: torch.device, dtype: torch.dtype = torch.float32) -> None:
+        self._args = (model, seed, str(device), str(dtype).removeprefix("torch."))
         self._conn = None
         self._process = None
 
@@ -92,11 +94,11 @@ class BaselineProcess:
         self._conn.close()
 
 
-def _serve(conn, model_name: str, seed: int, device_name: str) -> None:
+def _serve(conn, model_name: str, seed: int, device_name: str, dtype_name: str = "float32") -> None:
     """The child: load the model, then answer (op, tensor) requests with (seconds, output) until None."""
     try:
         device = torch.device(device_name)
-        model = load_for_bench(model_name, seed).to(device)
+        model = torch.nn.Module.to(load_for_bench(model_name, seed), device, getattr(torch, dtype_name))
         conn.send(("ok", "ready"))
         while (request := conn.recv()) is not None:
             op, tensor = request

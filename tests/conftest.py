@@ -82,3 +82,17 @@ def tiny_model_dir(tmp_path):
 @pytest.fixture
 def image():
     return smooth_image(48, 64)
+
+
+def pytest_collection_modifyitems(config, items):
+    """`@pytest.mark.gpu` tests skip where CUDA is unavailable (torch is imported only when such a test exists)."""
+    gpu_items = [item for item in items if item.get_closest_marker("gpu")]
+    if not gpu_items:
+        return
+    import torch
+
+    if torch.cuda.is_available():
+        return
+    skip = pytest.mark.skip(reason="needs CUDA")
+    for item in gpu_items:
+        item.add_marker(skip)
