@@ -99,7 +99,8 @@ def bench_codec(
     codec = Codec(copy.deepcopy(baseline), name=model, device=device, dtype=dtype,
                   options=CodecOptions(max_batch_pixels=max(batch * size * size, 1)))
     place, dtype = codec.placement.device, codec.placement.dtype
-    baseline = torch.nn.Module.to(baseline, place, dtype)  # like for like: the dtype latentd runs (after its force_upcast choice)
+    # Like for like: the dtype latentd runs in (after its force_upcast choice).
+    baseline = torch.nn.Module.to(baseline, place, dtype)
     images = torch.rand(batch, 3, size, size, generator=torch.Generator().manual_seed(seed)) * 2 - 1
     samples: dict[str, list[tuple[float, float, float | None]]] = {"encode": [], "decode": []}
     with contextlib.ExitStack() as stack:

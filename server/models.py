@@ -22,11 +22,9 @@ from .settings import ServerSettings
 
 logger = logging.getLogger(__name__)
 
-# max_batch_pixels on CPU when not set: four 512x512 images, which bounds a call's memory. On the 2 cores
-# measured (README: the service under load, the batch sweep), a call of 8 gains 1.7-2x at 64x64 and
-# 1.00-1.05x at 256x256 and 512x512, now that freed memory is kept for the next call (vae/allocator.py);
-# before that, 512x512 batches were slower than single calls and the budget was two 256x256 images.
-CPU_BATCH_PIXELS = 4 * 512 * 512
+# max_batch_pixels on a CPU when not set: the codec's own budget per model call, which bounds a call's
+# memory while leaving small images room to batch (docs/benchmarks.md, the batch sweep).
+CPU_BATCH_PIXELS = CodecOptions().max_batch_pixels
 
 
 # How long stop() waits for the chunk (one model call or tile) each lane is running.

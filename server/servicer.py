@@ -21,7 +21,7 @@ from latentd.vae.stopping import stoppable
 from . import costs, wire
 from .admission import MemoryBudget
 from .cancel import Watch
-from .echo import log_value, quoted
+from .echo import log_value
 from .metrics import ServerMetrics
 from .jobs import DECODE, ENCODE, DecodeFinish, EncodeFinish, Job
 from .models import ModelPool, ServedModel
@@ -306,15 +306,10 @@ class LatentdServicer(pb_grpc.LatentdServicer):
 
         async def handle(log: RequestLog):
             served = self.pool.get(request.model)
-            log.model, log.items = served.name, request.steps or 8
+            log.model = served.name
             output = wire.OutputFormat.parse(request.format, request.quality, prefix="")
-            if not 2 <= (request.steps or 8) <= 64:
-                raise InvalidInputError(f"steps must be 2-64, got {request.steps}", field="steps")
-            method = request.method or "slerp"
-            if method not in ("slerp", "lerp"):
-                raise InvalidInputError(f"method must be slerp or lerp, got {quoted(method)}", field="method")
-
-            steps = request.steps or 8
+            steps, method = wire.interpolation(request)
+            log.items = steps
             cost = costs.interpolate_cost(request, served.codec, self.settings, steps, output)
             async with self.budget.hold(cost.held_bytes):
                 return self._fits(await interpolate(served, output, steps, method), "steps")

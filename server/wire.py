@@ -14,6 +14,8 @@ from latentd.vae.errors import InvalidInputError
 from latentd.vae.imageio import check_pixel_limit, encode_image, open_image
 from latentd.vae.model_info import ModelInfo
 
+from .echo import quoted
+
 
 TILING = {pb.TILING_AUTO: "auto", pb.TILING_ON: "on", pb.TILING_OFF: "off"}
 # Encoded output formats: (Pillow format name, takes a quality).
@@ -47,6 +49,22 @@ def _check_bound(array: np.ndarray, bound: float, field: str) -> None:
     if largest > bound:
         raise InvalidInputError(f"{field} holds values beyond +-{bound:g} (largest magnitude {largest:.3g})",
                                 field=field)
+
+
+INTERPOLATION_STEPS = (2, 64)
+DEFAULT_STEPS = 8
+
+
+def interpolation(request: pb.InterpolateRequest) -> tuple[int, str]:
+    """(steps, method) of an Interpolate request, with their defaults, checked."""
+    steps = request.steps or DEFAULT_STEPS
+    low, high = INTERPOLATION_STEPS
+    if not low <= steps <= high:
+        raise InvalidInputError(f"steps must be {low}-{high}, got {request.steps}", field="steps")
+    method = request.method or "slerp"
+    if method not in ("slerp", "lerp"):
+        raise InvalidInputError(f"method must be slerp or lerp, got {quoted(method)}", field="method")
+    return steps, method
 
 
 def tiling(value: int, field: str) -> str:

@@ -133,7 +133,8 @@ def run_codec(args: argparse.Namespace) -> int:
                          seed=args.seed, device=args.device, dtype=args.dtype, profile=args.profile,
                          alone=not args.same_process)
     if args.json:
-        print(json.dumps({**asdict(result), "tolerance": result.tolerance, "speedups": {t.operation: t.speedup for t in result.timings},
+        print(json.dumps({**asdict(result), "tolerance": result.tolerance,
+                          "speedups": {t.operation: t.speedup for t in result.timings},
                           "same_process_speedups": {t.operation: t.same_process_speedup for t in result.timings},
                           "agrees": result.agrees}, indent=2))
         return EXIT_OK if result.agrees else EXIT_FAILED

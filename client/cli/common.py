@@ -82,7 +82,9 @@ def add_model_args(parser: argparse.ArgumentParser, default_model: str = "defaul
                        help="compute dtype (default: bfloat16/float16 on GPU, float32 on CPU)")
     group.add_argument("--tiling", choices=("auto", "on", "off"), default="auto",
                        help="tile large images with overlap blending (default: auto, above 1024 px)")
-    group.add_argument("--max-pixels", type=int, help="refuse images with more pixels (default: 8192x8192)")
+    group.add_argument("--max-pixels", type=int,
+                       help="refuse images with more pixels (default: 8192x8192, the library's limit; a server "
+                            "applies its own, 4096x4096 unless set, since every client shares its memory)")
 
 
 def load_codec_from_args(args: argparse.Namespace) -> "Codec":
@@ -96,7 +98,7 @@ def load_codec_from_args(args: argparse.Namespace) -> "Codec":
 def add_server_args(parser: argparse.ArgumentParser, required: bool = False) -> None:
     import os
 
-    group = parser.add_argument_group("server (instead of the in-process model)")
+    group = parser.add_argument_group("server" if required else "server (instead of the in-process model)")
     group.add_argument("--server", metavar="HOST:PORT", required=required, type=server_address,
                        help="use a latentd server" + ("" if required else " instead of loading the model here") +
                             " (port 50051 unless given)")

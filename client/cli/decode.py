@@ -22,11 +22,13 @@ def add_parser(subparsers: argparse._SubParsersAction) -> None:
                     "checksum is checked before its images are decoded. An entry that cannot be decoded (damaged "
                     "shard or manifest row) is printed with the reason and the others go on. Exit codes: 0 all "
                     "decoded, 1 some entries failed (or a runtime error), 2 bad usage or not an archive.")
-    parser.add_argument("archive", type=Path)
-    parser.add_argument("-o", "--output", required=True, type=Path, metavar="DIR")
-    parser.add_argument("--image-format", choices=tuple(SUFFIX), default="png", help="default: png")
+    parser.add_argument("archive", type=Path, help="the archive folder (written by `latentd encode`)")
+    parser.add_argument("-o", "--output", required=True, type=Path, metavar="DIR",
+                        help="folder for the decoded images (created; one file per entry, named after its key)")
+    parser.add_argument("--image-format", choices=tuple(SUFFIX), default="png",
+                        help="file format of the decoded images (default: png)")
     parser.add_argument("--quality", type=int, default=95, help="JPEG/WebP quality (default: 95)")
-    parser.add_argument("--batch-size", type=int, default=8)
+    parser.add_argument("--batch-size", type=int, default=8, help="latents per model call (default: 8)")
     parser.add_argument("--no-verify", dest="verify", action="store_false",
                         help="skip the shard checksums (a damaged shard then decodes to wrong images silently)")
     add_model_args(parser)

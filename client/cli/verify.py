@@ -15,7 +15,7 @@ def add_parser(subparsers: argparse._SubParsersAction) -> None:
                                                "encoded image's latents back; print each problem found (a "
                                                "damaged entry never stops the check). Exit codes: 0 sound, 1 "
                                                "problems found, 2 bad usage or not an archive.")
-    parser.add_argument("archive", type=Path)
+    parser.add_argument("archive", type=Path, help="the archive folder (written by `latentd encode`)")
     parser.set_defaults(run=run)
 
 

@@ -16,7 +16,6 @@ from PIL import Image
 
 from latentd.v1 import latentd_pb2 as pb
 from tests.conftest import smooth_image
-from tests.integration.conftest import model_dirs, start_server  # noqa: F401 - fixtures
 from tests.integration.test_service import encode_request
 
 

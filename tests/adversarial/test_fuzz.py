@@ -17,7 +17,7 @@ from grpc_health.v1 import health_pb2
 
 from tests.adversarial import rpcs
 from tests.adversarial.rpcs import Rpc, assert_healthy, png
-from tests.integration.conftest import ServerFactory, model_dirs  # noqa: F401 - a fixture
+from tests.integration.conftest import ServerFactory
 
 # Per RPC; 12 RPCs. Derandomized: CI sees the same examples every run; raise the count to search further.
 EXAMPLES = int(os.environ.get("LATENTD_FUZZ_EXAMPLES", "80"))

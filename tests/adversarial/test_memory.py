@@ -16,7 +16,6 @@ from latentd.v1 import latentd_pb2 as pb
 from latentd.v1 import latentd_pb2_grpc as pb_grpc
 from tests.adversarial.test_cost_limits import assert_still_serving, blank_png, refused
 from tests.conftest import smooth_image
-from tests.integration.conftest import model_dirs, start_server  # noqa: F401 - fixtures
 from tests.integration.test_service import encode_request
 
 MIB = 1024 * 1024

@@ -13,7 +13,6 @@ from latentd.bench.server_process import ServerProcess
 from latentd.v1 import latentd_pb2 as pb
 from latentd.v1 import latentd_pb2_grpc as pb_grpc
 from tests.adversarial.test_cost_limits import blank_png
-from tests.integration.conftest import model_dirs  # noqa: F401 - fixture
 
 GRACE_S = 2
 # Long work within the limits this server is given: minutes of tiles for the tiny model, each a chunk.

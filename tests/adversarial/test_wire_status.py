@@ -24,7 +24,7 @@ from latentd.v1 import latentd_pb2 as pb
 from latentd.vae.errors import InvalidInputError as ServerInvalidInput
 from tests.adversarial import rpcs
 from tests.adversarial.rpcs import LATENTD, Rpc, assert_healthy, png
-from tests.integration.conftest import ServerFactory, model_dirs  # noqa: F401 - a fixture
+from tests.integration.conftest import ServerFactory
 
 TOKEN = "s3cret-token"
 
