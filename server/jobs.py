@@ -5,7 +5,7 @@ from __future__ import annotations
 import time
 import dataclasses
 from dataclasses import dataclass
-from typing import Any, Callable, Hashable
+from typing import Any, Callable
 
 import numpy as np
 
@@ -15,9 +15,23 @@ from latentd.vae.stopping import stoppable
 from . import wire
 from .cancel import Watch, WorkCancelledError
 
-# Batch keys: ("encode", is_uint8, height, width, tiling) and ("decode", channels, h, w, tiling). Items of one
-# key have one shape, so a batch is one forward pass; the codec splits it further to bound memory.
 ENCODE, DECODE = "encode", "decode"
+
+
+@dataclass(frozen=True)
+class BatchKey:
+    """What items must share to go through the model in one forward pass: the operation, the input's
+    kind and shape, the tiling. The codec splits a batch further to bound memory."""
+
+    op: str  # ENCODE or DECODE
+    height: int  # of the input: image pixels (encode) or latent rows (decode)
+    width: int
+    tiling: str
+    kind: bool | int = 0  # encode: whether the pixels are uint8 (else float); decode: latent channels
+
+    def image_pixels(self, factor: int) -> int:
+        """Pixels of one image of the batch (a decode's output image)."""
+        return self.height * self.width * (factor * factor if self.op == DECODE else 1)
 
 
 @dataclass(frozen=True)
@@ -64,7 +78,7 @@ class Job:
     finished: float = 0.0
 
 
-def predict(codec: Codec, key: Hashable, jobs: list[Job], running: Callable[[], None] | None = None) -> list[Any]:
+def predict(codec: Codec, key: BatchKey, jobs: list[Job], running: Callable[[], None] | None = None) -> list[Any]:
     """One batch of one key through the codec: posteriors for encode, float images for decode, each
     passed through its job's `finish`. Between model calls and tiles the batch stops when none of its
     jobs is wanted any more, or when `running()` raises (the server is stopping)."""
@@ -80,8 +94,8 @@ def predict(codec: Codec, key: Hashable, jobs: list[Job], running: Callable[[], 
         return _predict(codec, key, jobs)
 
 
-def _predict(codec: Codec, key: Hashable, jobs: list[Job]) -> list[Any]:
-    op, *_, tiling = key
+def _predict(codec: Codec, key: BatchKey, jobs: list[Job]) -> list[Any]:
+    op, tiling = key.op, key.tiling
     started = time.monotonic()
     if op == ENCODE:
         outputs = codec.posterior([job.data for job in jobs], tiling=tiling)

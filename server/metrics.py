@@ -37,7 +37,7 @@ class ServerMetrics:
         ProcessCollector(registry=r)  # process_resident_memory_bytes & co: memory growth under soak
 
     def observe_batch(self, model: str, stats: BatchStats) -> None:
-        op = stats.key[0] if isinstance(stats.key, tuple) and stats.key else "unknown"
+        op = getattr(stats.key, "op", "unknown")
         self.batch_size.labels(model, op).observe(stats.size)
         self.compute_seconds.labels(model, op).observe(stats.compute_seconds)
         self.items.labels(model, op).inc(stats.size - stats.failed)

@@ -8,7 +8,7 @@ import functools
 import logging
 import time
 from dataclasses import dataclass
-from typing import Any, Callable, Hashable
+from typing import Any, Callable
 
 from latentd.vae.codec import Codec, CodecOptions, load_codec
 from latentd.vae.errors import ModelNotFoundError
@@ -17,7 +17,7 @@ from .batcher import Batcher, BatchStats
 from .cancel import ServerStoppingError
 from .compute import ComputeLanes
 from .echo import quoted
-from .jobs import DECODE, predict, warm_up
+from .jobs import BatchKey, predict, warm_up
 from .settings import ServerSettings
 
 logger = logging.getLogger(__name__)
@@ -51,15 +51,9 @@ def batch_pixel_limit(settings: ServerSettings, device_type: str) -> int:
 CPU_SHARED_PIXELS = 128 * 128
 
 
-def image_pixels(key: Hashable, factor: int) -> int:
-    """Pixels of one image of a batch key (a decode's output image)."""
-    op, _, height, width, _ = key
-    return height * width * (factor * factor if op == DECODE else 1)
-
-
-def items_per_call(key: Hashable, pixel_limit: int, factor: int) -> int:
+def items_per_call(key: BatchKey, pixel_limit: int, factor: int) -> int:
     """How many items of one batch key fit in a call of `pixel_limit` image pixels (at least 1)."""
-    return max(1, pixel_limit // image_pixels(key, factor)) if pixel_limit else 1 << 30
+    return max(1, pixel_limit // key.image_pixels(factor)) if pixel_limit else 1 << 30
 
 
 @dataclass
@@ -136,10 +130,10 @@ class ModelPool:
             logger.info("model %s loaded from %s in %.2f s (%s on %s)", name, source, seconds,
                         codec.info.model_class, codec.placement.device)
 
-    def _hold(self, key: Hashable, factor: int, on_cpu: bool) -> contextlib.AbstractContextManager:
+    def _hold(self, key: BatchKey, factor: int, on_cpu: bool) -> contextlib.AbstractContextManager:
         """The compute lane a batch of `key` waits for. Side by side only on a CPU (on a GPU batches
         would share its memory, not its speed) and for small images (see CPU_SHARED_PIXELS)."""
-        return self._lanes.hold(shareable=on_cpu and image_pixels(key, factor) <= CPU_SHARED_PIXELS)
+        return self._lanes.hold(shareable=on_cpu and key.image_pixels(factor) <= CPU_SHARED_PIXELS)
 
     @property
     def ready(self) -> bool:

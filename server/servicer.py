@@ -23,7 +23,7 @@ from .admission import MemoryBudget
 from .cancel import Watch
 from .echo import log_value
 from .metrics import ServerMetrics
-from .jobs import DECODE, ENCODE, DecodeFinish, EncodeFinish, Job
+from .jobs import DECODE, ENCODE, BatchKey, DecodeFinish, EncodeFinish, Job
 from .models import ModelPool, ServedModel
 from .settings import ServerSettings
 from .status import status_for
@@ -75,7 +75,7 @@ class LatentdServicer(pb_grpc.LatentdServicer):
 
     # ---- shared machinery ----------------------------------------------------------------------
 
-    async def _run(self, served: ServedModel, key_of: Callable[[Any], tuple], data: list[Any],
+    async def _run(self, served: ServedModel, key_of: Callable[[Any], BatchKey], data: list[Any],
                    deadline: float | None, log: RequestLog, finishes: list[Any]) -> list[Any]:
         """Submit one job per item and wait for all; on failure or cancellation the rest are cancelled.
         `finishes[i]` converts item i's output where its batch runs (see jobs.Job)."""
@@ -182,9 +182,10 @@ class LatentdServicer(pb_grpc.LatentdServicer):
         finishes = [EncodeFinish(posterior=options.posterior, sample=options.sample, seed=seed, index=index,
                                  scaled=not options.raw) for index in range(len(images))]
         # uint8 and float inputs go through the codec separately (its conversion differs per kind).
-        results = await self._run(
-            served, lambda image: (ENCODE, isinstance(image, np.ndarray), *wire.image_size(image), tiling), images,
-            deadline, log, finishes)
+        def key(image) -> BatchKey:
+            return BatchKey(ENCODE, *wire.image_size(image), tiling, kind=isinstance(image, np.ndarray))
+
+        results = await self._run(served, key, images, deadline, log, finishes)
         items = [pb.EncodedImage(latents=wire.latents_message(latents, dtype), height=height, width=width,
                                  logvar=None if logvar is None else wire.latents_message(logvar, dtype))
                  for (latents, logvar), (height, width) in zip(results, sizes)]
@@ -210,8 +211,11 @@ class LatentdServicer(pb_grpc.LatentdServicer):
                                      scaled=not options.raw)
                  for i, item in enumerate(request.items)]
         log.items, log.sizes = len(items), _sizes([item.size for item in items])
-        arrays = await self._run(served, lambda item: (DECODE, *item.latents.shape, tiling), items, deadline, log,
-                                 [DecodeFinish(output)] * len(items))
+        def key(item: wire.DecodeItem) -> BatchKey:
+            channels, height, width = item.latents.shape
+            return BatchKey(DECODE, height, width, tiling, kind=channels)
+
+        arrays = await self._run(served, key, items, deadline, log, [DecodeFinish(output)] * len(items))
         return pb.DecodeResponse(id=request.id, model=served.name, images=await self._image_messages(arrays, output))
 
     async def _image_messages(self, arrays: list[np.ndarray], output: wire.OutputFormat) -> list[pb.Image]:

@@ -9,10 +9,10 @@ import torch
 
 from latentd.server.batcher import DeadlineExpiredError
 from latentd.server.cancel import ServerStoppingError, Watch, WorkCancelledError
-from latentd.server.jobs import DECODE, Job, predict
+from latentd.server.jobs import DECODE, BatchKey, Job, predict
 from latentd.server.wire import DecodeItem
 
-KEY = (DECODE, 4, 40, 40, "on")  # an 80x80 image in 32x32 tiles: 9 of them (see `codec`)
+KEY = BatchKey(DECODE, 40, 40, "on", kind=4)  # an 80x80 image in 32x32 tiles: 9 of them (see `codec`)
 
 
 @pytest.fixture

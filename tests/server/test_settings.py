@@ -6,6 +6,7 @@ import pytest
 
 from latentd.client.cli import build_parser
 from latentd.client.cli.serve import settings_from_args
+from latentd.server.jobs import DECODE, ENCODE, BatchKey
 from latentd.server.models import CPU_BATCH_PIXELS, batch_pixel_limit, items_per_call
 from latentd.server.settings import ServerSettings, load_settings, parse_models
 from latentd.vae.errors import InvalidInputError
@@ -111,12 +112,12 @@ def test_batch_pixel_policy():
     assert batch_pixel_limit(load_settings(environ={"LATENTD_MAX_BATCH_PIXELS": "0"}), "cpu") == 0
     args = build_parser().parse_args(["serve", "--max-batch-pixels", "65536"])
     assert batch_pixel_limit(settings_from_args(args, environ={}), "cuda") == 65536
-    encode = lambda side: ("encode", True, side, side, "auto")  # noqa: E731
+    encode = lambda side: BatchKey(ENCODE, side, side, "auto", kind=True)  # noqa: E731
     budget = 2 * 256 * 256
     assert items_per_call(encode(64), budget, factor=8) == 32
     assert items_per_call(encode(256), budget, factor=8) == 2
     assert items_per_call(encode(512), budget, factor=8) == 1
-    assert items_per_call(("decode", 4, 32, 32, "auto"), budget, factor=8) == 2  # 256x256 pixels out
+    assert items_per_call(BatchKey(DECODE, 32, 32, "auto", kind=4), budget, factor=8) == 2  # 256x256 pixels out
     assert items_per_call(encode(512), CPU_BATCH_PIXELS, factor=8) == 4
     assert items_per_call(encode(512), 0, factor=8) >= 1 << 20
 
