@@ -9,6 +9,7 @@ import grpc
 
 from latentd.v1 import latentd_pb2 as pb
 from latentd.v1 import latentd_pb2_grpc as pb_grpc
+from latentd.v1.results import AnomalyScore, ServedModelInfo
 
 from . import calls
 from .channel import TLS, auth_metadata, open_channel
@@ -162,11 +163,13 @@ class AsyncLatentClient:
         finally:
             stream.cancel()
 
-    async def models(self, timeout: float | None = None) -> list[pb.ModelInfo]:
-        return list((await self._unary(self._stub.ListModels, pb.ListModelsRequest(), timeout)).models)
+    async def models(self, timeout: float | None = None) -> list[ServedModelInfo]:
+        reply = await self._unary(self._stub.ListModels, pb.ListModelsRequest(), timeout)
+        return [ServedModelInfo.from_message(info) for info in reply.models]
 
-    async def model(self, name: str | None = None, timeout: float | None = None) -> pb.ModelInfo:
-        return await self._unary(self._stub.GetModel, pb.GetModelRequest(name=name or ""), timeout)
+    async def model(self, name: str | None = None, timeout: float | None = None) -> ServedModelInfo:
+        reply = await self._unary(self._stub.GetModel, pb.GetModelRequest(name=name or ""), timeout)
+        return ServedModelInfo.from_message(reply)
 
     async def health(self, service: str = "", timeout: float | None = 5.0) -> str:
         request_class, response_class, names = health_messages()
@@ -189,6 +192,7 @@ class AsyncLatentClient:
         return calls.images_result(await self._unary(self._stub.SamplePrior, request, timeout), output)
 
     async def anomaly_score(self, images: Any, *, model: str | None = None,
-                            timeout: float | None = None) -> list[pb.Score]:
+                            timeout: float | None = None) -> list[AnomalyScore]:
         request = pb.AnomalyScoreRequest(model=model or "", images=calls.prepare_images(images).messages)
-        return list((await self._unary(self._stub.AnomalyScore, request, timeout)).scores)
+        reply = await self._unary(self._stub.AnomalyScore, request, timeout)
+        return [AnomalyScore.from_message(score) for score in reply.scores]

@@ -10,6 +10,7 @@ import grpc
 
 from latentd.v1 import latentd_pb2 as pb
 from latentd.v1 import latentd_pb2_grpc as pb_grpc
+from latentd.v1.results import AnomalyScore, ServedModelInfo
 
 from . import calls
 from .channel import TLS, auth_metadata, open_channel
@@ -185,12 +186,14 @@ class LatentClient:
 
     # ---- models and health ---------------------------------------------------------------------
 
-    def models(self, timeout: float | None = None) -> list[pb.ModelInfo]:
+    def models(self, timeout: float | None = None) -> list[ServedModelInfo]:
         """Every served model: name, latent channels, downsampling factor, scaling/shift, dtype, limits."""
-        return list(self._unary(self._stub.ListModels, pb.ListModelsRequest(), timeout).models)
+        reply = self._unary(self._stub.ListModels, pb.ListModelsRequest(), timeout)
+        return [ServedModelInfo.from_message(info) for info in reply.models]
 
-    def model(self, name: str | None = None, timeout: float | None = None) -> pb.ModelInfo:
-        return self._unary(self._stub.GetModel, pb.GetModelRequest(name=name or ""), timeout)
+    def model(self, name: str | None = None, timeout: float | None = None) -> ServedModelInfo:
+        return ServedModelInfo.from_message(self._unary(self._stub.GetModel, pb.GetModelRequest(name=name or ""),
+                                                        timeout))
 
     def health(self, service: str = "", timeout: float | None = 5.0) -> str:
         """SERVING, NOT_SERVING (loading or draining), or SERVICE_UNKNOWN."""
@@ -218,8 +221,9 @@ class LatentClient:
         return calls.images_result(self._unary(self._stub.SamplePrior, request, timeout), output)
 
     def anomaly_score(self, images: Any, *, model: str | None = None,
-                      timeout: float | None = None) -> list[pb.Score]:
+                      timeout: float | None = None) -> list[AnomalyScore]:
         """Per-image reconstruction error (`mse`, `psnr`): high error flags images unlike the training data."""
         prepared = calls.prepare_images(images)
         request = pb.AnomalyScoreRequest(model=model or "", images=prepared.messages)
-        return list(self._unary(self._stub.AnomalyScore, request, timeout).scores)
+        return [AnomalyScore.from_message(score) for score in self._unary(self._stub.AnomalyScore, request,
+                                                                          timeout).scores]

@@ -12,7 +12,7 @@ from latentd.v1 import latentd_pb2 as pb
 from latentd.vae.convert import tensor_to_uint8
 from latentd.vae.errors import InvalidInputError
 from latentd.vae.imageio import check_pixel_limit, encode_image, open_image
-from latentd.vae.model_info import ModelInfo
+from latentd.v1.results import ModelInfo, ServedModelInfo
 
 from .echo import quoted
 
@@ -197,8 +197,5 @@ def encode_file(pixels: np.ndarray, output: OutputFormat) -> bytes:
 
 
 def model_message(info: ModelInfo, *, device: str, max_pixels: int, max_batch_size: int) -> pb.ModelInfo:
-    return pb.ModelInfo(
-        name=info.name, model_class=info.model_class, latent_channels=info.latent_channels,
-        downsampling_factor=info.downsampling_factor, scaling_factor=info.scaling_factor,
-        shift_factor=info.shift_factor, dtype=info.dtype, device=device, parameters=info.parameters,
-        has_posterior=info.has_posterior, max_pixels=max_pixels, max_batch_size=max_batch_size)
+    return ServedModelInfo(**info.to_dict(), device=device, max_pixels=max_pixels,
+                           max_batch_size=max_batch_size).to_message()

@@ -15,6 +15,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from latentd.v1.results import AnomalyScore
+
 from .convert import (
     OutputKind,
     format_images,
@@ -63,14 +65,6 @@ class CodecOptions:
                                     field="tile_size")
         if not 0 <= self.tile_overlap < self.tile_size:
             raise InvalidInputError("tile_overlap must be in [0, tile_size)", field="tile_overlap")
-
-
-@dataclass(frozen=True)
-class AnomalyScore:
-    """Reconstruction error of one image on 8-bit RGB: high MSE / low PSNR flags an unusual image."""
-
-    mse: float
-    psnr: float
 
 
 class Codec:

@@ -2,30 +2,13 @@
 
 from __future__ import annotations
 
-from dataclasses import asdict, dataclass
+from latentd.v1.results import ModelInfo
 
 from torch import nn
 
 SUPPORTED_CLASSES = ("AutoencoderKL", "AutoencoderTiny")
 
 
-@dataclass(frozen=True)
-class ModelInfo:
-    """Describes a VAE in the terms its callers need (diffusers conventions)."""
-
-    name: str
-    model_class: str
-    latent_channels: int
-    downsampling_factor: int
-    scaling_factor: float
-    shift_factor: float
-    dtype: str
-    parameters: int
-    # AutoencoderKL has a Gaussian posterior to sample from; AutoencoderTiny is deterministic.
-    has_posterior: bool
-
-    def to_dict(self) -> dict:
-        return asdict(self)
 
 
 def latent_shape(channels: int, factor: int, height: int, width: int) -> tuple[int, int, int]:

@@ -21,10 +21,7 @@ def run(args: argparse.Namespace) -> int:
     with client_from_args(args) as client:
         models = client.models(timeout=args.timeout)
     if args.json:
-        from google.protobuf.json_format import MessageToDict
-
-        print(json.dumps([MessageToDict(m, preserving_proto_field_name=True, always_print_fields_with_no_presence=True)
-                          for m in models], indent=2))
+        print(json.dumps([m.to_dict() for m in models], indent=2))
         return EXIT_OK
     print(f"{'name':<16} {'class':<16} {'latent':>7} {'factor':>6} {'scaling':>9} {'shift':>8} {'dtype':<9} device")
     for m in models:
