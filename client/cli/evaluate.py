@@ -46,6 +46,8 @@ def run(args: argparse.Namespace) -> int:
     from latentd.vae.fileio import write_atomic
     from latentd.vae.imageio import find_image_files
 
+    if args.grid_crop < 1:
+        raise CommandError("--grid-crop must be at least 1", EXIT_USAGE)
     sources = find_image_files(args.images)
     if not sources:
         raise CommandError(f"no images found in {' '.join(map(str, args.images))}", EXIT_USAGE)

@@ -163,6 +163,14 @@ def test_eval_float32_latents_cost_twice_the_bits(tmp_path, tiny_model_dir, caps
     assert rates[1] == pytest.approx(2 * rates[0])
 
 
+def test_eval_refuses_an_empty_crop(tmp_path, tiny_model_dir, capsys):
+    _write_images(tmp_path / "set")
+    assert main(["eval", "--model", str(tiny_model_dir), "--images", str(tmp_path / "set"), "--grid",
+                 str(tmp_path / "g.png"), "--grid-crop", "0"]) == 2
+    assert "--grid-crop must be at least 1" in capsys.readouterr().err
+    assert not (tmp_path / "g.png").exists()
+
+
 def test_eval_without_images_is_a_usage_error(tmp_path, tiny_model_dir, capsys):
     (tmp_path / "empty").mkdir()
     assert main(["eval", "--model", str(tiny_model_dir), "--images", str(tmp_path / "empty")]) == 2
