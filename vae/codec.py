@@ -334,17 +334,17 @@ class Codec:
         """Run `fn` on one batch; on NaN/inf in half precision, run it again in float32, and keep the
         model in float32 from then on. One finiteness check (one device sync) when nothing overflows."""
         with torch.inference_mode():
-            model = self._float32_model() if self._fp32_for_good else None
-            result = fn(batch, model).float()
-            if not bool(torch.isfinite(result).all()):
-                if not self.placement.low_precision or model is not None:
-                    raise NumericalError(f"model {self.info.name!r} produced NaN or infinite values")
+            in_half = self.placement.low_precision and not self._fp32_for_good
+            result = fn(batch, self._float32_model() if self._fp32_for_good else None).float()
+            finite = bool(torch.isfinite(result).all())
+            if not finite and in_half:
                 logger.warning("%s: non-finite output in %s; this batch and the model's later ones run in float32",
                                self.info.name, self.placement.dtype)
                 self._fp32_for_good = True
                 result = fn(batch, self._float32_model()).float()
-                if not bool(torch.isfinite(result).all()):
-                    raise NumericalError(f"model {self.info.name!r} produced NaN or infinite values")
+                finite = bool(torch.isfinite(result).all())
+            if not finite:
+                raise NumericalError(f"model {self.info.name!r} produced NaN or infinite values")
             return result.cpu()
 
     def _float32_model(self) -> nn.Module:
