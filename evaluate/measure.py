@@ -46,13 +46,13 @@ def roundtrip_image(backend, source: Path, *, latent_dtype: str, tiling: str):
 
 def roundtrip_all(backend, sources: list[Path], *, latent_dtype: str, tiling: str):
     """`roundtrip_image` for each source; a bad image yields a failed result and the rest go on."""
-    from latentd.v1.errors import LatentdError  # in process, and the SDK's errors too
+    from latentd.v1.errors import LatentdError, one_line  # LatentdError: in process, and the SDK's too
 
     for source in sources:
         try:
             yield roundtrip_image(backend, source, latent_dtype=latent_dtype, tiling=tiling)
         except (LatentdError, OSError) as exc:
-            yield ImageResult(source=str(source), error=" ".join(str(exc).split()) or type(exc).__name__), None, None
+            yield ImageResult(source=str(source), error=one_line(exc)), None, None
 
 
 def summarize(results: list[ImageResult], backend) -> dict:

@@ -11,10 +11,11 @@ from typing import Callable, Iterable, Iterator
 
 import numpy as np
 
+from latentd.v1.errors import one_line
+
 from .manifest import ItemRecord
 from .sizing import SizePolicy
 from .sources import SourceItem
-from .text import one_line
 from .writer import ArchiveWriter
 
 

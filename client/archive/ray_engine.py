@@ -12,6 +12,8 @@ from typing import Any, Callable, Iterable
 
 import numpy as np
 
+from latentd.v1.errors import one_line
+
 from .encode import (
     Admitted,
     EncodeSummary,
@@ -23,7 +25,6 @@ from .encode import (
 )
 from .sizing import SizePolicy
 from .sources import SourceItem
-from .text import one_line
 from .writer import ArchiveWriter
 
 CHUNK = 512  # sources handed to Ray per dataset: bounds the driver's memory for large collections

@@ -19,7 +19,9 @@ import numpy as np
 
 from .manifest import ArchiveError, ItemRecord, Manifest
 from .quantize import Stored, get_format, load
-from .text import one_line, shown
+from latentd.v1.errors import one_line
+
+from .text import shown
 from .writer import file_sha256
 
 MAX_LATENT_VALUES = 1 << 28  # one entry's latents, whatever its manifest row says (1 GiB as float32)

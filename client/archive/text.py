@@ -1,12 +1,8 @@
-"""Errors and archive strings as single printable lines (a manifest may hold anything)."""
+"""Archive strings as single printable lines (a manifest may hold anything)."""
 
 from __future__ import annotations
 
 from typing import Any
-
-
-def one_line(exc: BaseException) -> str:
-    return " ".join(str(exc).split()) or type(exc).__name__
 
 
 def shown(text: Any, limit: int = 200) -> str:

@@ -64,7 +64,10 @@ def exit_code(exc: BaseException) -> int:
 
 
 def one_line(exc: BaseException) -> str:
-    text = " ".join(str(exc).split()) or type(exc).__name__
+    """The error line of a command: the message, with its type for errors that are not latentd's own."""
+    from latentd.v1 import errors
+
+    text = errors.one_line(exc)
     known = isinstance(exc, (CommandError, OSError)) or type(exc).__module__.startswith("latentd.")
     return text if known else f"{type(exc).__name__}: {text}"
 

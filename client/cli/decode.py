@@ -61,7 +61,7 @@ def run(args: argparse.Namespace) -> int:
 def _decode_chunk(backend, chunk: list, writer: "_Writer", problems: list) -> None:
     """Decode the sound entries of `chunk` in one call (each alone if one of them is at fault)."""
     from latentd.client.archive.encode import call_isolating
-    from latentd.client.archive.text import one_line
+    from latentd.v1.errors import one_line
     from latentd.client.archive.reader import Problem
 
     ready = []

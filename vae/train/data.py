@@ -13,6 +13,8 @@ import torch
 from PIL import Image
 from torch.utils.data import Dataset, Sampler
 
+from latentd.v1.errors import one_line
+
 from ..errors import InvalidImageError, InvalidInputError
 from ..imageio import find_image_files, open_image
 
@@ -54,7 +56,7 @@ def _unreadable(path: Path) -> str | None:
             with Image.open(path) as image:
                 image.verify()
     except Exception as exc:  # any decoder failure means the same thing here
-        return " ".join(str(exc).split()) or type(exc).__name__
+        return one_line(exc)
     return None
 
 

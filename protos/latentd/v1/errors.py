@@ -4,6 +4,12 @@ and the SDK's errors subclass them, so one `except` serves an in-process codec a
 from __future__ import annotations
 
 
+def one_line(exc: BaseException) -> str:
+    """An exception's message on one line (its type's name when it has none), for reports, logs and
+    archive manifests."""
+    return " ".join(str(exc).split()) or type(exc).__name__
+
+
 class LatentdError(Exception):
     """Base class of every error latentd raises on purpose, in process or from a server."""
 
