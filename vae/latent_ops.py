@@ -56,3 +56,45 @@ def interpolation_path(a: torch.Tensor, b: torch.Tensor, steps: int, method: str
                                 "interpolate images of the same size", field="images")
     step_fn = slerp if method == "slerp" else lerp
     return torch.stack([step_fn(a, b, i / (steps - 1)) for i in range(steps)])
+
+
+def pack_latents(latents: torch.Tensor) -> torch.Tensor:
+    """FLUX.1's packed layout: latents [C, h, w] -> tokens [(h/2) * (w/2), C * 4], one 2x2 patch per token.
+
+    The same element order as `FluxPipeline._pack_latents`, so a packed answer feeds a FLUX
+    transformer as it is. `h` and `w` must be even (images whose sides are multiples of 2 * factor).
+    """
+    if latents.ndim != 3:
+        raise InvalidInputError(f"latents to pack must be [C, h, w], got shape {tuple(latents.shape)}",
+                                field="latents")
+    channels, height, width = latents.shape
+    if height % 2 or width % 2:
+        raise InvalidInputError(f"packed latents need an even latent height and width, got {height}x{width}: "
+                                "use images whose sides are multiples of twice the model's factor",
+                                field="packed")
+    patches = latents.reshape(channels, height // 2, 2, width // 2, 2).permute(1, 3, 0, 2, 4)
+    return patches.reshape((height // 2) * (width // 2), channels * 4)
+
+
+def packed_latent_size(image_height: int, image_width: int, factor: int) -> tuple[int, int]:
+    """The latent [h, w] that FLUX.1's `_unpack_latents` derives from an image size: even, rounded down."""
+    return 2 * (int(image_height) // (factor * 2)), 2 * (int(image_width) // (factor * 2))
+
+
+def unpack_latents(tokens: torch.Tensor, image_height: int, image_width: int, factor: int) -> torch.Tensor:
+    """The inverse of `pack_latents`: tokens [(h/2) * (w/2), C * 4] of an image_height x image_width image
+    -> latents [C, h, w], with h and w derived as FLUX.1's `_unpack_latents` does."""
+    if tokens.ndim != 2:
+        raise InvalidInputError(f"packed latents must be [tokens, channels * 4], got shape {tuple(tokens.shape)}",
+                                field="latents")
+    if image_height <= 0 or image_width <= 0:
+        raise InvalidInputError("packed latents need the image's height and width", field="height")
+    height, width = packed_latent_size(image_height, image_width, factor)
+    count, packed_channels = tokens.shape
+    if packed_channels % 4 or count != (height // 2) * (width // 2):
+        raise InvalidInputError(
+            f"packed latents of shape {tuple(tokens.shape)} do not fit a {image_height}x{image_width} image: "
+            f"expected [{(height // 2) * (width // 2)}, 4 * channels]", field="latents")
+    channels = packed_channels // 4
+    patches = tokens.reshape(height // 2, width // 2, channels, 2, 2).permute(2, 0, 3, 1, 4)
+    return patches.reshape(channels, height, width)

@@ -9,7 +9,15 @@ import pytest
 import torch
 
 from latentd.vae import InvalidInputError
-from latentd.vae.latent_ops import gaussian_like, interpolation_path, lerp, slerp
+from latentd.vae.latent_ops import (
+    gaussian_like,
+    interpolation_path,
+    lerp,
+    pack_latents,
+    packed_latent_size,
+    slerp,
+    unpack_latents,
+)
 from latentd.vae.metrics import mse, psnr
 from tests.conftest import smooth_image
 
@@ -65,3 +73,47 @@ def test_anomaly_score_is_the_reconstruction_error(tiny_codec):
     for image, reconstruction, score in zip(images, tiny_codec.roundtrip(images), scores):
         assert score.mse == pytest.approx(mse(image, reconstruction))
         assert score.psnr == pytest.approx(psnr(image, reconstruction))
+
+
+def _flux_pack(latents: torch.Tensor) -> torch.Tensor:
+    """`FluxPipeline._pack_latents` of diffusers 0.42, line for line (the pipeline needs transformers)."""
+    batch_size, (num_channels_latents, height, width) = 1, latents.shape
+    latents = latents[None].view(batch_size, num_channels_latents, height // 2, 2, width // 2, 2)
+    latents = latents.permute(0, 2, 4, 1, 3, 5)
+    return latents.reshape(batch_size, (height // 2) * (width // 2), num_channels_latents * 4)[0]
+
+
+def _flux_unpack(latents: torch.Tensor, height: int, width: int, vae_scale_factor: int) -> torch.Tensor:
+    """`FluxPipeline._unpack_latents` of diffusers 0.42, line for line."""
+    latents = latents[None]
+    batch_size, num_patches, channels = latents.shape
+    height = 2 * (int(height) // (vae_scale_factor * 2))
+    width = 2 * (int(width) // (vae_scale_factor * 2))
+    latents = latents.view(batch_size, height // 2, width // 2, channels // 4, 2, 2)
+    latents = latents.permute(0, 3, 1, 4, 2, 5)
+    return latents.reshape(batch_size, channels // (2 * 2), height, width)[0]
+
+
+@pytest.mark.parametrize("image_size", [(512, 512), (256, 384), (520, 272)])
+def test_pack_and_unpack_match_the_flux_pipeline(image_size):
+    height, width = packed_latent_size(*image_size, 8)
+    latents = torch.randn(16, height, width, generator=torch.Generator().manual_seed(0))
+    tokens = pack_latents(latents)
+    assert tokens.shape == ((height // 2) * (width // 2), 64)
+    assert torch.equal(tokens, _flux_pack(latents))
+    assert torch.equal(unpack_latents(tokens, *image_size, 8), _flux_unpack(tokens, *image_size, 8))
+    assert torch.equal(unpack_latents(tokens, *image_size, 8), latents)
+
+
+def test_packing_refuses_odd_latents_and_tokens_that_do_not_fit():
+    with pytest.raises(InvalidInputError) as odd:
+        pack_latents(torch.zeros(4, 3, 4))
+    assert odd.value.field == "packed"
+    with pytest.raises(InvalidInputError) as misfit:
+        unpack_latents(torch.zeros(15, 64), 64, 64, 8)
+    assert misfit.value.field == "latents" and "[16, 4 * channels]" in str(misfit.value)
+    with pytest.raises(InvalidInputError) as no_size:
+        unpack_latents(torch.zeros(16, 64), 0, 64, 8)
+    assert no_size.value.field == "height"
+    with pytest.raises(InvalidInputError):
+        unpack_latents(torch.zeros(16, 63), 64, 64, 8)

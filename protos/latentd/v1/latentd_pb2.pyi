@@ -15,6 +15,11 @@ class DType(int, metaclass=_enum_type_wrapper.EnumTypeWrapper):
     BFLOAT16: _ClassVar[DType]
     FLOAT32: _ClassVar[DType]
 
+class Priority(int, metaclass=_enum_type_wrapper.EnumTypeWrapper):
+    __slots__ = ()
+    INTERACTIVE: _ClassVar[Priority]
+    BULK: _ClassVar[Priority]
+
 class Tiling(int, metaclass=_enum_type_wrapper.EnumTypeWrapper):
     __slots__ = ()
     TILING_AUTO: _ClassVar[Tiling]
@@ -34,6 +39,8 @@ UINT8: DType
 FLOAT16: DType
 BFLOAT16: DType
 FLOAT32: DType
+INTERACTIVE: Priority
+BULK: Priority
 TILING_AUTO: Tiling
 TILING_ON: Tiling
 TILING_OFF: Tiling
@@ -63,32 +70,36 @@ class Image(_message.Message):
     def __init__(self, encoded: _Optional[bytes] = ..., pixels: _Optional[_Union[Tensor, _Mapping]] = ...) -> None: ...
 
 class EncodeOptions(_message.Message):
-    __slots__ = ("raw", "sample", "seed", "latent_dtype", "tiling", "posterior")
+    __slots__ = ("raw", "sample", "seed", "latent_dtype", "tiling", "posterior", "packed")
     RAW_FIELD_NUMBER: _ClassVar[int]
     SAMPLE_FIELD_NUMBER: _ClassVar[int]
     SEED_FIELD_NUMBER: _ClassVar[int]
     LATENT_DTYPE_FIELD_NUMBER: _ClassVar[int]
     TILING_FIELD_NUMBER: _ClassVar[int]
     POSTERIOR_FIELD_NUMBER: _ClassVar[int]
+    PACKED_FIELD_NUMBER: _ClassVar[int]
     raw: bool
     sample: bool
     seed: int
     latent_dtype: DType
     tiling: Tiling
     posterior: bool
-    def __init__(self, raw: _Optional[bool] = ..., sample: _Optional[bool] = ..., seed: _Optional[int] = ..., latent_dtype: _Optional[_Union[DType, str]] = ..., tiling: _Optional[_Union[Tiling, str]] = ..., posterior: _Optional[bool] = ...) -> None: ...
+    packed: bool
+    def __init__(self, raw: _Optional[bool] = ..., sample: _Optional[bool] = ..., seed: _Optional[int] = ..., latent_dtype: _Optional[_Union[DType, str]] = ..., tiling: _Optional[_Union[Tiling, str]] = ..., posterior: _Optional[bool] = ..., packed: _Optional[bool] = ...) -> None: ...
 
 class EncodeRequest(_message.Message):
-    __slots__ = ("model", "images", "options", "id")
+    __slots__ = ("model", "images", "options", "id", "priority")
     MODEL_FIELD_NUMBER: _ClassVar[int]
     IMAGES_FIELD_NUMBER: _ClassVar[int]
     OPTIONS_FIELD_NUMBER: _ClassVar[int]
     ID_FIELD_NUMBER: _ClassVar[int]
+    PRIORITY_FIELD_NUMBER: _ClassVar[int]
     model: str
     images: _containers.RepeatedCompositeFieldContainer[Image]
     options: EncodeOptions
     id: str
-    def __init__(self, model: _Optional[str] = ..., images: _Optional[_Iterable[_Union[Image, _Mapping]]] = ..., options: _Optional[_Union[EncodeOptions, _Mapping]] = ..., id: _Optional[str] = ...) -> None: ...
+    priority: Priority
+    def __init__(self, model: _Optional[str] = ..., images: _Optional[_Iterable[_Union[Image, _Mapping]]] = ..., options: _Optional[_Union[EncodeOptions, _Mapping]] = ..., id: _Optional[str] = ..., priority: _Optional[_Union[Priority, str]] = ...) -> None: ...
 
 class EncodedImage(_message.Message):
     __slots__ = ("latents", "height", "width", "logvar")
@@ -123,16 +134,18 @@ class EncodeResponse(_message.Message):
     def __init__(self, id: _Optional[str] = ..., model: _Optional[str] = ..., items: _Optional[_Iterable[_Union[EncodedImage, _Mapping]]] = ..., error: _Optional[_Union[Error, _Mapping]] = ...) -> None: ...
 
 class DecodeOptions(_message.Message):
-    __slots__ = ("raw", "format", "quality", "tiling")
+    __slots__ = ("raw", "format", "quality", "tiling", "packed")
     RAW_FIELD_NUMBER: _ClassVar[int]
     FORMAT_FIELD_NUMBER: _ClassVar[int]
     QUALITY_FIELD_NUMBER: _ClassVar[int]
     TILING_FIELD_NUMBER: _ClassVar[int]
+    PACKED_FIELD_NUMBER: _ClassVar[int]
     raw: bool
     format: ImageFormat
     quality: int
     tiling: Tiling
-    def __init__(self, raw: _Optional[bool] = ..., format: _Optional[_Union[ImageFormat, str]] = ..., quality: _Optional[int] = ..., tiling: _Optional[_Union[Tiling, str]] = ...) -> None: ...
+    packed: bool
+    def __init__(self, raw: _Optional[bool] = ..., format: _Optional[_Union[ImageFormat, str]] = ..., quality: _Optional[int] = ..., tiling: _Optional[_Union[Tiling, str]] = ..., packed: _Optional[bool] = ...) -> None: ...
 
 class Latents(_message.Message):
     __slots__ = ("latents", "height", "width")
@@ -145,16 +158,18 @@ class Latents(_message.Message):
     def __init__(self, latents: _Optional[_Union[Tensor, _Mapping]] = ..., height: _Optional[int] = ..., width: _Optional[int] = ...) -> None: ...
 
 class DecodeRequest(_message.Message):
-    __slots__ = ("model", "items", "options", "id")
+    __slots__ = ("model", "items", "options", "id", "priority")
     MODEL_FIELD_NUMBER: _ClassVar[int]
     ITEMS_FIELD_NUMBER: _ClassVar[int]
     OPTIONS_FIELD_NUMBER: _ClassVar[int]
     ID_FIELD_NUMBER: _ClassVar[int]
+    PRIORITY_FIELD_NUMBER: _ClassVar[int]
     model: str
     items: _containers.RepeatedCompositeFieldContainer[Latents]
     options: DecodeOptions
     id: str
-    def __init__(self, model: _Optional[str] = ..., items: _Optional[_Iterable[_Union[Latents, _Mapping]]] = ..., options: _Optional[_Union[DecodeOptions, _Mapping]] = ..., id: _Optional[str] = ...) -> None: ...
+    priority: Priority
+    def __init__(self, model: _Optional[str] = ..., items: _Optional[_Iterable[_Union[Latents, _Mapping]]] = ..., options: _Optional[_Union[DecodeOptions, _Mapping]] = ..., id: _Optional[str] = ..., priority: _Optional[_Union[Priority, str]] = ...) -> None: ...
 
 class DecodeResponse(_message.Message):
     __slots__ = ("id", "model", "images", "error")
