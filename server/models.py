@@ -42,12 +42,10 @@ def batch_pixel_limit(settings: ServerSettings, device_type: str) -> int:
     return CPU_BATCH_PIXELS if device_type == "cpu" else 0
 
 
-# The largest image (pixels) whose batches may run side by side on narrow compute lanes on a CPU.
-# Small images use the threads of one call badly: on the 2 cores measured, two one-thread lanes
-# encode 64x64 batches of 8 at 1.2-1.6x the images/s of one two-thread call. From 256x256 up, one
-# call uses them well, and lanes only made batching lose to single images side by side (`latentd
-# bench serve`: batching gain 0.90x / 0.88x at 256x256 with lanes there) or, at 512x512, the two
-# lanes' batches fight over memory (decode share 82%, against 99% on one lane).
+# The largest image (pixels) whose batches may run side by side on narrow compute lanes on a CPU:
+# one model call uses a CPU's threads badly on small images, so two one-thread lanes get more done;
+# from about 256x256 up one call uses them well and parallel lanes only compete for memory
+# bandwidth. `latentd bench serve` measures both sides (docs/benchmarks.md).
 CPU_SHARED_PIXELS = 128 * 128
 
 

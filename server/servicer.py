@@ -338,14 +338,7 @@ class LatentdServicer(pb_grpc.LatentdServicer):
             served = self.pool.get(request.model)
             log.model, log.items = served.name, request.count
             output = wire.OutputFormat.parse(request.format, request.quality, prefix="")
-            if not 1 <= request.count <= 64:
-                raise InvalidInputError(f"count must be 1-64, got {request.count}", field="count")
-            for name in ("height", "width"):
-                if getattr(request, name) < 1:
-                    raise InvalidInputError(f"{name} must be positive", field=name)
-            if request.height * request.width > self.settings.max_pixels:
-                raise InvalidInputError(f"height x width exceeds max_pixels {self.settings.max_pixels}",
-                                        field="height")
+            wire.prior_sample(request, self.settings.max_pixels)
 
             cost = costs.sample_prior_cost(request, served.codec, self.settings, output)
 
@@ -365,8 +358,7 @@ class LatentdServicer(pb_grpc.LatentdServicer):
         async def handle(log: RequestLog):
             served = self.pool.get(request.model)
             log.model, log.items = served.name, len(request.images)
-            if not request.images:
-                raise InvalidInputError("images is empty", field="images")
+            wire.nonempty(request.images, "images")
 
             cost = costs.anomaly_cost(request, served.codec, self.settings)
             async with self.budget.hold(cost.held_bytes):

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import Any, Sequence
 
 import numpy as np
 import torch
@@ -65,6 +66,26 @@ def interpolation(request: pb.InterpolateRequest) -> tuple[int, str]:
     if method not in ("slerp", "lerp"):
         raise InvalidInputError(f"method must be slerp or lerp, got {quoted(method)}", field="method")
     return steps, method
+
+
+MAX_PRIOR_SAMPLES = 64
+
+
+def prior_sample(request: pb.SamplePriorRequest, max_pixels: int) -> None:
+    """Check a SamplePrior request's count and image size."""
+    if not 1 <= request.count <= MAX_PRIOR_SAMPLES:
+        raise InvalidInputError(f"count must be 1-{MAX_PRIOR_SAMPLES}, got {request.count}", field="count")
+    for name in ("height", "width"):
+        if getattr(request, name) < 1:
+            raise InvalidInputError(f"{name} must be positive", field=name)
+    if request.height * request.width > max_pixels:
+        raise InvalidInputError(f"height x width exceeds max_pixels {max_pixels}", field="height")
+
+
+def nonempty(items: Sequence[Any], field: str) -> None:
+    """Refuse a request whose repeated field `field` holds nothing to work on."""
+    if not items:
+        raise InvalidInputError(f"{field} is empty", field=field)
 
 
 def tiling(value: int, field: str) -> str:
