@@ -119,3 +119,11 @@ def test_the_checker_sees_a_violation():
 def test_the_sdk_and_contract_load_no_torch(module):
     code = f"import sys, {module}; sys.exit('torch' in sys.modules)"
     assert subprocess.run([sys.executable, "-c", code]).returncode == 0, f"{module} imported torch"
+
+
+def test_the_command_line_parser_loads_no_torch():
+    """Every subcommand imports what it runs inside `run`, so `latentd health` or `--help` starts in a
+    fraction of a second instead of the seconds torch and diffusers take to import."""
+    code = ("import sys; from latentd.client.cli import build_parser; build_parser(); "
+            "sys.exit(bool({'torch', 'diffusers', 'grpc'} & set(sys.modules)))")
+    assert subprocess.run([sys.executable, "-c", code]).returncode == 0, "building the CLI parser imported torch"
