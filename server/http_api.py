@@ -8,13 +8,13 @@ as gRPC's (status.py). See docs/service.md, "HTTP (Hugging Face Remote VAE proto
 
 from __future__ import annotations
 
+import contextlib
 import json
-import logging
 import math
 import ssl
 from dataclasses import asdict
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any, Callable, Iterator
 
 import grpc
 import numpy as np
@@ -33,7 +33,6 @@ from .servicer import LatentdServicer
 from .settings import ServerSettings
 from .status import status_for
 
-logger = logging.getLogger(__name__)
 
 HTTP_STATUS = {
     grpc.StatusCode.INVALID_ARGUMENT: 400,
@@ -178,6 +177,7 @@ class RemoteVaeHttp:
         self.serving = serving
         self.limit = settings.max_message_mb * MIB
         self.auth = AuthInterceptor(settings.auth_tokens) if settings.auth_tokens else None
+        self.in_progress = 0  # encode/decode requests: at most max_concurrent_rpcs, as gRPC has it
 
     def app(self) -> web.Application:
         # client_max_size: a body past the message limit is refused as it arrives (413), not buffered.
@@ -219,6 +219,7 @@ class RemoteVaeHttp:
         return _error(401, "missing or invalid bearer token", "Authorization", {"WWW-Authenticate": "Bearer"})
 
     async def _body(self, request: web.Request) -> bytes:
+        """The body, within the message limit; callers hold a place among `max_concurrent_rpcs`."""
         if request.content_length is not None and request.content_length >= self.limit + 1:
             raise HttpError(f"the body has {request.content_length} bytes, over the message limit max_message_mb "
                             f"{self.settings.max_message_mb}", "body", 413)
@@ -249,6 +250,27 @@ class RemoteVaeHttp:
         return web.json_response({"default_model": self.settings.default_model, "models": infos})
 
     async def decode(self, request: web.Request) -> web.Response:
+        with self._place():
+            return await self._decode(request)
+
+    async def encode(self, request: web.Request) -> web.Response:
+        with self._place():
+            return await self._encode(request)
+
+    @contextlib.contextmanager
+    def _place(self) -> Iterator[None]:
+        """One of `max_concurrent_rpcs` places, taken before the body is read (bodies waiting for
+        admission are bounded as gRPC's are), or 503 at once."""
+        if self.in_progress >= self.settings.max_concurrent_rpcs:
+            raise HttpError(f"{self.in_progress} HTTP requests in progress, the limit max_concurrent_rpcs; retry "
+                            "shortly", "max_concurrent_rpcs", 503)
+        self.in_progress += 1
+        try:
+            yield
+        finally:
+            self.in_progress -= 1
+
+    async def _decode(self, request: web.Request) -> web.Response:
         model = self._model(request)
         query = request.query
         shape = _shape(query)
@@ -302,7 +324,7 @@ class RemoteVaeHttp:
         # uint8 [B, H, W, 3] postprocessed, or float [B, 3, H, W] in [-1, 1] in the latents' dtype.
         return _tensor_response(images, "uint8" if partial else dtype)
 
-    async def encode(self, request: web.Request) -> web.Response:
+    async def _encode(self, request: web.Request) -> web.Response:
         model = self._model(request)
         query = request.query
         shape = _shape(query)

@@ -22,11 +22,15 @@ from tests.integration.test_operations import _self_signed
 SCALE, SHIFT = 0.5, 0.1  # the tiny model's own factors (tests/conftest.py)
 
 
-@pytest.fixture
-def http(start_server):
-    harness = start_server(http_port=0, max_batch_size=1)
+def _based(harness):
+    """The harness with `base`, its HTTP endpoint's URL."""
     harness.base = f"http://127.0.0.1:{harness.server.http_port}"
     return harness
+
+
+@pytest.fixture
+def http(start_server):
+    return _based(start_server(http_port=0, max_batch_size=1))
 
 
 def _latents(*shape, seed=0) -> torch.Tensor:
@@ -169,8 +173,7 @@ def test_bad_decodes_name_the_field(http, body, query, status, field):
 
 
 def test_bad_encodes_name_the_field(start_server):
-    harness = start_server(http_port=0, max_pixels=32 * 32)
-    harness.base = f"http://127.0.0.1:{harness.server.http_port}"
+    harness = _based(start_server(http_port=0, max_pixels=32 * 32))
     big = io.BytesIO()
     Image.fromarray(smooth_image(64, 64)).save(big, format="PNG")
     for body, query, field in ((b"not an image", {}, "body"), (big.getvalue(), {}, "body"),
@@ -256,3 +259,38 @@ def test_an_unexpected_error_is_a_500_without_internals(http):
     answer = _post(http, "/tiny/decode", _floats(1, 4, 4, 4), shape=[1, 4, 4, 4])
     assert answer.status_code == 500 and answer.json() == {
         "error": "internal error (RuntimeError); see the server log", "field": None}
+
+
+def test_requests_beyond_max_concurrent_rpcs_are_refused_503_before_their_body(start_server):
+    from tests.integration.test_operations import Gate
+
+    harness = _based(start_server(http_port=0, max_batch_size=1, max_concurrent_rpcs=1))
+    base = harness.base
+    gate = Gate(harness.codec())
+    image = Image.fromarray(smooth_image(16, 16))
+    with ThreadPoolExecutor(1) as pool:
+        in_flight = pool.submit(remote_encode, endpoint=f"{base}/tiny/encode", image=image)
+        assert gate.entered.wait(10)
+        answer = requests.post(f"{base}/tiny/decode", data=_floats(1, 4, 4, 4), params={"shape": [1, 4, 4, 4]},
+                               timeout=10)
+        assert (answer.status_code, answer.json()["field"]) == (503, "max_concurrent_rpcs")
+        gate.open.set()
+        assert in_flight.result(30).shape == (1, 4, 8, 8)
+    assert _post(harness, "/tiny/decode", _floats(1, 4, 4, 4), shape=[1, 4, 4, 4]).ok
+
+
+def test_an_http_port_in_use_names_the_setting(model_dirs):
+    import asyncio
+    import socket
+
+    from latentd.server.app import create_server
+    from latentd.server.settings import ServerSettings
+    from latentd.vae.errors import InvalidInputError
+
+    with socket.socket() as taken:
+        taken.bind(("127.0.0.1", 0))
+        taken.listen()
+        settings = ServerSettings(port=0, http_port=taken.getsockname()[1], models=model_dirs, log_requests=False)
+        with pytest.raises(InvalidInputError, match="cannot serve HTTP") as raised:
+            asyncio.run(create_server(settings, load=False))
+    assert raised.value.field == "http_port"
