@@ -153,11 +153,13 @@ def _tensor(body: bytes, shape: tuple[int, ...], dtype: str) -> np.ndarray:
 
 
 def _scaling(query) -> tuple[float | None, float | None, bool]:
-    """(scaling_factor, shift_factor, do_scaling) as remote_decode / remote_encode send them."""
+    """(scaling_factor, shift_factor, whether to use the model's own factors) as remote_decode /
+    remote_encode send them: the model's own with `do_scaling` and neither factor given."""
     scale = _number(query, "scaling_factor", float)
     if scale == 0:
         raise HttpError("scaling_factor must not be 0", "scaling_factor")
-    return scale, _number(query, "shift_factor", float), _bool(query, "do_scaling", False)
+    shift = _number(query, "shift_factor", float)
+    return scale, shift, _bool(query, "do_scaling", False) and scale is None and shift is None
 
 
 def _tensor_response(array: np.ndarray, dtype: str) -> web.Response:
@@ -197,8 +199,6 @@ class RemoteVaeHttp:
         except HttpError as exc:
             return _error(exc.status, str(exc), exc.field)
         except web.HTTPException as exc:  # aiohttp's own: no route, wrong method, body too large
-            if exc.status >= 500:
-                raise
             field = {404: "path", 405: "method", 413: "body"}.get(exc.status)
             message = (f"the body is over the message limit max_message_mb {self.settings.max_message_mb}"
                        if exc.status == 413 else exc.reason)
@@ -213,8 +213,8 @@ class RemoteVaeHttp:
     async def _authorized(self, request: web.Request, handler) -> web.StreamResponse:
         """With tokens set, `Authorization: Bearer <token>` on every route but /health, checked before
         the body is read."""
-        if self.auth is None or request.path == "/health" or self.auth.allows(request.headers.getall("Authorization",
-                                                                                                      [])):
+        open_route = self.auth is None or request.path == "/health"
+        if open_route or self.auth.allows(request.headers.getall("Authorization", [])):
             return await handler(request)
         return _error(401, "missing or invalid bearer token", "Authorization", {"WWW-Authenticate": "Bearer"})
 
@@ -288,17 +288,18 @@ class RemoteVaeHttp:
         height, width = _number(query, "height", int, positive=True), _number(query, "width", int, positive=True)
         if (height is None) != (width is None):
             raise HttpError("height and width go together", "height" if height is None else "width")
-        scale, shift, do_scaling = _scaling(query)
+        scale, shift, model_scaling = _scaling(query)
         packed = len(shape) == 3 and height is not None
         if len(shape) not in (3, 4):
             raise HttpError(f"shape {list(shape)} must be [B, C, h, w], [C, h, w] or packed [B, tokens, C * 4] "
                             "with height and width", "shape")
+        count = shape[0] if len(shape) == 4 or packed else 1
+        if output_type == "pil" and count != 1:
+            raise HttpError(f"output_type pil answers one image; these latents hold {count}: send one, or ask "
+                            "for output_type pt", "output_type")
         _check_size(shape, dtype, self.limit)
         latents = _tensor(await self._body(request), shape, dtype)
         batch = latents if len(shape) == 4 or packed else latents[None]
-        if output_type == "pil" and len(batch) != 1:
-            raise HttpError(f"output_type pil answers one image; these latents hold {len(batch)}: send one, or ask "
-                            "for output_type pt", "output_type")
         codec = self.servicer.pool.get(model).codec
         items = [torch.from_numpy(np.ascontiguousarray(item)) for item in batch]
         if packed:
@@ -315,8 +316,7 @@ class RemoteVaeHttp:
             format = pb.RAW_UINT8 if partial else pb.RAW_FLOAT
         message = pb.DecodeRequest(
             model=model, items=[pb.Latents(latents=to_tensor(item.numpy(), "float32"), **crop) for item in items],
-            # Latents arrive raw unless the model's own factors are asked for (do_scaling alone).
-            options=pb.DecodeOptions(format=format, raw=not (do_scaling and scale is None and shift is None)))
+            options=pb.DecodeOptions(format=format, raw=not model_scaling))
         response = await self.servicer.decode(message, rpc="HttpDecode")
         if output_type == "pil":
             return web.Response(body=response.images[0].encoded, content_type=CONTENT_TYPES[format])
@@ -328,30 +328,25 @@ class RemoteVaeHttp:
         model = self._model(request)
         query = request.query
         shape = _shape(query)
-        scale, shift, do_scaling = _scaling(query)
+        scale, shift, model_scaling = _scaling(query)
         dtype = "float32" if shape is None else _dtype(query, PIXEL_DTYPES)
         if shape is not None:
+            # float [B, 3, H, W] / [3, H, W] in [-1, 1], or uint8 [B, H, W, 3] / [H, W, 3]
+            if len(shape) not in (3, 4):
+                raise HttpError(f"shape {list(shape)} must be float [B, 3, H, W] or [3, H, W] in [-1, 1], or uint8 "
+                                "[B, H, W, 3] or [H, W, 3]", "shape")
             _check_size(shape, dtype, self.limit)
         body = await self._body(request)
         if shape is None:  # an image file (remote_encode sends a PIL image as PNG)
             images = [pb.Image(encoded=body)]
         else:
             pixels = _tensor(body, shape, dtype)
-            # float [B, 3, H, W] / [3, H, W] in [-1, 1], or uint8 [B, H, W, 3] / [H, W, 3]
-            if len(shape) == 3:
-                pixels = pixels[None]
-            elif len(shape) != 4:
-                raise HttpError(f"shape {list(shape)} must be float [B, 3, H, W] or [3, H, W] in [-1, 1], or uint8 "
-                                "[B, H, W, 3] or [H, W, 3]", "shape")
-            images = [pb.Image(pixels=to_tensor(item)) for item in pixels]
+            images = [pb.Image(pixels=to_tensor(item)) for item in (pixels[None] if len(shape) == 3 else pixels)]
             dtype = "float32" if dtype == "uint8" else dtype
-        message = pb.EncodeRequest(model=model, images=images,
-                                   options=pb.EncodeOptions(raw=not (do_scaling and scale is None and shift is None)))
+        message = pb.EncodeRequest(model=model, images=images, options=pb.EncodeOptions(raw=not model_scaling))
         response = await self.servicer.encode(message, rpc="HttpEncode")
-        latents = [from_tensor(item.latents, "latents") for item in response.items]
-        if len({item.shape for item in latents}) != 1:
-            raise HttpError("the images of one request must share a size", "shape")
-        array = np.stack(latents)
+        # One image file, or one tensor's images: the latents share a shape.
+        array = np.stack([from_tensor(item.latents, "latents") for item in response.items])
         if scale is not None or shift is not None:  # diffusers' `(latents - shift_factor) * scaling_factor`
             array = (array - (shift or 0.0)) * (scale or 1.0)
         return _tensor_response(array, dtype)

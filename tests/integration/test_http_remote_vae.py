@@ -60,6 +60,10 @@ def test_decode_to_tensors_matches_the_local_codec(http):
                          output_type="pt", return_type="pt")
     assert half.dtype == torch.float16
     torch.testing.assert_close(half.float(), floats, atol=5e-3, rtol=0)
+    brain = remote_decode(endpoint=url, tensor=latents.bfloat16(), scaling_factor=SCALE, shift_factor=SHIFT,
+                          output_type="pt", return_type="pt")
+    assert brain.dtype == torch.bfloat16
+    torch.testing.assert_close(brain.float(), floats, atol=5e-2, rtol=0)
 
 
 def test_decode_to_png_and_jpeg(http):
@@ -105,6 +109,8 @@ def test_encode_images_and_tensors_matches_the_local_codec(http):
     pixels = torch.rand(2, 3, 16, 16, generator=torch.manual_seed(5)) * 2 - 1  # float [B, 3, H, W] in [-1, 1]
     got = remote_encode(endpoint=url, image=pixels, scaling_factor=SCALE, shift_factor=SHIFT)
     torch.testing.assert_close(got, torch.stack(http.codec().encode(list(pixels))), atol=1e-5, rtol=1e-5)
+    uint8 = remote_encode(endpoint=url, image=torch.from_numpy(image))  # uint8 [H, W, 3]
+    torch.testing.assert_close(uint8, raw, atol=1e-5, rtol=1e-5)
 
 
 def test_health_models_and_unknown_routes(http):
