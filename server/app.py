@@ -1,4 +1,5 @@
-"""Assemble the gRPC server (servicer, health, reflection, interceptors, TLS, metrics) and run it until SIGTERM."""
+"""Assemble the gRPC server (servicer, health, reflection, interceptors, TLS, metrics), and the HTTP
+Remote VAE endpoint beside it on the same event loop, and run them until SIGTERM."""
 
 from __future__ import annotations
 
@@ -16,6 +17,7 @@ from latentd.v1 import latentd_pb2 as pb
 from latentd.v1 import latentd_pb2_grpc as pb_grpc
 from latentd.vae.errors import InvalidInputError
 
+from .http_api import HttpServer
 from .interceptors import AuthInterceptor, ErrorInterceptor
 from .metrics import ServerMetrics, start_metrics_http
 from .models import ModelPool
@@ -30,7 +32,7 @@ SERVICE_NAME = pb.DESCRIPTOR.services_by_name["Latentd"].full_name
 
 @dataclass
 class LatentdServer:
-    """A started server: its gRPC server, health, models and metrics, stopped together by `stop`."""
+    """A started server: its gRPC server, health, models, metrics and HTTP endpoint, stopped together by `stop`."""
 
     server: grpc.aio.Server
     port: int
@@ -39,9 +41,17 @@ class LatentdServer:
     pool: ModelPool
     metrics: ServerMetrics
     metrics_port: int | None = None
-    _http: Any = field(default=None, repr=False)
+    _http: Any = field(default=None, repr=False)  # the Prometheus metrics endpoint
+    remote_vae: HttpServer | None = field(default=None, repr=False)  # the HTTP Remote VAE endpoint (http_port)
+    serving: bool = False
+
+    @property
+    def http_port(self) -> int | None:
+        """The bound port of the HTTP Remote VAE endpoint; None without one."""
+        return None if self.remote_vae is None else self.remote_vae.port
 
     async def set_serving(self, serving: bool) -> None:
+        self.serving = serving
         status = health_pb2.HealthCheckResponse.SERVING if serving else health_pb2.HealthCheckResponse.NOT_SERVING
         for service in ("", SERVICE_NAME):
             await self.health.set(service, status)
@@ -58,8 +68,12 @@ class LatentdServer:
     async def stop(self, grace: float | None = None) -> None:
         """Drain: health NOT_SERVING, no new RPCs, in-flight ones get `grace` seconds, then stop the batchers."""
         grace = self.settings.grace_s if grace is None else grace
+        self.serving = False
         await self.health.enter_graceful_shutdown()
-        await self.server.stop(grace)
+        if self.remote_vae is not None:
+            await asyncio.gather(self.server.stop(grace), self.remote_vae.stop(grace))
+        else:
+            await self.server.stop(grace)
         await asyncio.to_thread(self.pool.stop, grace)
         if self._http is not None:
             self._http.shutdown()
@@ -94,7 +108,8 @@ async def create_server(settings: ServerSettings, *, load: bool = True) -> tuple
         ("grpc.max_receive_message_length", limit), ("grpc.max_send_message_length", limit),
         # On by default in grpc: a second server on a port in use would start and share it silently.
         ("grpc.so_reuseport", 0)])
-    pb_grpc.add_LatentdServicer_to_server(LatentdServicer(pool, settings, metrics), server)
+    servicer = LatentdServicer(pool, settings, metrics)
+    pb_grpc.add_LatentdServicer_to_server(servicer, server)
     health_servicer = health.aio.HealthServicer()
     health_pb2_grpc.add_HealthServicer_to_server(health_servicer, server)
     enable_server_reflection((SERVICE_NAME, health_pb2.DESCRIPTOR.services_by_name["Health"].full_name), server)
@@ -115,6 +130,12 @@ async def create_server(settings: ServerSettings, *, load: bool = True) -> tuple
     running = LatentdServer(server, port, settings, health_servicer, pool, metrics, metrics_port, http)
     await running.set_serving(False)
     await server.start()
+    if settings.http_port is not None:
+        try:
+            running.remote_vae = await HttpServer.start(servicer, settings, lambda: running.serving)
+        except BaseException:
+            await running.stop(0)
+            raise
     if load:
         try:
             await running.load_models()
@@ -136,7 +157,8 @@ async def serve(settings: ServerSettings, *, ready: asyncio.Event | None = None)
     for signum in (signal.SIGTERM, signal.SIGINT):
         loop.add_signal_handler(signum, stop.set)
     try:
-        logger.info("listening on %s:%d%s; loading models", settings.host, port,
+        logger.info("listening on %s:%d%s%s; loading models", settings.host, port,
+                    f", HTTP (Remote VAE) on :{running.http_port}" if running.remote_vae else "",
                     f", metrics on :{running.metrics_port}" if running.metrics_port else "")
         loader = asyncio.create_task(running.load_models())
         stopper = asyncio.create_task(stop.wait())

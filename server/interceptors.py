@@ -130,13 +130,16 @@ class AuthInterceptor(grpc.aio.ServerInterceptor):
         self._tokens = [token.encode() for token in tokens]
 
     def _allowed(self, metadata) -> bool:
+        return self.allows([value for key, value in metadata or () if key == "authorization"])
+
+    def allows(self, authorization: Sequence[str | bytes]) -> bool:
+        """Whether the `authorization` header values (gRPC metadata or HTTP) carry a valid bearer token."""
         presented = b""
-        for key, value in metadata or ():
-            if key == "authorization":
-                text = value.decode(errors="replace") if isinstance(value, bytes) else value
-                scheme, _, credentials = text.strip().partition(" ")
-                if scheme.lower() == "bearer":  # auth schemes are case-insensitive (RFC 7235)
-                    presented = credentials.strip().encode()
+        for value in authorization:
+            text = value.decode(errors="replace") if isinstance(value, bytes) else value
+            scheme, _, credentials = text.strip().partition(" ")
+            if scheme.lower() == "bearer":  # auth schemes are case-insensitive (RFC 7235)
+                presented = credentials.strip().encode()
         # Compare against every token (no early exit), so timing says nothing about which matched.
         matches = [hmac.compare_digest(presented, token) for token in self._tokens]
         return bool(presented) and any(matches)

@@ -15,6 +15,7 @@ import numpy as np
 
 from latentd.v1 import latentd_pb2 as pb
 from latentd.v1 import latentd_pb2_grpc as pb_grpc
+from latentd.v1.results import ServedModelInfo
 from latentd.vae.errors import InvalidInputError
 from latentd.vae.stopping import stoppable
 
@@ -221,13 +222,22 @@ class LatentdServicer(pb_grpc.LatentdServicer):
     async def _image_messages(self, arrays: list[np.ndarray], output: wire.OutputFormat) -> list[pb.Image]:
         return await self._off_loop(lambda: [wire.image_message(array, output) for array in arrays], output.encoded)
 
+    async def encode(self, request: pb.EncodeRequest, deadline: float | None = None,
+                     rpc: str = "Encode") -> pb.EncodeResponse:
+        """One Encode request through costs, admission and the batcher, with its metrics and log line
+        (`rpc` names it there): the path every protocol's encode takes."""
+        return await self._observed(rpc, request.id, lambda log: self._encode(request, deadline, log))
+
+    async def decode(self, request: pb.DecodeRequest, deadline: float | None = None,
+                     rpc: str = "Decode") -> pb.DecodeResponse:
+        """One Decode request, as `encode` runs one."""
+        return await self._observed(rpc, request.id, lambda log: self._decode(request, deadline, log))
+
     async def Encode(self, request, context):
-        return await self._observed("Encode", request.id,
-                                    lambda log: self._encode(request, _deadline(context), log))
+        return await self.encode(request, _deadline(context))
 
     async def Decode(self, request, context):
-        return await self._observed("Decode", request.id,
-                                    lambda log: self._decode(request, _deadline(context), log))
+        return await self.decode(request, _deadline(context))
 
     async def EncodeStream(self, request_iterator, context):
         async for response in self._stream("EncodeStream", request_iterator, context, self._encode,
@@ -286,10 +296,14 @@ class LatentdServicer(pb_grpc.LatentdServicer):
 
     # ---- models --------------------------------------------------------------------------------
 
-    def _model_info(self, served: ServedModel) -> pb.ModelInfo:
+    def served_info(self, served: ServedModel) -> ServedModelInfo:
+        """A served model's description under its served name, with where it runs and the limits."""
         info = dataclasses.replace(served.codec.info, name=served.name)
-        return wire.model_message(info, device=str(served.codec.placement.device),
-                                  max_pixels=self.settings.max_pixels, max_batch_size=self.settings.max_batch_size)
+        return wire.served_info(info, device=str(served.codec.placement.device),
+                                max_pixels=self.settings.max_pixels, max_batch_size=self.settings.max_batch_size)
+
+    def _model_info(self, served: ServedModel) -> pb.ModelInfo:
+        return self.served_info(served).to_message()
 
     async def ListModels(self, request, context):
         async def handle(log: RequestLog):

@@ -72,6 +72,9 @@ class ServerSettings:
     auth_tokens: tuple[str, ...] = setting((), flag=False)
     metrics_port: int | None = setting(None, "serve Prometheus /metrics over HTTP on this port", default_text="off")
     metrics_host: str = setting("127.0.0.1", "address of the metrics endpoint")
+    http_port: int | None = setting(None, "also serve the Hugging Face Remote VAE HTTP protocol (diffusers' "
+                                          "remote_decode / remote_encode) on this port, same host, models, limits, "
+                                          "auth and TLS; 0: any free port", default_text="off")
     grace_s: float = setting(10.0, "seconds in-flight requests get on SIGTERM")
     warmup: bool = setting(True, "one encode and decode per model before health turns SERVING")
     log_requests: bool = setting(True, "one log line per request")
@@ -79,6 +82,7 @@ class ServerSettings:
     def __post_init__(self) -> None:
         checks = [
             ("port", 0 <= self.port <= 65535, "must be 0-65535"),
+            ("http_port", self.http_port is None or 0 <= self.http_port <= 65535, "must be 0-65535"),
             ("models", bool(self.models), "needs at least one model"),
             ("max_batch_size", self.max_batch_size >= 1, "must be at least 1"),
             ("max_batch_delay_ms", self.max_batch_delay_ms >= 0, "must be >= 0"),

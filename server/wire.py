@@ -217,6 +217,5 @@ def encode_file(pixels: np.ndarray, output: OutputFormat) -> bytes:
     return encode_image(pixels, name, output.quality if lossy else None)
 
 
-def model_message(info: ModelInfo, *, device: str, max_pixels: int, max_batch_size: int) -> pb.ModelInfo:
-    return ServedModelInfo(**info.to_dict(), device=device, max_pixels=max_pixels,
-                           max_batch_size=max_batch_size).to_message()
+def served_info(info: ModelInfo, *, device: str, max_pixels: int, max_batch_size: int) -> ServedModelInfo:
+    return ServedModelInfo(**info.to_dict(), device=device, max_pixels=max_pixels, max_batch_size=max_batch_size)

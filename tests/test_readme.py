@@ -3,7 +3,8 @@
 Python blocks are executed; `latentd` commands in bash blocks run for real where that is cheap and
 otherwise must parse (`--help` appended); `make` lines name targets and variables the Makefile has.
 Examples that need a server get a real `latentd serve` on 127.0.0.1 port 0 serving a tiny model as
-`default`, its address put in place of the README's `localhost:50051`. Files the examples name
+`default`, its address put in place of the README's `localhost:50051` (and its HTTP endpoint's in
+place of `localhost:8080`). Files the examples name
 (`photo.png`, `photos/`) are created in a scratch folder, where every block runs. Nothing is downloaded.
 """
 
@@ -26,6 +27,7 @@ import pytest
 REPO = Path(__file__).resolve().parents[1]
 README = REPO / "README.md"
 README_ADDRESS = "localhost:50051"
+README_HTTP_ADDRESS = "localhost:8080"  # the HTTP Remote VAE endpoint (`latentd serve --http-port 8080`)
 # Commands cheap enough to run for real on the scratch folder; the others are checked with --help.
 RUN_FOR_REAL = {"info", "health", "models", "roundtrip", "encode", "inspect", "verify", "decode"}
 # Pages others are writing; the README links to them ahead of their arrival.
@@ -66,15 +68,17 @@ def write_inputs(folder: Path) -> None:
         Image.fromarray(smooth_image(40 + 8 * seed, 56, seed=seed)).save(folder / "photos" / f"img{seed}.png")
 
 
-def start_server(model_dir: Path) -> tuple[subprocess.Popen, int]:
-    """`latentd serve` on 127.0.0.1 port 0 with the tiny model as `default`; (process, port) once serving."""
+def start_server(model_dir: Path) -> tuple[subprocess.Popen, int, int]:
+    """`latentd serve` on 127.0.0.1 port 0 (HTTP too) with the tiny model as `default`; (process, port,
+    HTTP port) once serving."""
     script = Path(sys.executable).with_name("latentd")
     command = [str(script)] if script.exists() else [sys.executable, "-m", "latentd.client.cli"]
     env = {**os.environ, "LATENTD_LOG_REQUESTS": "false", "OMP_NUM_THREADS": "1"}
     process = subprocess.Popen([*command, "serve", "--host", "127.0.0.1", "--port", "0",
-                                "--model", f"default={model_dir}"], stderr=subprocess.PIPE, text=True, env=env)
+                                "--http-port", "0", "--model", f"default={model_dir}"], stderr=subprocess.PIPE,
+                               text=True, env=env)
     lines: list[str] = []
-    port = None
+    port = http_port = None
     deadline = time.monotonic() + 120
     while time.monotonic() < deadline:
         line = process.stderr.readline()
@@ -83,10 +87,12 @@ def start_server(model_dir: Path) -> tuple[subprocess.Popen, int]:
         lines.append(line)
         found = re.search(r"listening on 127\.0\.0\.1:(\d+)", line)
         port = int(found.group(1)) if found else port
+        found = re.search(r"HTTP \(Remote VAE\) on :(\d+)", line)
+        http_port = int(found.group(1)) if found else http_port
         if "serving default" in line:
             threading.Thread(target=process.stderr.read, daemon=True).start()  # keep the pipe drained
-            assert port, "".join(lines)
-            return process, port
+            assert port and http_port, "".join(lines)
+            return process, port, http_port
     process.kill()
     raise RuntimeError("latentd serve did not start:\n" + "".join(lines[-20:]))
 
@@ -138,7 +144,7 @@ def readme_results(tmp_path_factory):
     work = root / "work"
     work.mkdir()
     write_inputs(work)
-    process, port = start_server(model_dir)
+    process, port, http_port = start_server(model_dir)
     address = f"127.0.0.1:{port}"
     results: dict[int, tuple[str, str | None]] = {}
     previous = Path.cwd()
@@ -147,7 +153,8 @@ def readme_results(tmp_path_factory):
         for index, (language, code) in enumerate(BLOCKS):
             try:
                 if language == "python":
-                    results[index] = (run_python(code.replace(README_ADDRESS, address)), None)
+                    code = code.replace(README_ADDRESS, address).replace(README_HTTP_ADDRESS, f"127.0.0.1:{http_port}")
+                    results[index] = (run_python(code), None)
                 elif language == "bash":
                     results[index] = (run_bash(code, address), None)
                 else:

@@ -12,9 +12,10 @@ def add_parser(subparsers: argparse._SubParsersAction) -> None:
     parser = subparsers.add_parser(
         "serve", help="run the gRPC encode/decode service",
         description="Serve Encode/Decode (and streams, models, latent-space operations) over gRPC with dynamic "
-                    "batching, health, reflection and Prometheus metrics. Every flag has a LATENTD_<NAME> "
-                    "environment variable and a key in the --config file; flags win over the environment, "
-                    "which wins over the file. SIGTERM drains in-flight requests and exits 0.")
+                    "batching, health, reflection and Prometheus metrics; with --http-port, also the Hugging Face "
+                    "Remote VAE HTTP protocol (diffusers' remote_decode / remote_encode). Every flag has a "
+                    "LATENTD_<NAME> environment variable and a key in the --config file; flags win over the "
+                    "environment, which wins over the file. SIGTERM drains in-flight requests and exits 0.")
     parser.add_argument("--config", type=Path, help="settings file (TOML, YAML or JSON)")
     parser.add_argument("--model", dest="models", action="append", metavar="NAME=SOURCE",
                         help="serve SOURCE (registry name, model folder, checkpoint or Hub id) as NAME; repeat for "

@@ -54,6 +54,8 @@ def test_yaml_and_json_files(tmp_path):
     ({"tls_client_ca": "ca.pem"}, "tls_client_ca"),
     ({"models": ["=x"]}, "models"),
     ({"no_such_setting": 1}, "no_such_setting"),
+    ({"http_port": 70000}, "http_port"),
+    ({"http_port": "web"}, "http_port"),
 ])
 def test_bad_values_name_the_setting(values, field):
     with pytest.raises(InvalidInputError) as raised:
@@ -83,6 +85,17 @@ def test_cli_flags_and_token_file(tmp_path):
     settings = settings_from_args(args, environ={})
     assert settings.port == 0 and settings.models == {"x": "taesd", "y": "sd"} and settings.cpu_compute_lanes == 1
     assert settings.auth_tokens == ("alpha", "beta") and settings.warmup is False
+
+
+def test_http_port_from_flag_environment_and_file(tmp_path):
+    assert load_settings(environ={}).http_port is None  # no HTTP endpoint unless asked
+    args = build_parser().parse_args(["serve", "--http-port", "8080"])
+    assert settings_from_args(args, environ={}).http_port == 8080
+    assert settings_from_args(args, environ={"LATENTD_HTTP_PORT": "9090"}).http_port == 8080  # the flag wins
+    no_flag = build_parser().parse_args(["serve"])
+    assert settings_from_args(no_flag, environ={"LATENTD_HTTP_PORT": "0"}).http_port == 0
+    (tmp_path / "s.toml").write_text("[server]\nhttp_port = 7070\n")
+    assert load_settings(environ={}, file=tmp_path / "s.toml").http_port == 7070
 
 
 def test_every_setting_has_its_flag_from_the_dataclass():
