@@ -20,7 +20,7 @@ class ServerProcess:
     def __init__(self, args: list[str]) -> None:
         self.args = args
         self.process: subprocess.Popen | None = None
-        self.port = self.metrics_port = 0
+        self.port = self.metrics_port = self.http_port = 0  # http_port: with --http-port only
         self.log: list[str] = []  # its stderr lines so far
 
     @classmethod
@@ -46,9 +46,11 @@ class ServerProcess:
             if not line and self.process.poll() is not None:
                 raise RuntimeError("server exited during start-up: " + "".join(lines[-5:]))
             lines.append(line)
-            listening = re.search(r"listening on [^:]+:(\d+), metrics on :(\d+)", line)
+            listening = re.search(r"listening on [^:]+:(\d+)(?:, HTTP \(Remote VAE\) on :(\d+))?, metrics on :(\d+)",
+                                  line)
             if listening:
-                self.port, self.metrics_port = int(listening.group(1)), int(listening.group(2))
+                self.port, self.metrics_port = int(listening.group(1)), int(listening.group(3))
+                self.http_port = int(listening.group(2) or 0)
             if line and "serving " in line:
                 break
         self.log = lines

@@ -1,4 +1,4 @@
-"""`latentd bench codec|tiling|serve|archive`: each measured against its baseline in the same run."""
+"""`latentd bench codec|tiling|serve|archive|http`: each measured against its baseline in the same run."""
 
 from __future__ import annotations
 
@@ -80,6 +80,35 @@ def add_parser(subparsers: argparse._SubParsersAction) -> None:
     serve.add_argument("--json", action="store_true", help="print one JSON object")
     serve.set_defaults(run=run_serve)
     _add_archive_parser(kinds)
+    _add_http_parser(kinds)
+
+
+def _add_http_parser(kinds) -> None:
+    http = kinds.add_parser(
+        "http", help="a decode over the HTTP Remote VAE endpoint vs the same decode over gRPC",
+        description="Start `latentd serve --http-port 0` and alternate one decode over gRPC (the SDK) and the "
+                    "same decode over HTTP as diffusers' remote_decode sends it (output_type=pt, uint8 pixels "
+                    "back), one request at a time; print each path's median and their ratio.")
+    http.add_argument("--model", default="default", help="model to serve (default: default)")
+    http.add_argument("--size", type=int, default=512, help="image side in pixels (default: 512)")
+    http.add_argument("--requests", type=int, default=20, help="timed requests per path (default: 20)")
+    http.add_argument("--seed", type=int, default=0, help="seed of the latents (default: 0)")
+    http.add_argument("--json", action="store_true", help="print one JSON object")
+    http.set_defaults(run=run_http)
+
+
+def run_http(args: argparse.Namespace) -> int:
+    from latentd.bench.http import bench_http
+
+    _positive(args, "size", "requests")
+    result = bench_http(args.model, size=args.size, requests=args.requests, seed=args.seed)
+    if args.json:
+        print(json.dumps({**asdict(result), "ratio": result.ratio}, indent=2))
+        return EXIT_OK
+    print(f"bench http: model {result.model}, {result.size}x{result.size} decode, {result.requests} requests per "
+          f"path: gRPC {result.grpc_ms:.1f} ms, HTTP {result.http_ms:.1f} ms (median), HTTP/gRPC "
+          f"{result.ratio:.2f}x, overhead {result.http_ms - result.grpc_ms:+.1f} ms")
+    return EXIT_OK
 
 
 def _add_archive_parser(kinds) -> None:

@@ -78,5 +78,5 @@ def test_soak_reports_intervals_errors_and_memory(model_dirs, capsys):
     code = main(["bench", "serve", "--model", model_dirs["tiny"], "--sizes", "32", "--concurrency", "3",
                  "--duration", "4", "--json"])
     report = json.loads(capsys.readouterr().out)
-    assert code == 0 and report["requests"] > 10 and report["errors"] == {}
+    assert code == 0 and report["requests"] > 0 and report["errors"] == {}
     assert report["intervals"][0]["p99_ms"] > 0 and report["peak_rss_mb"] > 50
