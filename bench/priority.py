@@ -116,18 +116,20 @@ async def _measure(target: str, workload: Workload, bulk_streams: int, requests:
         stubs = [pb_grpc.LatentdStub(channel) for channel in channels]
         interactive = getattr(stubs[0], rpc)
         request = _with_priority(workload.request, pb.INTERACTIVE)
-        await _interactive(interactive, request, 2, result, timeout)  # warm-up
+        await _interactive(interactive, request, 4, result, timeout)  # warm-up: first calls at a shape pay more
         progress(f"idle: {requests} interactive {workload.op} calls")
         result.idle_ms = await _interactive(interactive, request, requests, result, timeout)
-        for label, priority in (("loaded", pb.INTERACTIVE), ("unprioritized", pb.BULK)):
-            progress(f"{label}: {requests} calls sent as {pb.Priority.Name(priority)} during "
+        # Calls sent as bulk wait behind the whole backlog: a third as many show it.
+        for label, priority, count in (("loaded", pb.INTERACTIVE, requests),
+                                       ("unprioritized", pb.BULK, max(2, requests // 3))):
+            progress(f"{label}: {count} calls sent as {pb.Priority.Name(priority)} during "
                      f"{bulk_streams} bulk streams")
             stop, answered = asyncio.Event(), [0]
             flood = [asyncio.create_task(_bulk_stream(getattr(stub, stream_rpc), workload.request, stop, answered,
                                                       timeout)) for stub in stubs[1:]]
             await asyncio.sleep(0.5)  # the streams fill the server's queue first
             began, before = time.perf_counter(), answered[0]
-            latencies = await _interactive(interactive, _with_priority(workload.request, priority), requests,
+            latencies = await _interactive(interactive, _with_priority(workload.request, priority), count,
                                            result, timeout)
             result.bulk_seconds += time.perf_counter() - began
             result.bulk_images += answered[0] - before
@@ -145,8 +147,8 @@ def bench_priority(model: str = "default", *, op: str = "encode", size: int = 25
                    target: str | None = None, timeout: float = 600,
                    progress: Callable[[str], None] = lambda message: None) -> PriorityResult:
     """Interactive calls (one at a time) on an idle server, then during `bulk_streams` streams of bulk
-    requests of the same kind; and the same calls sent as bulk during the flood, to show what the
-    priority buys. Starts `latentd serve` unless `target` is given."""
+    requests of the same kind; and (a third as many of) the same calls sent as bulk during the flood,
+    to show what the priority buys. Starts `latentd serve` unless `target` is given."""
     codec = None
     if op == "decode":  # the latents to send come from the model
         from latentd.vae.codec import load_codec

@@ -88,7 +88,7 @@ def _add_priority_parser(kinds) -> None:
         "priority", help="interactive latency idle vs under a flood of bulk streams",
         description="Start `latentd serve` (or use --target); time interactive calls one at a time on the idle "
                     "server, then while several bulk streams (as encode_many and archives send) keep it busy, "
-                    "then the same calls sent as bulk during the flood (what no priority would give); print "
+                    "then a third as many sent as bulk during the flood (what no priority would give); print "
                     "p50/p99 of each and the ratio p99 loaded / p99 idle (target: at most 2x).")
     priority.add_argument("--model", default="default", help="model to serve (default: default)")
     priority.add_argument("--op", choices=("encode", "decode"), default="encode", help="(default: encode)")
