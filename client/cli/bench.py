@@ -73,11 +73,8 @@ def add_parser(subparsers: argparse._SubParsersAction) -> None:
     serve.add_argument("--rounds", type=int, default=3,
                        help="interleaved rounds of in-process, batched and unbatched measurements per workload, "
                             "so that all see the same drift of the machine's speed (default: 3)")
-    serve.add_argument("--max-batch-size", type=int, default=8, help="the server's batch size (default: 8)")
-    serve.add_argument("--target", metavar="HOST:PORT", type=server_address,
-                       help="measure a running server instead of starting one (no batching-off phase, no batch sizes)")
-    serve.add_argument("--device", help="cpu, cuda, ... (default: auto)")
-    serve.add_argument("--json", action="store_true", help="print one JSON object")
+    _add_served_args(serve, "measure a running server instead of starting one (no batching-off phase, no batch "
+                            "sizes)")
     serve.set_defaults(run=run_serve)
     _add_archive_parser(kinds)
     _add_priority_parser(kinds)
@@ -95,12 +92,16 @@ def _add_priority_parser(kinds) -> None:
     priority.add_argument("--size", type=int, default=256, help="image side in pixels (default: 256)")
     priority.add_argument("--bulk-streams", type=int, default=4, help="concurrent bulk streams (default: 4)")
     priority.add_argument("--requests", type=int, default=30, help="interactive calls per phase (default: 30)")
-    priority.add_argument("--max-batch-size", type=int, default=8, help="the server's batch size (default: 8)")
-    priority.add_argument("--target", metavar="HOST:PORT", type=server_address,
-                          help="measure a running server instead of starting one")
-    priority.add_argument("--device", help="cpu, cuda, ... (default: auto)")
-    priority.add_argument("--json", action="store_true", help="print one JSON object")
+    _add_served_args(priority, "measure a running server instead of starting one")
     priority.set_defaults(run=run_priority)
+
+
+def _add_served_args(parser: argparse.ArgumentParser, target_help: str) -> None:
+    """What the benchmarks that start a server (or use --target) share."""
+    parser.add_argument("--max-batch-size", type=int, default=8, help="the server's batch size (default: 8)")
+    parser.add_argument("--target", metavar="HOST:PORT", type=server_address, help=target_help)
+    parser.add_argument("--device", help="cpu, cuda, ... (default: auto)")
+    parser.add_argument("--json", action="store_true", help="print one JSON object")
 
 
 def run_priority(args: argparse.Namespace) -> int:

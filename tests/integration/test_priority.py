@@ -58,3 +58,25 @@ def test_an_unknown_priority_name_fails_in_the_sdk_naming_it():
                 call()
     finally:
         client.close()
+
+
+def test_the_async_client_takes_priorities_too(harness):
+    import asyncio
+
+    from latentd.client import AsyncLatentClient
+
+    image = smooth_image(16, 16)
+
+    async def run():
+        async with AsyncLatentClient(harness.address) as client:
+            one = await client.encode(image, model="tiny", dtype="float32", priority="bulk")
+            many = [z async for z in client.encode_many([image], model="tiny", dtype="float32",
+                                                        priority="interactive")]
+            with pytest.raises(InvalidInputError, match="priority"):
+                await client.decode(one, model="tiny", priority="later")
+            with pytest.raises(InvalidInputError, match="priority"):
+                client.encode_many([image], priority="later")
+            return one, many
+
+    one, many = asyncio.run(run())
+    np.testing.assert_array_equal(one, many[0])
