@@ -20,6 +20,7 @@ from latentd.vae.stopping import stoppable
 
 from . import costs, wire
 from .admission import MemoryBudget
+from .batcher import INTERACTIVE
 from .cancel import Watch
 from .echo import log_value
 from .metrics import ServerMetrics
@@ -42,7 +43,7 @@ class RequestLog:
     sizes: str = ""
     queue_ms: float = 0.0
     compute_ms: float = 0.0
-    priority: str = "interactive"
+    priority: str = INTERACTIVE
 
     def note_jobs(self, jobs: list[Job], submitted: float) -> None:
         if jobs:
@@ -78,16 +79,17 @@ class LatentdServicer(pb_grpc.LatentdServicer):
 
     async def _run(self, served: ServedModel, key_of: Callable[[Any], BatchKey], data: list[Any],
                    deadline: float | None, log: RequestLog, finishes: list[Any]) -> list[Any]:
-        # The request's priority (log.priority, checked on arrival) is its items' queue in the batcher.
         """Submit one job per item and wait for all; on failure or cancellation the rest are cancelled.
-        `finishes[i]` converts item i's output where its batch runs (see jobs.Job)."""
-        jobs = [Job(item, finish, Watch(deadline)) for item, finish in zip(data, finishes, strict=True)]
+        `finishes[i]` converts item i's output where its batch runs (see jobs.Job). Each job waits in
+        the batcher queue of the request's priority (log.priority, checked on arrival)."""
+        jobs = [Job(item, finish, Watch(deadline), log.priority)
+                for item, finish in zip(data, finishes, strict=True)]
         futures: list[concurrent.futures.Future] = []
         submitted = time.monotonic()
         try:
             for job in jobs:
                 futures.append(served.batcher.submit(key_of(job.data), job, deadline=deadline,
-                                                     priority=log.priority))
+                                                     priority=job.priority))
             return await asyncio.gather(*(asyncio.wrap_future(f) for f in futures))
         finally:
             for future in futures:
