@@ -413,8 +413,10 @@ class Batcher:
             return self._busy_delay_s if self._computing else self._max_delay_s
 
     def _groups(self, batch: list[WorkItem]) -> list[list[WorkItem]]:
+        """The batch's groups of equal key, those holding interactive items first (a bulk-led batch
+        may have gathered interactive items of another key)."""
         try:
-            return group_by_key(batch)
+            return sorted(group_by_key(batch), key=lambda group: all(item.priority == BULK for item in group))
         except Exception:  # a key whose __eq__/__hash__ raises: run each item alone rather than die
             logger.exception("batcher %s: grouping failed", self.name)
             return [[item] for item in batch]

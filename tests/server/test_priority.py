@@ -125,3 +125,29 @@ def test_batch_stats_carry_each_items_priority():
     finally:
         batcher.stop(timeout=WAIT)
     assert stats[0].priorities == (BULK,)
+
+
+def test_in_a_bulk_led_batch_the_interactive_items_of_another_key_compute_first():
+    entered, release = threading.Event(), threading.Event()
+    order: list[tuple[str, list[str]]] = []
+
+    def predict(key, payloads):
+        order.append((key, list(payloads)))
+        entered.set()
+        release.wait(WAIT)
+        return payloads
+
+    batcher = Batcher("test", predict, max_batch_size=2, max_delay_s=0.0, bulk_every=1)
+    batcher.start()
+    try:
+        first = batcher.submit("warm", "w", priority=INTERACTIVE)
+        assert entered.wait(WAIT)
+        futures = [batcher.submit("a", f"i{n}", priority=INTERACTIVE) for n in range(3)]
+        futures += [batcher.submit("b", f"b{n}", priority=BULK) for n in range(2)]
+    finally:
+        release.set()
+    assert [f.result(timeout=WAIT) for f in [first, *futures]]
+    batcher.stop(timeout=WAIT)
+    # i0 leads (with i1), then bulk's turn (bulk_every=1): b0 leads and takes i2 first, whose group
+    # computes before b0's; then b1.
+    assert order == [("warm", ["w"]), ("a", ["i0", "i1"]), ("a", ["i2"]), ("b", ["b0"]), ("b", ["b1"])]
