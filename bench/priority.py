@@ -143,12 +143,14 @@ async def _measure(target: str, workload: Workload, bulk_streams: int, requests:
 
 
 def bench_priority(model: str = "default", *, op: str = "encode", size: int = 256, bulk_streams: int = 4,
-                   requests: int = 30, max_batch_size: int = 8, device: str | None = None,
+                   requests: int = 30, max_batch_size: int = 8, bulk_max_batch_size: int | None = None,
+                   device: str | None = None,
                    target: str | None = None, timeout: float = 600,
                    progress: Callable[[str], None] = lambda message: None) -> PriorityResult:
     """Interactive calls (one at a time) on an idle server, then during `bulk_streams` streams of bulk
     requests of the same kind; and (a third as many of) the same calls sent as bulk during the flood,
-    to show what the priority buys. Starts `latentd serve` unless `target` is given."""
+    to show what the priority buys. Starts `latentd serve` (with `bulk_max_batch_size`, if given)
+    unless `target` is given."""
     codec = None
     if op == "decode":  # the latents to send come from the model
         from latentd.vae.codec import load_codec
@@ -156,7 +158,8 @@ def bench_priority(model: str = "default", *, op: str = "encode", size: int = 25
         codec = load_codec(model, device=device)
     workload = make_workload(codec, op, size, "" if target is None else model)
     result = PriorityResult(model, op, size, bulk_streams, requests)
-    extra = ("--device", device) if device else ()
+    extra = (*(("--device", device) if device else ()),
+             *(("--bulk-max-batch-size", str(bulk_max_batch_size)) if bulk_max_batch_size else ()))
     with contextlib.ExitStack() as stack:
         if target is None:
             progress("starting the server")

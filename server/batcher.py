@@ -100,13 +100,18 @@ class PriorityQueues:
       the next batch. So bulk work gets at least one batch in every `bulk_every + 1` (it never
       starves) and, with no bulk waiting, interactive work is all there is;
     - an interactive-led batch gathers interactive items only (bulk items would lengthen its compute);
-      a bulk-led batch takes waiting interactive items first, then bulk ones (they go no later so).
+      a bulk-led batch takes waiting interactive items first, then bulk ones (they go no later so),
+      at most `bulk_batch_size` items (None: as many as any batch): what an interactive item arriving
+      meanwhile may have to wait for.
     """
 
-    def __init__(self, bulk_every: int = BULK_EVERY) -> None:
+    def __init__(self, bulk_every: int = BULK_EVERY, bulk_batch_size: int | None = None) -> None:
         if bulk_every < 1:
             raise ValueError(f"bulk_every must be >= 1, got {bulk_every}")
+        if bulk_batch_size is not None and bulk_batch_size < 1:
+            raise ValueError(f"bulk_batch_size must be >= 1, got {bulk_batch_size}")
         self.bulk_every = bulk_every
+        self.bulk_batch_size = bulk_batch_size
         self._ready = threading.Condition()
         self._queues: dict[str, deque[WorkItem]] = {name: deque() for name in PRIORITIES}
         self._stops = 0
@@ -133,8 +138,9 @@ class PriorityQueues:
 
     def joiners(self, first: WorkItem) -> "_Joiners":
         """What gather_batch reads after `first`: items allowed into the batch it leads."""
-        order = (INTERACTIVE,) if first.priority == INTERACTIVE else (INTERACTIVE, BULK)
-        return _Joiners(self, order)
+        if first.priority == INTERACTIVE:
+            return _Joiners(self, (INTERACTIVE,), None)
+        return _Joiners(self, (INTERACTIVE, BULK), self.bulk_batch_size)
 
     def _lead(self) -> WorkItem | None | Any:
         interactive, bulk = self._queues[INTERACTIVE], self._queues[BULK]
@@ -174,10 +180,11 @@ class PriorityQueues:
 
 
 class _Joiners:
-    """PriorityQueues seen from inside a batch being gathered: get/get_nowait over the allowed queues."""
+    """PriorityQueues seen from inside a batch being gathered: get/get_nowait over the allowed queues;
+    `limit`: the most items of the batch (None: no limit of its own)."""
 
-    def __init__(self, queues: PriorityQueues, order: tuple[str, ...]) -> None:
-        self._queues, self._order = queues, order
+    def __init__(self, queues: PriorityQueues, order: tuple[str, ...], limit: int | None) -> None:
+        self._queues, self._order, self.limit = queues, order, limit
 
     def get(self, timeout: float | None = None) -> WorkItem | None:
         return self._queues._wait(lambda: self._queues._take(self._order), timeout)
@@ -211,8 +218,9 @@ def gather_batch(
     batch = [first]
     limit = min(max_items, limit_for(first.key)) if limit_for is not None else max_items
     deadline = clock() + (delay_for() if delay_for is not None else max_delay_s)
-    # A PriorityQueues says which items may join the batch `first` leads; a plain queue: any.
+    # A PriorityQueues says which items may join the batch `first` leads, and how many; a plain queue: any.
     joiners = source.joiners(first) if hasattr(source, "joiners") else source
+    limit = min(limit, getattr(joiners, "limit", None) or limit)
     while len(batch) < limit:
         item = _next_item(joiners, deadline - clock())
         if item is _EMPTY:
@@ -283,6 +291,7 @@ class Batcher:
         hold: Hold | None = None,
         busy_delay_s: float | None = None,
         bulk_every: int = BULK_EVERY,
+        bulk_batch_size: int | None = None,
     ) -> None:
         """`items_per_call(key)` caps the items of one key in one predict call below max_batch_size
         (for example by pixels: on a CPU, big images gain nothing from sharing a call). `hold(key)` is
@@ -290,7 +299,7 @@ class Batcher:
         is held, so nothing expires between that check and the model. `busy_delay_s` (default:
         max_delay_s) is how long a batch waits for company while another worker's batch computes.
         Items wait by priority (`submit(..., priority=)`; see PriorityQueues, whose starvation bound
-        is `bulk_every`)."""
+        is `bulk_every`; `bulk_batch_size` caps the batches bulk work leads)."""
         _check_settings(max_batch_size, max_delay_s, queue_limit, busy_delay_s, workers)
         self._busy_delay_s = max_delay_s if busy_delay_s is None else busy_delay_s
         self._workers = workers
@@ -304,7 +313,7 @@ class Batcher:
         self._on_batch = on_batch
         self._clock = clock
         # Unbounded, with our own count: the stop sentinel must fit even when queue_limit items wait.
-        self._queue = PriorityQueues(bulk_every)
+        self._queue = PriorityQueues(bulk_every, bulk_batch_size)
         self._lock = threading.Lock()
         self._gathering = threading.Lock()
         self._waiting = 0

@@ -92,6 +92,8 @@ def _add_priority_parser(kinds) -> None:
     priority.add_argument("--size", type=int, default=256, help="image side in pixels (default: 256)")
     priority.add_argument("--bulk-streams", type=int, default=4, help="concurrent bulk streams (default: 4)")
     priority.add_argument("--requests", type=int, default=30, help="interactive calls per phase (default: 30)")
+    priority.add_argument("--bulk-max-batch-size", type=int, metavar="N",
+                          help="the server's bulk_max_batch_size (default: its max batch size)")
     _add_served_args(priority, "measure a running server instead of starting one")
     priority.set_defaults(run=run_priority)
 
@@ -110,10 +112,13 @@ def run_priority(args: argparse.Namespace) -> int:
     from latentd.bench.priority import TARGET_RATIO, bench_priority
 
     _positive(args, "bulk_streams", "requests", "max_batch_size")
+    if args.bulk_max_batch_size is not None:
+        _positive(args, "bulk_max_batch_size")
     if args.size < 8:
         raise CommandError("--size must be at least 8 pixels", EXIT_USAGE)
     result = bench_priority(args.model, op=args.op, size=args.size, bulk_streams=args.bulk_streams,
-                            requests=args.requests, max_batch_size=args.max_batch_size, device=args.device,
+                            requests=args.requests, max_batch_size=args.max_batch_size,
+                            bulk_max_batch_size=args.bulk_max_batch_size, device=args.device,
                             target=args.target, progress=lambda message: print(f"  {message}", file=sys.stderr))
     if args.json:
         print(json.dumps(result.to_dict(), indent=2))
@@ -126,7 +131,9 @@ def run_priority(args: argparse.Namespace) -> int:
     for label, key in (("interactive, idle", "idle"), ("interactive, bulk flood", "loaded"),
                        ("sent as bulk, bulk flood", "unprioritized")):
         print(f"{label:<28} {_num(row[f'{key}_p50_ms'], '8.1f'):>8} {_num(row[f'{key}_p99_ms'], '8.1f'):>8}")
-    print(f"p99 loaded/idle {_num(ratio, '.2f')}x (target <= {TARGET_RATIO:.0f}x: {verdict}); sent as bulk "
+    p50_ratio = (row["loaded_p50_ms"] / row["idle_p50_ms"]) if row["idle_p50_ms"] and row["loaded_p50_ms"] else None
+    print(f"p99 loaded/idle {_num(ratio, '.2f')}x (target <= {TARGET_RATIO:.0f}x: {verdict}), p50 "
+          f"{_num(p50_ratio, '.2f')}x; sent as bulk "
           f"{_num(result.unprioritized_ratio, '.2f')}x; bulk served meanwhile {result.bulk_images_per_s:.2f} "
           f"images/s; errors {result.errors}")
     return EXIT_OK if not result.errors else EXIT_FAILED

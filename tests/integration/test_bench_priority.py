@@ -22,7 +22,7 @@ def test_bench_priority_prints_its_row(model_dirs, capsys):
 @pytest.mark.slow
 def test_bench_priority_json_has_every_phase(model_dirs, capsys):
     code = main(["bench", "priority", "--model", model_dirs["tiny"], "--op", "decode", "--size", "32",
-                 "--bulk-streams", "1", "--requests", "2", "--json"])
+                 "--bulk-streams", "1", "--requests", "2", "--bulk-max-batch-size", "1", "--json"])
     report = json.loads(capsys.readouterr().out)
     assert code == 0 and report["errors"] == 0
     for phase in ("idle", "loaded", "unprioritized"):

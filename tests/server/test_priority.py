@@ -151,3 +151,18 @@ def test_in_a_bulk_led_batch_the_interactive_items_of_another_key_compute_first(
     # i0 leads (with i1), then bulk's turn (bulk_every=1): b0 leads and takes i2 first, whose group
     # computes before b0's; then b1.
     assert order == [("warm", ["w"]), ("a", ["i0", "i1"]), ("a", ["i2"]), ("b", ["b0"]), ("b", ["b1"])]
+
+
+def test_bulk_batch_size_caps_the_batches_bulk_work_leads_only():
+    queues = PriorityQueues(bulk_every=1, bulk_batch_size=2)
+    for n in range(4):
+        queues.put(item(f"b{n}", BULK))
+    assert [entry.payload for entry in gather_batch(queues, max_items=8, max_delay_s=0.0)] == ["b0", "b1"]
+    for n in range(4):
+        queues.put(item(f"i{n}", INTERACTIVE))
+    assert [entry.payload for entry in gather_batch(queues, max_items=8, max_delay_s=0.0)] == [
+        "i0", "i1", "i2", "i3"]
+    with pytest.raises(ValueError, match="bulk_batch_size"):
+        PriorityQueues(bulk_batch_size=0)
+    with pytest.raises(ValueError, match="bulk_batch_size"):
+        Batcher("test", lambda key, payloads: payloads, bulk_batch_size=0)
