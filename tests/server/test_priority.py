@@ -89,31 +89,40 @@ def test_a_bad_rule_or_priority_is_refused():
         batcher.submit("k", 1, priority="urgent")
 
 
-def test_the_batcher_computes_waiting_interactive_work_before_bulk_work():
+def run_held(first: tuple[str, str, str], then: list[tuple[str, str, str]], **settings) -> list[tuple[str, list]]:
+    """Submit `first` (key, payload, priority), and `then` while the worker holds it inside predict; the
+    (key, payloads) of every predict call, in order."""
     entered, release = threading.Event(), threading.Event()
-    order: list[list[str]] = []
+    order: list[tuple[str, list]] = []
 
     def predict(key, payloads):
-        order.append(list(payloads))
+        order.append((key, list(payloads)))
         entered.set()
         release.wait(WAIT)
         return payloads
 
-    batcher = Batcher("test", predict, max_batch_size=2, max_delay_s=0.0, bulk_every=2)
+    batcher = Batcher("test", predict, max_delay_s=0.0, **settings)
     batcher.start()
     try:
-        first = batcher.submit("k", "b-first", priority=BULK)
+        futures = [batcher.submit(first[0], first[1], priority=first[2])]
         assert entered.wait(WAIT)  # the worker is busy; everything below waits
-        futures = [batcher.submit("k", f"b{n}", priority=BULK) for n in range(4)]
-        futures += [batcher.submit("k", f"i{n}", priority=INTERACTIVE) for n in range(6)]
-        assert batcher.depth_of(BULK) == 4 and batcher.depth_of(INTERACTIVE) == 6
+        futures += [batcher.submit(key, payload, priority=priority) for key, payload, priority in then]
+        waiting = {name: sum(1 for *_, priority in then if priority == name) for name in (BULK, INTERACTIVE)}
+        assert {name: batcher.depth_of(name) for name in waiting} == waiting
     finally:
         release.set()
-    assert [f.result(timeout=WAIT) for f in [first, *futures]]
+    assert [f.result(timeout=WAIT) for f in futures]
     batcher.stop(timeout=WAIT)
+    return order
+
+
+def test_the_batcher_computes_waiting_interactive_work_before_bulk_work():
+    then = [("k", f"b{n}", BULK) for n in range(4)] + [("k", f"i{n}", INTERACTIVE) for n in range(6)]
+    order = run_held(("k", "b-first", BULK), then, max_batch_size=2, bulk_every=2)
     # Two interactive batches, then bulk's turn (bulk_every=2), which takes a waiting interactive item
     # first; then the last interactive item, then the rest of the bulk work.
-    assert order == [["b-first"], ["i0", "i1"], ["i2", "i3"], ["b0", "i4"], ["i5"], ["b1", "b2"], ["b3"]]
+    assert [payloads for _, payloads in order] == [["b-first"], ["i0", "i1"], ["i2", "i3"], ["b0", "i4"], ["i5"],
+                                                   ["b1", "b2"], ["b3"]]
 
 
 def test_batch_stats_carry_each_items_priority():
@@ -128,26 +137,8 @@ def test_batch_stats_carry_each_items_priority():
 
 
 def test_in_a_bulk_led_batch_the_interactive_items_of_another_key_compute_first():
-    entered, release = threading.Event(), threading.Event()
-    order: list[tuple[str, list[str]]] = []
-
-    def predict(key, payloads):
-        order.append((key, list(payloads)))
-        entered.set()
-        release.wait(WAIT)
-        return payloads
-
-    batcher = Batcher("test", predict, max_batch_size=2, max_delay_s=0.0, bulk_every=1)
-    batcher.start()
-    try:
-        first = batcher.submit("warm", "w", priority=INTERACTIVE)
-        assert entered.wait(WAIT)
-        futures = [batcher.submit("a", f"i{n}", priority=INTERACTIVE) for n in range(3)]
-        futures += [batcher.submit("b", f"b{n}", priority=BULK) for n in range(2)]
-    finally:
-        release.set()
-    assert [f.result(timeout=WAIT) for f in [first, *futures]]
-    batcher.stop(timeout=WAIT)
+    then = [("a", f"i{n}", INTERACTIVE) for n in range(3)] + [("b", f"b{n}", BULK) for n in range(2)]
+    order = run_held(("warm", "w", INTERACTIVE), then, max_batch_size=2, bulk_every=1)
     # i0 leads (with i1), then bulk's turn (bulk_every=1): b0 leads and takes i2 first, whose group
     # computes before b0's; then b1.
     assert order == [("warm", ["w"]), ("a", ["i0", "i1"]), ("a", ["i2"]), ("b", ["b0"]), ("b", ["b1"])]
