@@ -59,45 +59,53 @@ class AsyncLatentClient:
 
     async def encode(self, images: Any, *, model: str | None = None, sample: bool = False, seed: int | None = None,
                      scaled: bool = True, dtype: str = "float16", tiling: str = "auto", output: str = "numpy",
-                     timeout: float | None = None) -> Any:
+                     timeout: float | None = None, priority: str = "interactive") -> Any:
         """See `LatentClient.encode`."""
         call = calls.encode_call(images, model=model, sample=sample, seed=seed, scaled=scaled, dtype=dtype,
                                  tiling=tiling, output=output)
+        calls.prioritized(call, priority)
         return calls.encode_result(await self._unary(self._stub.Encode, call.request, timeout), call)
 
     async def posterior(self, images: Any, *, model: str | None = None, dtype: str = "float32",
-                        tiling: str = "auto", output: str = "numpy", timeout: float | None = None) -> tuple[Any, Any]:
+                        tiling: str = "auto", output: str = "numpy", timeout: float | None = None,
+                        priority: str = "interactive") -> tuple[Any, Any]:
         """The raw posterior of each image: (mean, logvar), unscaled, in the caller's form (KL models)."""
-        call = calls.posterior_call(images, model=model, dtype=dtype, tiling=tiling, output=output)
+        call = calls.prioritized(calls.posterior_call(images, model=model, dtype=dtype, tiling=tiling, output=output),
+                                 priority)
         return calls.posterior_result(await self._unary(self._stub.Encode, call.request, timeout), call)
 
     async def decode(self, latents: Any, *, model: str | None = None, format: str = "raw",
                      quality: int | None = None, sizes: Any = None, scaled: bool = True, tiling: str = "auto",
-                     output: str = "numpy", timeout: float | None = None) -> Any:
+                     output: str = "numpy", timeout: float | None = None, priority: str = "interactive") -> Any:
         """See `LatentClient.decode`."""
         call = calls.decode_call(latents, model=model, format=format, quality=quality, sizes=sizes, scaled=scaled,
                                  tiling=tiling, output=output)
+        calls.prioritized(call, priority)
         return calls.decode_result(await self._unary(self._stub.Decode, call.request, timeout), call)
 
     def encode_many(self, images: Iterable[Any] | AsyncIterable[Any], *, model: str | None = None,
                     sample: bool = False, seed: int | None = None, scaled: bool = True, dtype: str = "float16",
                     tiling: str = "auto", output: str = "numpy", window: int = 16,
-                    progress: Callable[[int], None] | None = None, on_error: OnError = "raise") -> AsyncIterator[Any]:
+                    progress: Callable[[int], None] | None = None, on_error: OnError = "raise",
+                    priority: str = "bulk") -> AsyncIterator[Any]:
         """See `LatentClient.encode_many`; `images` may also be an async iterable."""
+        calls.priority_value(priority)  # a bad name fails here, not inside the stream
         def build(item: Any) -> calls.Call:
-            return calls.encode_call(item, model=model, sample=sample, seed=seed, scaled=scaled, dtype=dtype,
-                                     tiling=tiling, output=output)
+            return calls.prioritized(calls.encode_call(item, model=model, sample=sample, seed=seed, scaled=scaled,
+                                                       dtype=dtype, tiling=tiling, output=output), priority)
         return self._many(self._stub.EncodeStream, images, build, calls.encode_result, window, progress, on_error)
 
     def decode_many(self, latents: Iterable[Any] | AsyncIterable[Any], *, model: str | None = None,
                     format: str = "raw", quality: int | None = None, scaled: bool = True, tiling: str = "auto",
                     output: str = "numpy", window: int = 16, progress: Callable[[int], None] | None = None,
-                    on_error: OnError = "raise") -> AsyncIterator[Any]:
+                    on_error: OnError = "raise", priority: str = "bulk") -> AsyncIterator[Any]:
         """See `LatentClient.decode_many`."""
+        calls.priority_value(priority)  # a bad name fails here, not inside the stream
         def build(item: Any) -> calls.Call:
             latents, sizes = item if isinstance(item, tuple) and len(item) == 2 else (item, None)
-            return calls.decode_call(latents, model=model, format=format, quality=quality, sizes=sizes,
-                                     scaled=scaled, tiling=tiling, output=output)
+            return calls.prioritized(calls.decode_call(latents, model=model, format=format, quality=quality,
+                                                       sizes=sizes, scaled=scaled, tiling=tiling, output=output),
+                                     priority)
         return self._many(self._stub.DecodeStream, latents, build, calls.decode_result, window, progress, on_error)
 
     def _many(self, rpc: Callable, items: Any, build: Callable, parse: Callable, window: int,

@@ -23,6 +23,8 @@ from latentd.v1.tensors import from_tensor, wire_dtype
 LATENT_DTYPES = {name: wire_dtype(name).proto for name in WIRE_LATENT_DTYPES}
 FILE_FORMATS = {"png": pb.PNG, "jpeg": pb.JPEG, "webp": pb.WEBP}
 TILING = {"auto": pb.TILING_AUTO, "on": pb.TILING_ON, "off": pb.TILING_OFF}
+# The queue a request waits in on the server: interactive first; bulk (encode_many, archives) never starves.
+PRIORITY = {"interactive": pb.INTERACTIVE, "bulk": pb.BULK}
 
 
 def _choice(value: str, table: dict, name: str) -> Any:
@@ -38,6 +40,17 @@ class Call:
     request: Any
     form: Form
     output: str
+
+
+def priority_value(priority: str) -> int:
+    """The wire Priority of "interactive" or "bulk"; InvalidInputError naming `priority` otherwise."""
+    return _choice(priority, PRIORITY, "priority")
+
+
+def prioritized(call: Call, priority: str) -> Call:
+    """The call, its request queued as `priority` says."""
+    call.request.priority = priority_value(priority)
+    return call
 
 
 def encode_call(images: Any, *, model: str | None, sample: bool, seed: int | None, scaled: bool, dtype: str,

@@ -63,7 +63,8 @@ def _image_message(item: Any, label: str) -> pb.Image:
     if np.issubdtype(array.dtype, np.floating):
         if array.ndim != 3 or array.shape[0] != 3:
             raise InvalidInputError(f"{label}: float images must be CHW RGB in [-1, 1], got shape {array.shape}")
-        return pb.Image(pixels=to_tensor(array.astype(np.float32)))
+        # float16 travels as it is (half the bytes; the server reads it as float32), other floats as float32.
+        return pb.Image(pixels=to_tensor(array.astype(np.float16 if array.dtype == np.float16 else np.float32)))
     raise InvalidInputError(f"{label}: unsupported image {type(item).__name__} of dtype {array.dtype}")
 
 

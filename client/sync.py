@@ -71,54 +71,63 @@ class LatentClient:
 
     def encode(self, images: Any, *, model: str | None = None, sample: bool = False, seed: int | None = None,
                scaled: bool = True, dtype: str = "float16", tiling: str = "auto", output: str = "numpy",
-               timeout: float | None = None) -> Any:
+               timeout: float | None = None, priority: str = "interactive") -> Any:
         """Images -> latents [C, H/f, W/f] (diffusers-scaled unless `scaled=False`; the posterior mean
         unless `sample=True`, reproducible with `seed`), in the form given: one image -> one array, a
         list -> a list, an NHWC/NCHW batch -> a stacked array; numpy, or torch with `output="tensor"`
         ("torch" is understood too).
 
         Images: file paths, encoded bytes, PIL images, uint8 arrays (HWC, NHWC, NCHW), float arrays or
-        tensors (CHW/NCHW in [-1, 1])."""
+        tensors (CHW/NCHW in [-1, 1]). `priority="bulk"` queues it behind interactive work on the server."""
         call = calls.encode_call(images, model=model, sample=sample, seed=seed, scaled=scaled, dtype=dtype,
                                  tiling=tiling, output=output)
+        calls.prioritized(call, priority)
         return calls.encode_result(self._unary(self._stub.Encode, call.request, timeout), call)
 
     def posterior(self, images: Any, *, model: str | None = None, dtype: str = "float32",
-                  tiling: str = "auto", output: str = "numpy", timeout: float | None = None) -> tuple[Any, Any]:
+                  tiling: str = "auto", output: str = "numpy", timeout: float | None = None,
+                  priority: str = "interactive") -> tuple[Any, Any]:
         """The raw posterior of each image: (mean, logvar), unscaled, in the caller's form (KL models)."""
-        call = calls.posterior_call(images, model=model, dtype=dtype, tiling=tiling, output=output)
+        call = calls.prioritized(calls.posterior_call(images, model=model, dtype=dtype, tiling=tiling, output=output),
+                                 priority)
         return calls.posterior_result(self._unary(self._stub.Encode, call.request, timeout), call)
 
     def decode(self, latents: Any, *, model: str | None = None, format: str = "raw", quality: int | None = None,
                sizes: Any = None, scaled: bool = True, tiling: str = "auto", output: str = "numpy",
-               timeout: float | None = None) -> Any:
+               timeout: float | None = None, priority: str = "interactive") -> Any:
         """Latents -> images: with `format="raw"` uint8 HWC arrays (or PIL, or torch float CHW in
         [-1, 1]); with png/jpeg/webp the encoded file bytes. `sizes` crops to (height, width)."""
         call = calls.decode_call(latents, model=model, format=format, quality=quality, sizes=sizes, scaled=scaled,
                                  tiling=tiling, output=output)
+        calls.prioritized(call, priority)
         return calls.decode_result(self._unary(self._stub.Decode, call.request, timeout), call)
 
     def encode_many(self, images: Iterable[Any], *, model: str | None = None, sample: bool = False,
                     seed: int | None = None, scaled: bool = True, dtype: str = "float16", tiling: str = "auto",
                     output: str = "numpy", window: int = 16, progress: Callable[[int], None] | None = None,
-                    on_error: OnError = "raise") -> Iterator[Any]:
+                    on_error: OnError = "raise", priority: str = "bulk") -> Iterator[Any]:
         """Stream any number of images (one per request) with at most `window` in flight or waiting to
         be yielded; latents come back in input order. `progress(n)` after each; with
-        `on_error="return"` a failed item yields its exception instead of stopping the iteration."""
+        `on_error="return"` a failed item yields its exception instead of stopping the iteration.
+        Bulk work unless `priority="interactive"`: it yields to interactive calls on the server."""
+        calls.priority_value(priority)  # a bad name fails here, not inside the stream
         def build(item: Any) -> calls.Call:
-            return calls.encode_call(item, model=model, sample=sample, seed=seed, scaled=scaled, dtype=dtype,
-                                     tiling=tiling, output=output)
+            return calls.prioritized(calls.encode_call(item, model=model, sample=sample, seed=seed, scaled=scaled,
+                                                       dtype=dtype, tiling=tiling, output=output), priority)
         return self._many(self._stub.EncodeStream, images, build, calls.encode_result, window, progress, on_error)
 
     def decode_many(self, latents: Iterable[Any], *, model: str | None = None, format: str = "raw",
                     quality: int | None = None, scaled: bool = True, tiling: str = "auto", output: str = "numpy",
                     window: int = 16, progress: Callable[[int], None] | None = None,
-                    on_error: OnError = "raise") -> Iterator[Any]:
-        """`decode` over a stream of latents (each item: latents, or a (latents, (height, width)) pair)."""
+                    on_error: OnError = "raise", priority: str = "bulk") -> Iterator[Any]:
+        """`decode` over a stream of latents (each item: latents, or a (latents, (height, width)) pair);
+        bulk work unless `priority="interactive"`."""
+        calls.priority_value(priority)  # a bad name fails here, not inside the stream
         def build(item: Any) -> calls.Call:
             latents, sizes = item if isinstance(item, tuple) and len(item) == 2 else (item, None)
-            return calls.decode_call(latents, model=model, format=format, quality=quality, sizes=sizes,
-                                     scaled=scaled, tiling=tiling, output=output)
+            return calls.prioritized(calls.decode_call(latents, model=model, format=format, quality=quality,
+                                                       sizes=sizes, scaled=scaled, tiling=tiling, output=output),
+                                     priority)
         return self._many(self._stub.DecodeStream, latents, build, calls.decode_result, window, progress, on_error)
 
     def _many(self, rpc: Callable, items: Iterable[Any], build: Callable, parse: Callable, window: int,

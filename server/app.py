@@ -62,7 +62,7 @@ class LatentdServer:
         for model in self.pool.names:
             served = self.pool.get(model)
             self.metrics.model_load_seconds.labels(model).set(served.load_seconds)
-            self.metrics.track_depth(model, lambda batcher=served.batcher: batcher.depth)
+            self.metrics.track_depth(model, served.batcher.depth_of)
         await self.set_serving(True)
 
     async def stop(self, grace: float | None = None) -> None:

@@ -8,17 +8,23 @@ import logging
 import queue
 import threading
 import time
+from collections import deque
 from collections.abc import Callable, Hashable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any
 
 __all__ = [
+    "BULK",
+    "BULK_EVERY",
+    "INTERACTIVE",
+    "PRIORITIES",
     "BatchSizeMismatchError",
     "BatchStoppedError",
     "BatchStats",
     "Batcher",
     "BatcherClosedError",
     "DeadlineExpiredError",
+    "PriorityQueues",
     "QueueFullError",
     "WorkItem",
     "gather_batch",
@@ -35,6 +41,12 @@ Hold = Callable[[Hashable], contextlib.AbstractContextManager[Callable[..., Any]
 
 # Marks "nothing came" in gather_batch, distinct from the None stop sentinel.
 _EMPTY: Any = object()
+
+# Which queue an item waits in (the proto's Priority, by name).
+INTERACTIVE, BULK = "interactive", "bulk"
+PRIORITIES = (INTERACTIVE, BULK)
+# The starvation bound: while bulk items wait, at most this many interactive-led batches in a row.
+BULK_EVERY = 4
 
 
 class QueueFullError(Exception):
@@ -65,6 +77,7 @@ class WorkItem:
     future: concurrent.futures.Future
     deadline: float | None = None
     enqueued: float = 0.0
+    priority: str = INTERACTIVE
 
 
 @dataclass(frozen=True)
@@ -74,6 +87,110 @@ class BatchStats:
     queue_seconds: tuple[float, ...]
     compute_seconds: float
     failed: int
+    priorities: tuple[str, ...] = field(default=(), compare=False)  # of each item, beside queue_seconds
+
+
+class PriorityQueues:
+    """The batcher's queue: one FIFO per priority, with `queue.Queue`'s get/get_nowait/put (None is
+    the stop sentinel, handed out only once both queues are empty, so queued work is computed first).
+
+    The rule, per batch (`get` takes a batch's first item, `joiners(first)` the rest):
+    - a batch is led by an interactive item whenever one waits, unless `bulk_every` interactive-led
+      batches in a row have already gone while bulk items waited: then the oldest bulk item leads
+      the next batch. So bulk work gets at least one batch in every `bulk_every + 1` (it never
+      starves) and, with no bulk waiting, interactive work is all there is;
+    - an interactive-led batch gathers interactive items only (bulk items would lengthen its compute);
+      a bulk-led batch takes waiting interactive items first, then bulk ones (they go no later so),
+      at most `bulk_batch_size` items (None: as many as any batch): what an interactive item arriving
+      meanwhile may have to wait for.
+    """
+
+    def __init__(self, bulk_every: int = BULK_EVERY, bulk_batch_size: int | None = None) -> None:
+        if bulk_every < 1:
+            raise ValueError(f"bulk_every must be >= 1, got {bulk_every}")
+        if bulk_batch_size is not None and bulk_batch_size < 1:
+            raise ValueError(f"bulk_batch_size must be >= 1, got {bulk_batch_size}")
+        self.bulk_every = bulk_every
+        self.bulk_batch_size = bulk_batch_size
+        self._ready = threading.Condition()
+        self._queues: dict[str, deque[WorkItem]] = {name: deque() for name in PRIORITIES}
+        self._stops = 0
+        self._interactive_run = 0  # interactive-led batches in a row while bulk waited
+
+    def depth(self, priority: str) -> int:
+        with self._ready:
+            return len(self._queues[priority])
+
+    def put(self, item: WorkItem | None) -> None:
+        with self._ready:
+            if item is None:
+                self._stops += 1
+            else:
+                self._queues[item.priority if item.priority in self._queues else INTERACTIVE].append(item)
+            self._ready.notify_all()
+
+    def get(self, timeout: float | None = None) -> WorkItem | None:
+        """A batch's first item by the rule above (waiting up to `timeout`); queue.Empty if none came."""
+        return self._wait(self._lead, timeout)
+
+    def get_nowait(self) -> WorkItem | None:
+        return self._wait(self._lead, 0)
+
+    def joiners(self, first: WorkItem) -> "_Joiners":
+        """What gather_batch reads after `first`: items allowed into the batch it leads."""
+        if first.priority == INTERACTIVE:
+            return _Joiners(self, (INTERACTIVE,), None)
+        return _Joiners(self, (INTERACTIVE, BULK), self.bulk_batch_size)
+
+    def _lead(self) -> WorkItem | None | Any:
+        interactive, bulk = self._queues[INTERACTIVE], self._queues[BULK]
+        if interactive and not (bulk and self._interactive_run >= self.bulk_every):
+            self._interactive_run = self._interactive_run + 1 if bulk else 0
+            return interactive.popleft()
+        if bulk:
+            self._interactive_run = 0
+            return bulk.popleft()
+        return self._stop()
+
+    def _stop(self) -> None | Any:
+        if self._stops:
+            self._stops -= 1
+            return None
+        return _EMPTY
+
+    def _take(self, order: tuple[str, ...]) -> WorkItem | None | Any:
+        for name in order:
+            if self._queues[name]:
+                return self._queues[name].popleft()
+        if any(self._queues.values()):
+            return _EMPTY  # only items that may not join: the batch leaves without them
+        return self._stop()
+
+    def _wait(self, take: Callable[[], Any], timeout: float | None) -> WorkItem | None:
+        ends = None if timeout is None else time.monotonic() + timeout
+        with self._ready:
+            while True:
+                got = take()
+                if got is not _EMPTY:
+                    return got
+                remaining = None if ends is None else ends - time.monotonic()
+                if remaining is not None and remaining <= 0:
+                    raise queue.Empty
+                self._ready.wait(remaining)
+
+
+class _Joiners:
+    """PriorityQueues seen from inside a batch being gathered: get/get_nowait over the allowed queues;
+    `limit`: the most items of the batch (None: no limit of its own)."""
+
+    def __init__(self, queues: PriorityQueues, order: tuple[str, ...], limit: int | None) -> None:
+        self._queues, self._order, self.limit = queues, order, limit
+
+    def get(self, timeout: float | None = None) -> WorkItem | None:
+        return self._queues._wait(lambda: self._queues._take(self._order), timeout)
+
+    def get_nowait(self) -> WorkItem | None:
+        return self.get(0)
 
 
 def gather_batch(
@@ -101,8 +218,11 @@ def gather_batch(
     batch = [first]
     limit = min(max_items, limit_for(first.key)) if limit_for is not None else max_items
     deadline = clock() + (delay_for() if delay_for is not None else max_delay_s)
+    # A PriorityQueues says which items may join the batch `first` leads, and how many; a plain queue: any.
+    joiners = source.joiners(first) if hasattr(source, "joiners") else source
+    limit = min(limit, getattr(joiners, "limit", None) or limit)
     while len(batch) < limit:
-        item = _next_item(source, deadline - clock())
+        item = _next_item(joiners, deadline - clock())
         if item is _EMPTY:
             break
         if item is None:
@@ -113,7 +233,7 @@ def gather_batch(
     return batch
 
 
-def _next_item(source: queue.Queue[WorkItem | None], remaining_s: float) -> Any:
+def _next_item(source: Any, remaining_s: float) -> Any:
     """The next queued entry, waiting up to remaining_s; _EMPTY if none came."""
     try:
         if remaining_s > 0:
@@ -170,12 +290,16 @@ class Batcher:
         workers: int = 1,
         hold: Hold | None = None,
         busy_delay_s: float | None = None,
+        bulk_every: int = BULK_EVERY,
+        bulk_batch_size: int | None = None,
     ) -> None:
         """`items_per_call(key)` caps the items of one key in one predict call below max_batch_size
         (for example by pixels: on a CPU, big images gain nothing from sharing a call). `hold(key)` is
         the compute slot each call waits for: items are admitted (deadline, cancellation) once it
         is held, so nothing expires between that check and the model. `busy_delay_s` (default:
-        max_delay_s) is how long a batch waits for company while another worker's batch computes."""
+        max_delay_s) is how long a batch waits for company while another worker's batch computes.
+        Items wait by priority (`submit(..., priority=)`; see PriorityQueues, whose starvation bound
+        is `bulk_every`; `bulk_batch_size` caps the batches bulk work leads)."""
         _check_settings(max_batch_size, max_delay_s, queue_limit, busy_delay_s, workers)
         self._busy_delay_s = max_delay_s if busy_delay_s is None else busy_delay_s
         self._workers = workers
@@ -189,7 +313,7 @@ class Batcher:
         self._on_batch = on_batch
         self._clock = clock
         # Unbounded, with our own count: the stop sentinel must fit even when queue_limit items wait.
-        self._queue: queue.Queue[WorkItem | None] = queue.Queue()
+        self._queue = PriorityQueues(bulk_every, bulk_batch_size)
         self._lock = threading.Lock()
         self._gathering = threading.Lock()
         self._waiting = 0
@@ -203,6 +327,10 @@ class Batcher:
         """Items submitted and not yet taken by the worker."""
         with self._lock:
             return self._waiting
+
+    def depth_of(self, priority: str) -> int:
+        """Items of one priority submitted and not yet taken by a worker."""
+        return self._queue.depth(priority)
 
     @property
     def running(self) -> bool:
@@ -220,10 +348,13 @@ class Batcher:
         for thread in self._threads:
             thread.start()
 
-    def submit(self, key: Hashable, payload: Any, *, deadline: float | None = None) -> concurrent.futures.Future:
+    def submit(self, key: Hashable, payload: Any, *, deadline: float | None = None,
+               priority: str = INTERACTIVE) -> concurrent.futures.Future:
         hash(key)  # an unhashable key is the caller's error, raised here rather than in the worker
+        if priority not in PRIORITIES:
+            raise ValueError(f"priority must be one of {', '.join(PRIORITIES)}, got {priority!r}")
         future: concurrent.futures.Future = concurrent.futures.Future()
-        item = WorkItem(key, payload, future, deadline, self._clock())
+        item = WorkItem(key, payload, future, deadline, self._clock(), priority)
         # Check and put under one lock so nothing can land behind the stop sentinel.
         with self._lock:
             if self._closed:
@@ -291,8 +422,10 @@ class Batcher:
             return self._busy_delay_s if self._computing else self._max_delay_s
 
     def _groups(self, batch: list[WorkItem]) -> list[list[WorkItem]]:
+        """The batch's groups of equal key, those holding interactive items first (a bulk-led batch
+        may have gathered interactive items of another key)."""
         try:
-            return group_by_key(batch)
+            return sorted(group_by_key(batch), key=lambda group: all(item.priority == BULK for item in group))
         except Exception:  # a key whose __eq__/__hash__ raises: run each item alone rather than die
             logger.exception("batcher %s: grouping failed", self.name)
             return [[item] for item in batch]
@@ -393,6 +526,7 @@ class Batcher:
             queue_seconds=tuple(start - item.enqueued for item in items),
             compute_seconds=self._clock() - start,
             failed=failed,
+            priorities=tuple(item.priority for item in items),
         )
         try:
             self._on_batch(stats)

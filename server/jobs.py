@@ -13,6 +13,7 @@ from latentd.vae.codec import Codec
 from latentd.vae.stopping import stoppable
 
 from . import wire
+from .batcher import INTERACTIVE
 from .cancel import Watch, WorkCancelledError
 
 ENCODE, DECODE = "encode", "decode"
@@ -69,11 +70,12 @@ class Job:
     """One image (encode: uint8 [H, W, 3]) or latent (decode: wire.DecodeItem) on its way through a
     batch; `finish(codec, output)` turns its model output into plain arrays where the batch runs; the
     batch stamps its compute window on it for the request's log line. `watch` says when nobody
-    wants it any more (see predict)."""
+    wants it any more (see predict); `priority` is its request's, the batcher queue it waits in."""
 
     data: Any
     finish: Callable[[Codec, Any], Any] | None = None
     watch: Watch = dataclasses.field(default_factory=Watch)
+    priority: str = INTERACTIVE
     started: float = 0.0
     finished: float = 0.0
 

@@ -6,7 +6,7 @@ from typing import Callable
 
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, ProcessCollector
 
-from .batcher import BatchStats
+from .batcher import INTERACTIVE, PRIORITIES, BatchStats
 
 _SECONDS = (0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0)
 
@@ -19,17 +19,20 @@ class ServerMetrics:
         r = self.registry
         self.requests = Counter("latentd_requests", "RPCs answered, by method and status code",
                                 ["rpc", "code"], registry=r)
-        self.request_seconds = Histogram("latentd_request_seconds", "RPC wall time", ["rpc"], buckets=_SECONDS,
-                                         registry=r)
+        self.request_seconds = Histogram("latentd_request_seconds", "RPC wall time (priority: the request's; "
+                                         "interactive for RPCs without one)", ["rpc", "priority"],
+                                         buckets=_SECONDS, registry=r)
         self.items = Counter("latentd_items", "Images or latents processed, by model and operation",
                              ["model", "op"], registry=r)
-        self.queue_seconds = Histogram("latentd_queue_seconds", "Time an item waited for its batch", ["model"],
+        self.queue_seconds = Histogram("latentd_queue_seconds", "Time an item waited for its batch",
+                                       ["model", "priority"],
                                        buckets=_SECONDS, registry=r)
         self.compute_seconds = Histogram("latentd_compute_seconds", "Model time per batch", ["model", "op"],
                                          buckets=_SECONDS, registry=r)
         self.batch_size = Histogram("latentd_batch_size", "Items per model call", ["model", "op"],
                                     buckets=(1, 2, 4, 8, 16, 32, 64), registry=r)
-        self.queue_depth = Gauge("latentd_queue_depth", "Items waiting for a batch", ["model"], registry=r)
+        self.queue_depth = Gauge("latentd_queue_depth", "Items waiting for a batch", ["model", "priority"],
+                                 registry=r)
         self.model_load_seconds = Gauge("latentd_model_load_seconds", "Time to load and warm up a model",
                                         ["model"], registry=r)
         self.held_bytes = Gauge("latentd_memory_held_bytes", "Bytes of the memory budget held by requests",
@@ -41,18 +44,21 @@ class ServerMetrics:
         self.batch_size.labels(model, op).observe(stats.size)
         self.compute_seconds.labels(model, op).observe(stats.compute_seconds)
         self.items.labels(model, op).inc(stats.size - stats.failed)
-        for seconds in stats.queue_seconds:
-            self.queue_seconds.labels(model).observe(seconds)
+        priorities = stats.priorities or (INTERACTIVE,) * len(stats.queue_seconds)
+        for seconds, priority in zip(stats.queue_seconds, priorities):
+            self.queue_seconds.labels(model, priority).observe(seconds)
 
-    def track_depth(self, model: str, depth: Callable[[], int]) -> None:
-        self.queue_depth.labels(model).set_function(depth)
+    def track_depth(self, model: str, depth_of: Callable[[str], int]) -> None:
+        """`depth_of(priority)`: items of that priority waiting for a batch."""
+        for priority in PRIORITIES:
+            self.queue_depth.labels(model, priority).set_function(lambda priority=priority: depth_of(priority))
 
     def track_held_bytes(self, held: Callable[[], int]) -> None:
         self.held_bytes.set_function(held)
 
-    def request_done(self, rpc: str, code: str, seconds: float) -> None:
+    def request_done(self, rpc: str, code: str, seconds: float, priority: str = INTERACTIVE) -> None:
         self.requests.labels(rpc, code).inc()
-        self.request_seconds.labels(rpc).observe(seconds)
+        self.request_seconds.labels(rpc, priority).observe(seconds)
 
 
 def start_metrics_http(metrics: ServerMetrics, host: str, port: int):

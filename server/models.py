@@ -118,6 +118,7 @@ class ModelPool:
                 items_per_call=functools.partial(items_per_call, pixel_limit=pixel_limit, factor=codec.factor),
                 workers=max(1, self._lanes.narrow_lanes) if on_cpu else 1,
                 busy_delay_s=self.settings.busy_batch_delay_ms / 1e3,
+                bulk_batch_size=self.settings.bulk_max_batch_size,
                 hold=functools.partial(self._hold, factor=codec.factor, on_cpu=on_cpu),
             )
             batcher.start()

@@ -21,6 +21,7 @@ from latentd.vae.stopping import stoppable
 
 from . import costs, wire
 from .admission import MemoryBudget
+from .batcher import INTERACTIVE
 from .cancel import Watch
 from .echo import log_value
 from .metrics import ServerMetrics
@@ -43,6 +44,7 @@ class RequestLog:
     sizes: str = ""
     queue_ms: float = 0.0
     compute_ms: float = 0.0
+    priority: str = INTERACTIVE
 
     def note_jobs(self, jobs: list[Job], submitted: float) -> None:
         if jobs:
@@ -79,13 +81,16 @@ class LatentdServicer(pb_grpc.LatentdServicer):
     async def _run(self, served: ServedModel, key_of: Callable[[Any], BatchKey], data: list[Any],
                    deadline: float | None, log: RequestLog, finishes: list[Any]) -> list[Any]:
         """Submit one job per item and wait for all; on failure or cancellation the rest are cancelled.
-        `finishes[i]` converts item i's output where its batch runs (see jobs.Job)."""
-        jobs = [Job(item, finish, Watch(deadline)) for item, finish in zip(data, finishes, strict=True)]
+        `finishes[i]` converts item i's output where its batch runs (see jobs.Job). Each job waits in
+        the batcher queue of the request's priority (log.priority, checked on arrival)."""
+        jobs = [Job(item, finish, Watch(deadline), log.priority)
+                for item, finish in zip(data, finishes, strict=True)]
         futures: list[concurrent.futures.Future] = []
         submitted = time.monotonic()
         try:
             for job in jobs:
-                futures.append(served.batcher.submit(key_of(job.data), job, deadline=deadline))
+                futures.append(served.batcher.submit(key_of(job.data), job, deadline=deadline,
+                                                     priority=job.priority))
             return await asyncio.gather(*(asyncio.wrap_future(f) for f in futures))
         finally:
             for future in futures:
@@ -149,7 +154,7 @@ class LatentdServicer(pb_grpc.LatentdServicer):
             raise
         finally:
             seconds = time.perf_counter() - started
-            self.metrics.request_done(rpc, code, seconds)
+            self.metrics.request_done(rpc, code, seconds, log.priority)
             if self.settings.log_requests:
                 logger.info("id=%s rpc=%s model=%s items=%d sizes=%s code=%s queue_ms=%.1f compute_ms=%.1f "
                             "total_ms=%.1f", log_value(log.id), rpc, log_value(log.model), log.items,
@@ -158,6 +163,7 @@ class LatentdServicer(pb_grpc.LatentdServicer):
     # ---- encode / decode -----------------------------------------------------------------------
 
     async def _encode(self, request: pb.EncodeRequest, deadline: float | None, log: RequestLog) -> pb.EncodeResponse:
+        log.priority = wire.priority(request.priority)
         served = self.pool.get(request.model)
         log.model = served.name
         options = request.options
@@ -193,6 +199,7 @@ class LatentdServicer(pb_grpc.LatentdServicer):
         return pb.EncodeResponse(id=request.id, model=served.name, items=items)
 
     async def _decode(self, request: pb.DecodeRequest, deadline: float | None, log: RequestLog) -> pb.DecodeResponse:
+        log.priority = wire.priority(request.priority)
         served = self.pool.get(request.model)
         log.model = served.name
         options = request.options

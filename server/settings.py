@@ -39,6 +39,10 @@ class ServerSettings:
                                 choices=("float32", "float16", "bfloat16"))
     max_batch_size: int = setting(8, "images per model call")
     max_batch_delay_ms: float = setting(5.0, "how long the first item of a batch waits for company")
+    # What an interactive request arriving during bulk work may wait for: on a CPU, where a call's time
+    # grows with its images, 1 keeps it near one image's time (bulk throughput pays for small images).
+    bulk_max_batch_size: int | None = setting(None, "images per model call in batches that bulk work leads",
+                                              default_text="max_batch_size")
     # One thread uses a bigger batch better, and the core it leaves meanwhile serves the requests.
     busy_batch_delay_ms: float = setting(20.0, "how long a batch waits to fill while another batch computes on a "
                                                "CPU lane")
@@ -86,6 +90,8 @@ class ServerSettings:
             ("models", bool(self.models), "needs at least one model"),
             ("max_batch_size", self.max_batch_size >= 1, "must be at least 1"),
             ("max_batch_delay_ms", self.max_batch_delay_ms >= 0, "must be >= 0"),
+            ("bulk_max_batch_size", self.bulk_max_batch_size is None or self.bulk_max_batch_size >= 1,
+             "must be at least 1"),
             ("busy_batch_delay_ms", self.busy_batch_delay_ms >= 0, "must be >= 0"),
             ("max_batch_pixels", self.max_batch_pixels is None or self.max_batch_pixels >= 0, "must be >= 0"),
             ("cpu_compute_lanes", self.cpu_compute_lanes >= 1, "must be at least 1"),

@@ -19,6 +19,7 @@ from .echo import quoted
 
 
 TILING = {pb.TILING_AUTO: "auto", pb.TILING_ON: "on", pb.TILING_OFF: "off"}
+PRIORITY = {pb.INTERACTIVE: "interactive", pb.BULK: "bulk"}  # the batcher's names (batcher.PRIORITIES)
 # Encoded output formats: (Pillow format name, takes a quality).
 ENCODED_FORMATS = {pb.IMAGE_FORMAT_UNSPECIFIED: ("PNG", False), pb.PNG: ("PNG", False), pb.JPEG: ("JPEG", True),
                    pb.WEBP: ("WEBP", True)}
@@ -92,6 +93,12 @@ def tiling(value: int, field: str) -> str:
     if value not in TILING:
         raise InvalidInputError(f"{field} {value} is not a Tiling value", field=field)
     return TILING[value]
+
+
+def priority(value: int, field: str = "priority") -> str:
+    if value not in PRIORITY:
+        raise InvalidInputError(f"{field} {value} is not a Priority value (INTERACTIVE or BULK)", field=field)
+    return PRIORITY[value]
 
 
 def latent_dtype(value: int, field: str) -> str:

@@ -83,13 +83,14 @@ class RemoteBackend:
         self.scaling_factor = info.scaling_factor
         self.shift_factor = info.shift_factor
 
+    # Archive encoding and decoding are bulk work: they yield to interactive callers on a shared server.
     def encode(self, images: Sequence[np.ndarray], tiling: str = "auto") -> list[np.ndarray]:
-        return self.client.encode(list(images), model=self.name, dtype="float32", tiling=tiling)
+        return self.client.encode(list(images), model=self.name, dtype="float32", tiling=tiling, priority="bulk")
 
     def decode(self, latents: Sequence[np.ndarray], sizes: Sequence[tuple[int, int]],
                tiling: str = "auto") -> list[np.ndarray]:
         return self.client.decode([np.asarray(z, np.float32) for z in latents], model=self.name, sizes=list(sizes),
-                                  tiling=tiling)
+                                  tiling=tiling, priority="bulk")
 
     def roundtrip(self, original: np.ndarray, latent_dtype: str, tiling: str
                   ) -> tuple[int, np.ndarray, float, float]:

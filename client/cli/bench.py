@@ -1,4 +1,4 @@
-"""`latentd bench codec|tiling|serve|archive|http`: each measured against its baseline in the same run."""
+"""`latentd bench codec|tiling|serve|archive|http|priority`: each measured against its baseline in the same run."""
 
 from __future__ import annotations
 
@@ -73,14 +73,12 @@ def add_parser(subparsers: argparse._SubParsersAction) -> None:
     serve.add_argument("--rounds", type=int, default=3,
                        help="interleaved rounds of in-process, batched and unbatched measurements per workload, "
                             "so that all see the same drift of the machine's speed (default: 3)")
-    serve.add_argument("--max-batch-size", type=int, default=8, help="the server's batch size (default: 8)")
-    serve.add_argument("--target", metavar="HOST:PORT", type=server_address,
-                       help="measure a running server instead of starting one (no batching-off phase, no batch sizes)")
-    serve.add_argument("--device", help="cpu, cuda, ... (default: auto)")
-    serve.add_argument("--json", action="store_true", help="print one JSON object")
+    _add_served_args(serve, "measure a running server instead of starting one (no batching-off phase, no batch "
+                            "sizes)")
     serve.set_defaults(run=run_serve)
     _add_archive_parser(kinds)
     _add_http_parser(kinds)
+    _add_priority_parser(kinds)
 
 
 def _add_http_parser(kinds) -> None:
@@ -109,6 +107,65 @@ def run_http(args: argparse.Namespace) -> int:
           f"path: gRPC {result.grpc_ms:.1f} ms, HTTP {result.http_ms:.1f} ms (median), HTTP/gRPC "
           f"{result.ratio:.2f}x, overhead {result.http_ms - result.grpc_ms:+.1f} ms")
     return EXIT_OK
+
+
+def _add_priority_parser(kinds) -> None:
+    priority = kinds.add_parser(
+        "priority", help="interactive latency idle vs under a flood of bulk streams",
+        description="Start `latentd serve` (or use --target); time interactive calls one at a time on the idle "
+                    "server, then while several bulk streams (as encode_many and archives send) keep it busy, "
+                    "then a third as many sent as bulk during the flood (what no priority would give); print "
+                    "p50/p99 of each and the ratio p99 loaded / p99 idle (target: at most 2x).")
+    priority.add_argument("--model", default="default", help="model to serve (default: default)")
+    priority.add_argument("--op", choices=("encode", "decode"), default="encode", help="(default: encode)")
+    priority.add_argument("--size", type=int, default=256, help="image side in pixels (default: 256)")
+    priority.add_argument("--bulk-streams", type=int, default=4, help="concurrent bulk streams (default: 4)")
+    priority.add_argument("--requests", type=int, default=30, help="interactive calls per phase (default: 30)")
+    priority.add_argument("--bulk-max-batch-size", type=int, metavar="N",
+                          help="the server's bulk_max_batch_size (default: its max batch size)")
+    _add_served_args(priority, "measure a running server instead of starting one")
+    priority.set_defaults(run=run_priority)
+
+
+def _add_served_args(parser: argparse.ArgumentParser, target_help: str) -> None:
+    """What the benchmarks that start a server (or use --target) share."""
+    parser.add_argument("--max-batch-size", type=int, default=8, help="the server's batch size (default: 8)")
+    parser.add_argument("--target", metavar="HOST:PORT", type=server_address, help=target_help)
+    parser.add_argument("--device", help="cpu, cuda, ... (default: auto)")
+    parser.add_argument("--json", action="store_true", help="print one JSON object")
+
+
+def run_priority(args: argparse.Namespace) -> int:
+    import sys
+
+    from latentd.bench.priority import TARGET_RATIO, bench_priority
+
+    _positive(args, "bulk_streams", "requests", "max_batch_size")
+    if args.bulk_max_batch_size is not None:
+        _positive(args, "bulk_max_batch_size")
+    if args.size < 8:
+        raise CommandError("--size must be at least 8 pixels", EXIT_USAGE)
+    result = bench_priority(args.model, op=args.op, size=args.size, bulk_streams=args.bulk_streams,
+                            requests=args.requests, max_batch_size=args.max_batch_size,
+                            bulk_max_batch_size=args.bulk_max_batch_size, device=args.device,
+                            target=args.target, progress=lambda message: print(f"  {message}", file=sys.stderr))
+    if args.json:
+        print(json.dumps(result.to_dict(), indent=2))
+        return EXIT_OK if not result.errors else EXIT_FAILED
+    row = result.to_dict()
+    ratio, verdict = result.ratio, "-" if result.ratio is None else ("met" if result.ratio <= TARGET_RATIO else "MISSED")
+    print(f"bench priority: model {args.model}, {args.op} {args.size}x{args.size}, {args.bulk_streams} bulk streams, "
+          f"{args.requests} interactive calls per phase (one at a time); ms per call")
+    print(f"{'phase':<28} {'p50':>8} {'p99':>8}")
+    for label, key in (("interactive, idle", "idle"), ("interactive, bulk flood", "loaded"),
+                       ("sent as bulk, bulk flood", "unprioritized")):
+        print(f"{label:<28} {_num(row[f'{key}_p50_ms'], '8.1f'):>8} {_num(row[f'{key}_p99_ms'], '8.1f'):>8}")
+    p50_ratio = (row["loaded_p50_ms"] / row["idle_p50_ms"]) if row["idle_p50_ms"] and row["loaded_p50_ms"] else None
+    print(f"p99 loaded/idle {_num(ratio, '.2f')}x (target <= {TARGET_RATIO:.0f}x: {verdict}), p50 "
+          f"{_num(p50_ratio, '.2f')}x; sent as bulk "
+          f"{_num(result.unprioritized_ratio, '.2f')}x; bulk served meanwhile {result.bulk_images_per_s:.2f} "
+          f"images/s; errors {result.errors}")
+    return EXIT_OK if not result.errors else EXIT_FAILED
 
 
 def _add_archive_parser(kinds) -> None:

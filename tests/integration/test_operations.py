@@ -160,7 +160,8 @@ def test_health_reflection_and_metrics(start_server):
     assert 'latentd_requests_total{code="OK",rpc="Encode"} 1.0' in text
     assert 'latentd_requests_total{code="INVALID_ARGUMENT",rpc="Encode"} 1.0' in text
     assert re.search(r'latentd_model_load_seconds\{model="tiny"\} [0-9.e-]+', text)
-    assert 'latentd_queue_depth{model="tiny"} 0.0' in text
+    assert 'latentd_queue_depth{model="tiny",priority="interactive"} 0.0' in text
+    assert 'latentd_queue_depth{model="tiny",priority="bulk"} 0.0' in text
 
 
 def test_bearer_tokens(start_server):

@@ -44,6 +44,7 @@ def test_yaml_and_json_files(tmp_path):
     ({"max_batch_pixels": -1}, "max_batch_pixels"),
     ({"cpu_compute_lanes": 0}, "cpu_compute_lanes"),
     ({"busy_batch_delay_ms": -1}, "busy_batch_delay_ms"),
+    ({"bulk_max_batch_size": 0}, "bulk_max_batch_size"),
     ({"max_request_pixels": 1000}, "max_request_pixels"),
     ({"memory_budget_mb": 0}, "memory_budget_mb"),
     ({"admission_wait_ms": -1}, "admission_wait_ms"),
