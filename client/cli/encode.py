@@ -11,9 +11,9 @@ from .common import EXIT_FAILED, EXIT_OK, EXIT_USAGE, CommandError, add_model_ar
 
 
 def add_parser(subparsers: argparse._SubParsersAction) -> None:
-    from latentd.client.archive.quantize import FORMAT_NAMES
-    from latentd.client.archive.sources import MAX_ITEM_BYTES
-    from latentd.client.archive.writer import COMMIT_S
+    from latentd.archive.quantize import FORMAT_NAMES
+    from latentd.archive.sources import MAX_ITEM_BYTES
+    from latentd.archive.writer import COMMIT_S
 
     parser = subparsers.add_parser(
         "encode", help="encode an image collection into a latent archive (resumable)",
@@ -57,12 +57,12 @@ def add_parser(subparsers: argparse._SubParsersAction) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    from latentd.client.archive.encode import encode_sources
-    from latentd.client.archive.manifest import ArchiveError
-    from latentd.client.archive.quantize import get_format
-    from latentd.client.archive.sizing import SizePolicy
-    from latentd.client.archive.sources import iter_sources
-    from latentd.client.archive.writer import ArchiveMismatchError, ArchiveSettings, ArchiveWriter
+    from latentd.archive.encode import encode_sources
+    from latentd.archive.manifest import ArchiveError
+    from latentd.archive.quantize import get_format
+    from latentd.archive.sizing import SizePolicy
+    from latentd.archive.sources import iter_sources
+    from latentd.archive.writer import ArchiveMismatchError, ArchiveSettings, ArchiveWriter
 
     try:
         policy = SizePolicy.parse(args.size)
@@ -94,7 +94,7 @@ def run(args: argparse.Namespace) -> int:
     bar = _progress_bar(args.progress, sum(1 for _ in items()) if args.progress else None)
     try:
         if args.engine == "ray":
-            from latentd.client.archive.ray_engine import encode_with_ray
+            from latentd.archive.ray_engine import encode_with_ray
 
             summary = encode_with_ray(items(), writer, functools.partial(backend_from_args, args),
                                       policy, batch_size=args.batch_size, actors=args.ray_actors,

@@ -25,8 +25,8 @@ def add_parser(subparsers: argparse._SubParsersAction) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    from latentd.client.archive.reader import open_archive
-    from latentd.client.archive.text import shown
+    from latentd.archive.reader import open_archive
+    from latentd.archive.text import shown
 
     with archive_input():
         archive = open_archive(args.archive)

@@ -20,7 +20,7 @@ def add_parser(subparsers: argparse._SubParsersAction) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    from latentd.client.archive.reader import verify_archive
+    from latentd.archive.reader import verify_archive
 
     with archive_input():
         problems = verify_archive(args.archive)

@@ -1,0 +1,1 @@
+"""latentd.archive: image collections as compact latent archives (sharded safetensors + SQLite manifest)."""
