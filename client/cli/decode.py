@@ -22,7 +22,7 @@ def add_parser(subparsers: argparse._SubParsersAction) -> None:
                     "checksum is checked before its images are decoded. An entry that cannot be decoded (damaged "
                     "shard or manifest row) is printed with the reason and the others go on. Exit codes: 0 all "
                     "decoded, 1 some entries failed (or a runtime error), 2 bad usage or not an archive.")
-    parser.add_argument("archive", type=Path, help="the archive folder (written by `latentd encode`)")
+    parser.add_argument("archive", help="the archive folder (written by `latentd encode`) or its fsspec URL")
     parser.add_argument("-o", "--output", required=True, type=Path, metavar="DIR",
                         help="folder for the decoded images (created; one file per entry, named after its key)")
     parser.add_argument("--image-format", choices=tuple(SUFFIX), default="png",
