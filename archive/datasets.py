@@ -27,7 +27,7 @@ from latentd.v1.errors import one_line
 from torch.utils.data import Dataset, IterableDataset, get_worker_info
 
 from .manifest import ArchiveError, ItemRecord
-from .reader import Archive, check_record
+from .reader import Archive, Problem, check_record
 from .text import shown
 
 log = logging.getLogger(__name__)
@@ -48,7 +48,9 @@ class _Items:
         self.epoch = 0
         self.skipped = 0  # items skipped with on_error="skip", in this process
         with Archive(path) as archive:
-            self.records: list[ItemRecord] = [r for r in archive.manifest.items("ok")]
+            # a row that does not parse stays in its place, as a Problem that fails (or skips) its item
+            self.records: list[ItemRecord | Problem] = [
+                entry if isinstance(entry, Problem) else entry.record for entry in archive.scan()]
             self.meta = archive.meta
         self._archive: Archive | None = None
         self._pid = None
@@ -70,6 +72,8 @@ class _Items:
     def item(self, index: int) -> dict[str, Any]:
         """Item `index` (in manifest order); ArchiveError naming the archive and the key if it cannot be read."""
         record = self.records[index]
+        if isinstance(record, Problem):
+            raise ArchiveError(f"{self.path}: {record}")
         try:
             return self._item(index, record)
         except Exception as exc:  # noqa: BLE001 - whatever a damaged entry raises, named with its archive and key

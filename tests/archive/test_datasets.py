@@ -209,6 +209,15 @@ def test_a_damaged_entry_raises_naming_archive_and_key_or_is_skipped_and_counted
     assert sorted(keys) == sorted(k for k in LatentDataset(out).keys if k != key)
     assert skipping.skipped == 1 and f"{key}" in caplog.text and "skipped (1 so far" in caplog.text
     assert skipping.state_dict()["consumed"] == len(SHAPES)
+    # a manifest row that does not parse fails its own item only
+    with sqlite3.connect(out / MANIFEST) as connection:
+        connection.execute("UPDATE items SET variants = '{not json' WHERE key = '5.png'")
+    connection.close()
+    with pytest.raises(ArchiveError, match=rf"{out}: 5.png: manifest column variants is not JSON"):
+        LatentDataset(out)[LatentDataset(out).keys.index("5.png")]
+    skipping = LatentIterableDataset(out, on_error="skip", shuffle=False)
+    assert _keys(skipping) == [k for k in LatentDataset(out).keys if k not in (key, "5.png")]
+    assert skipping.skipped == 2
 
 
 def test_archives_written_before_crops_and_variants_still_read(images, model_dir, tmp_path):
