@@ -91,7 +91,10 @@ def _add_reader_parser(kinds) -> None:
                     "each worker count; print latents per second and the archive's ratio (target: at least 5x).")
     reader.add_argument("--items", type=int, default=4096, help="latents (default: 4096)")
     reader.add_argument("--side", type=int, default=64, help="latent side, 64 for 512x512 images (default: 64)")
-    reader.add_argument("--format", default="float16", help="the archive's latent format (default: float16)")
+    from latentd.archive.quantize import FORMAT_NAMES
+
+    reader.add_argument("--format", choices=FORMAT_NAMES, default="float16",
+                        help="the archive's latent format (default: float16)")
     reader.add_argument("--batch-size", type=int, default=32, help="DataLoader batch size (default: 32)")
     reader.add_argument("--workers", type=int, nargs="+", default=[0, 2], help="DataLoader workers (default: 0 2)")
     reader.set_defaults(run=run_reader)
