@@ -9,11 +9,11 @@ from pathlib import Path
 
 import numpy as np
 
-from latentd.client.archive.encode import encode_sources
-from latentd.client.archive.quantize import get_format
-from latentd.client.archive.sizing import SizePolicy
-from latentd.client.archive.sources import iter_sources
-from latentd.client.archive.writer import ArchiveSettings, ArchiveWriter
+from latentd.archive.encode import encode_sources
+from latentd.archive.quantize import get_format
+from latentd.archive.sizing import SizePolicy
+from latentd.archive.sources import iter_sources
+from latentd.archive.writer import ArchiveSettings, ArchiveWriter
 
 
 @dataclass

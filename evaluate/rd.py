@@ -13,7 +13,7 @@ from typing import Callable, Iterable, Sequence
 
 import numpy as np
 
-from latentd.client.archive.quantize import LatentFormat, get_format, load, store
+from latentd.archive.quantize import LatentFormat, get_format, load, store
 
 MEASURED = "measured"
 PUBLISHED = "published"

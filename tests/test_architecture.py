@@ -13,7 +13,7 @@ REPO = Path(__file__).resolve().parents[1]
 # Folder (relative to the repo) -> layer; the first matching prefix wins.
 LAYER_OF_FOLDER = (
     ("client/cli/", "cli"),
-    ("client/archive/", "archive"),
+    ("archive/", "archive"),
     ("client/", "sdk"),
     ("bench/", "bench"),
     ("evaluate/", "evaluate"),
@@ -24,7 +24,7 @@ LAYER_OF_FOLDER = (
 # Import name prefix -> layer; the first matching prefix wins.
 LAYER_OF_MODULE = (
     ("latentd.client.cli", "cli"),
-    ("latentd.client.archive", "archive"),
+    ("latentd.archive", "archive"),
     ("latentd.client", "sdk"),
     ("latentd.bench", "bench"),
     ("latentd.evaluate", "evaluate"),
@@ -52,8 +52,8 @@ def _layer(table, name: str) -> str | None:
 def _package_of(path: Path) -> str:
     """The import name of a source file's package, from the package-dir mapping of pyproject.toml."""
     relative = path.relative_to(REPO).as_posix()
-    for prefix, package in (("client/", "latentd.client"), ("bench/", "latentd.bench"),
-                            ("evaluate/", "latentd.evaluate"), ("server/", "latentd.server"), ("vae/", "latentd.vae"),
+    for prefix, package in (("client/", "latentd.client"), ("archive/", "latentd.archive"),
+                            ("bench/", "latentd.bench"), ("evaluate/", "latentd.evaluate"), ("server/", "latentd.server"), ("vae/", "latentd.vae"),
                             ("protos/latentd/v1/", "latentd.v1")):
         if relative.startswith(prefix):
             parts = relative[len(prefix):].split("/")[:-1]
@@ -115,7 +115,7 @@ def test_the_checker_sees_a_violation():
 
 
 @pytest.mark.parametrize("module", ["latentd.client", "latentd.client.errors", "latentd.v1.tensors",
-                                    "latentd.client.archive.reader"])
+                                    "latentd.archive.reader"])
 def test_the_sdk_and_contract_load_no_torch(module):
     code = f"import sys, {module}; sys.exit('torch' in sys.modules)"
     assert subprocess.run([sys.executable, "-c", code]).returncode == 0, f"{module} imported torch"

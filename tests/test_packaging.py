@@ -11,7 +11,8 @@ import pytest
 
 REPO = Path(__file__).resolve().parents[1]
 IMPORT_ALL = (
-    "import latentd.vae, latentd.server.app, latentd.client, latentd.client.cli, latentd.v1.tensors, latentd.v1; "
+    "import latentd.vae, latentd.server.app, latentd.client, latentd.client.cli, latentd.v1.tensors, latentd.v1, "
+    "latentd.archive.reader; "
     "print(latentd.vae.__file__)"
 )
 
@@ -57,7 +58,7 @@ def test_wheel_holds_every_package_and_imports_without_the_repo(tmp_path):
     wheel = next((tmp_path / "dist").glob("latentd-*.whl"))
     names = zipfile.ZipFile(wheel).namelist()
     for folder, package in (("vae", "latentd/vae"), ("server", "latentd/server"), ("client", "latentd/client"),
-                            ("protos/latentd/v1", "latentd/v1")):
+                            ("archive", "latentd/archive"), ("protos/latentd/v1", "latentd/v1")):
         for source in (REPO / folder).rglob("*.py"):
             assert f"{package}/{source.relative_to(REPO / folder).as_posix()}" in names, source
     assert "latentd/client/py.typed" in names and "latentd/v1/latentd.proto" in names

@@ -11,7 +11,7 @@ from .common import EXIT_USAGE, CommandError, one_line
 @contextmanager
 def archive_input() -> Iterator[None]:
     """Around opening an archive: a missing folder, no manifest or a manifest that is not one exits 2."""
-    from latentd.client.archive.manifest import ArchiveError
+    from latentd.archive.manifest import ArchiveError
 
     try:
         yield

@@ -25,6 +25,9 @@ class Backend(Protocol):
     def encode(self, images: Sequence[np.ndarray], tiling: str = "auto") -> list[np.ndarray]:
         """uint8 HWC images -> float32 [C, h, w] latents, diffusers-scaled."""
 
+    def posterior(self, images: Sequence[np.ndarray], tiling: str = "auto") -> list[tuple[np.ndarray, np.ndarray]]:
+        """uint8 HWC images -> the raw (unscaled) posterior (mean, log-variance) of each, float32 [C, h, w]."""
+
     def decode(self, latents: Sequence[np.ndarray], sizes: Sequence[tuple[int, int]],
                tiling: str = "auto") -> list[np.ndarray]:
         """Latents -> uint8 HWC images of the given (height, width) sizes."""
@@ -50,6 +53,12 @@ class LocalBackend:
     def encode(self, images: Sequence[np.ndarray], tiling: str = "auto") -> list[np.ndarray]:
         # C-contiguous: the codec's tensors may be channels_last underneath.
         return [np.ascontiguousarray(latents.numpy()) for latents in self.codec.encode(list(images), tiling=tiling)]
+
+    def posterior(self, images: Sequence[np.ndarray], tiling: str = "auto") -> list[tuple[np.ndarray, np.ndarray]]:
+        if not self.codec.info.has_posterior:
+            raise ValueError(f"model {self.name!r} has no posterior (no log-variance)")
+        return [(np.ascontiguousarray(mean.numpy()), np.ascontiguousarray(logvar.numpy()))
+                for mean, logvar in self.codec.posterior(list(images), tiling=tiling)]
 
     def decode(self, latents: Sequence[np.ndarray], sizes: Sequence[tuple[int, int]],
                tiling: str = "auto") -> list[np.ndarray]:
@@ -86,6 +95,10 @@ class RemoteBackend:
     # Archive encoding and decoding are bulk work: they yield to interactive callers on a shared server.
     def encode(self, images: Sequence[np.ndarray], tiling: str = "auto") -> list[np.ndarray]:
         return self.client.encode(list(images), model=self.name, dtype="float32", tiling=tiling, priority="bulk")
+
+    def posterior(self, images: Sequence[np.ndarray], tiling: str = "auto") -> list[tuple[np.ndarray, np.ndarray]]:
+        means, logvars = self.client.posterior(list(images), model=self.name, dtype="float32", tiling=tiling)
+        return list(zip(means, logvars))
 
     def decode(self, latents: Sequence[np.ndarray], sizes: Sequence[tuple[int, int]],
                tiling: str = "auto") -> list[np.ndarray]:

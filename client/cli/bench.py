@@ -1,4 +1,5 @@
-"""`latentd bench codec|tiling|serve|archive|http|priority`: each measured against its baseline in the same run."""
+"""`latentd bench codec|tiling|serve|archive|reader|http|priority`: each measured against its baseline in the same
+run."""
 
 from __future__ import annotations
 
@@ -77,6 +78,7 @@ def add_parser(subparsers: argparse._SubParsersAction) -> None:
                             "sizes)")
     serve.set_defaults(run=run_serve)
     _add_archive_parser(kinds)
+    _add_reader_parser(kinds)
     _add_http_parser(kinds)
     _add_priority_parser(kinds)
 
@@ -166,6 +168,36 @@ def run_priority(args: argparse.Namespace) -> int:
           f"{_num(result.unprioritized_ratio, '.2f')}x; bulk served meanwhile {result.bulk_images_per_s:.2f} "
           f"images/s; errors {result.errors}")
     return EXIT_OK if not result.errors else EXIT_FAILED
+
+
+def _add_reader_parser(kinds) -> None:
+    reader = kinds.add_parser(
+        "reader", help="training reads: an archive through a DataLoader vs one .npz per image",
+        description="Write the same random latents as an archive and as one kohya-style .npz per image, then "
+                    "read an epoch of each through a DataLoader (LatentIterableDataset vs np.load per item) at "
+                    "each worker count; print latents per second and the archive's ratio (target: at least 5x).")
+    reader.add_argument("--items", type=int, default=4096, help="latents (default: 4096)")
+    reader.add_argument("--side", type=int, default=64, help="latent side, 64 for 512x512 images (default: 64)")
+    from latentd.archive.quantize import FORMAT_NAMES
+
+    reader.add_argument("--format", choices=FORMAT_NAMES, default="float16",
+                        help="the archive's latent format (default: float16)")
+    reader.add_argument("--batch-size", type=int, default=32, help="DataLoader batch size (default: 32)")
+    reader.add_argument("--workers", type=int, nargs="+", default=[0, 2], help="DataLoader workers (default: 0 2)")
+    reader.set_defaults(run=run_reader)
+
+
+def run_reader(args: argparse.Namespace) -> int:
+    from latentd.bench.reader import bench_reader, table
+
+    _positive(args, "items", "side", "batch_size")
+    if any(count < 0 for count in args.workers):
+        raise CommandError("--workers must be at least 0", EXIT_USAGE)
+    rows = bench_reader(items=args.items, side=args.side, fmt=args.format, batch_size=args.batch_size,
+                        workers=tuple(args.workers))
+    print(f"bench reader: {args.items} latents of [4, {args.side}, {args.side}], batch {args.batch_size}")
+    print(table(rows))
+    return EXIT_OK
 
 
 def _add_archive_parser(kinds) -> None:

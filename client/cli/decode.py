@@ -22,7 +22,7 @@ def add_parser(subparsers: argparse._SubParsersAction) -> None:
                     "checksum is checked before its images are decoded. An entry that cannot be decoded (damaged "
                     "shard or manifest row) is printed with the reason and the others go on. Exit codes: 0 all "
                     "decoded, 1 some entries failed (or a runtime error), 2 bad usage or not an archive.")
-    parser.add_argument("archive", type=Path, help="the archive folder (written by `latentd encode`)")
+    parser.add_argument("archive", help="the archive folder (written by `latentd encode`) or its fsspec URL")
     parser.add_argument("-o", "--output", required=True, type=Path, metavar="DIR",
                         help="folder for the decoded images (created; one file per entry, named after its key)")
     parser.add_argument("--image-format", choices=tuple(SUFFIX), default="png",
@@ -37,7 +37,7 @@ def add_parser(subparsers: argparse._SubParsersAction) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    from latentd.client.archive.reader import Problem, open_archive
+    from latentd.archive.reader import Problem, open_archive
 
     if args.output.exists() and not args.output.is_dir():
         raise CommandError(f"{args.output}: exists and is not a folder", EXIT_USAGE)
@@ -60,9 +60,9 @@ def run(args: argparse.Namespace) -> int:
 
 def _decode_chunk(backend, chunk: list, writer: "_Writer", problems: list) -> None:
     """Decode the sound entries of `chunk` in one call (each alone if one of them is at fault)."""
-    from latentd.client.archive.encode import call_isolating
+    from latentd.archive.encode import call_isolating
     from latentd.v1.errors import one_line
-    from latentd.client.archive.reader import Problem
+    from latentd.archive.reader import Problem
 
     ready = []
     for entry in chunk:
@@ -97,7 +97,7 @@ class _Writer:
         self.written = 0
 
     def write(self, key: str, image) -> None:
-        from latentd.client.archive.reader import safe_relative_path
+        from latentd.archive.reader import safe_relative_path
         from latentd.vae.fileio import write_atomic
         from latentd.vae.imageio import encode_image
 

@@ -11,9 +11,9 @@ from .common import EXIT_FAILED, EXIT_OK, EXIT_USAGE, CommandError, add_model_ar
 
 
 def add_parser(subparsers: argparse._SubParsersAction) -> None:
-    from latentd.client.archive.quantize import FORMAT_NAMES
-    from latentd.client.archive.sources import MAX_ITEM_BYTES
-    from latentd.client.archive.writer import COMMIT_S
+    from latentd.archive.quantize import FORMAT_NAMES
+    from latentd.archive.sources import MAX_ITEM_BYTES
+    from latentd.archive.writer import COMMIT_S
 
     parser = subparsers.add_parser(
         "encode", help="encode an image collection into a latent archive (resumable)",
@@ -25,11 +25,20 @@ def add_parser(subparsers: argparse._SubParsersAction) -> None:
                     "go on. Exit codes: 0 all encoded, 1 some failed (or a runtime error), 2 bad usage or input.")
     parser.add_argument("sources", nargs="+", type=Path, metavar="SRC",
                         help="folders (recursive), list files (.txt), tar/zip files, webdataset shards, images")
-    parser.add_argument("-o", "--output", required=True, type=Path, metavar="ARCHIVE", help="archive folder")
+    parser.add_argument("-o", "--output", required=True, metavar="ARCHIVE",
+                        help="archive folder, or an fsspec URL (s3://, gs://, memory://, file://)")
     parser.add_argument("--format", choices=FORMAT_NAMES, default="float16",
                         help="latent storage: float16, bfloat16, q8 (8-bit per channel), q8-zstd (default: float16)")
     parser.add_argument("--size", default="native",
                         help="native, resize:WxH, center-crop:S or buckets:S (default: native)")
+    parser.add_argument("--sizes", default="",
+                        help="training caches: also store the latents at these sides S, comma-separated (each applies "
+                             "--size's kind, center-crop:S or buckets:S, with its own crop); --size stays the main one")
+    parser.add_argument("--flip", action="store_true",
+                        help="also store the latents of the horizontally flipped image (of each size)")
+    parser.add_argument("--logvar", action="store_true",
+                        help="also store the posterior log-variance (diffusers-scaled) of each stored latent, for "
+                             "sampling z = latents + exp(logvar / 2) * eps when training")
     parser.add_argument("--batch-size", type=int, default=8, help="images per model call (default: 8)")
     parser.add_argument("--workers", type=int, default=4, help="image-decoding threads (default: 4)")
     parser.add_argument("--shard-mb", type=float, default=256,
@@ -57,17 +66,22 @@ def add_parser(subparsers: argparse._SubParsersAction) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    from latentd.client.archive.encode import encode_sources
-    from latentd.client.archive.manifest import ArchiveError
-    from latentd.client.archive.quantize import get_format
-    from latentd.client.archive.sizing import SizePolicy
-    from latentd.client.archive.sources import iter_sources
-    from latentd.client.archive.writer import ArchiveMismatchError, ArchiveSettings, ArchiveWriter
+    from latentd.archive.encode import Variants, encode_sources
+    from latentd.archive.manifest import ArchiveError
+    from latentd.archive.quantize import get_format
+    from latentd.archive.sizing import SizePolicy
+    from latentd.archive.sources import iter_sources
+    from latentd.archive.writer import ArchiveMismatchError, ArchiveSettings, ArchiveWriter
 
     try:
         policy = SizePolicy.parse(args.size)
+        sizes = [int(side) for side in args.sizes.split(",") if side.strip()]
+        variants = Variants.of(policy, sizes, flip=args.flip, logvar=args.logvar)
     except ValueError as exc:
-        raise CommandError(str(exc), EXIT_USAGE) from exc
+        raise CommandError(f"{exc} (--size {args.size} --sizes {args.sizes})" if args.sizes else str(exc),
+                           EXIT_USAGE) from exc
+    if not variants.plain and args.engine == "ray":
+        raise CommandError("--sizes, --flip and --logvar need --engine local", EXIT_USAGE)
     if args.batch_size < 1 or args.workers < 1 or not args.shard_mb > 0 or not args.max_item_mb > 0 \
             or not args.commit_s >= 0:
         raise CommandError("--batch-size and --workers must be at least 1, --shard-mb and --max-item-mb "
@@ -75,7 +89,9 @@ def run(args: argparse.Namespace) -> int:
     missing = [str(p) for p in args.sources if not p.exists()]
     if missing:
         raise CommandError(f"no such source: {', '.join(missing)}", EXIT_USAGE)
-    if args.output.exists() and not args.output.is_dir():
+    from latentd.archive.storage import is_url, local_path
+
+    if not is_url(args.output) and local_path(args.output).exists() and not local_path(args.output).is_dir():
         raise CommandError(f"{args.output}: exists and is not an archive folder", EXIT_USAGE)
     items = functools.partial(iter_sources, args.sources, int(args.max_item_mb * (1 << 20)))
     try:
@@ -84,7 +100,7 @@ def run(args: argparse.Namespace) -> int:
         raise CommandError(str(exc), EXIT_USAGE) from exc
     backend = backend_from_args(args)
     settings = ArchiveSettings(args.format, str(policy), backend.name, backend.scaling_factor, backend.shift_factor,
-                               backend.factor)
+                               backend.factor, tuple(p.width for p in variants.policies[1:]), args.flip, args.logvar)
     try:
         writer = ArchiveWriter(args.output, settings, get_format(args.format), int(args.shard_mb * (1 << 20)),
                                commit_s=args.commit_s)
@@ -94,14 +110,14 @@ def run(args: argparse.Namespace) -> int:
     bar = _progress_bar(args.progress, sum(1 for _ in items()) if args.progress else None)
     try:
         if args.engine == "ray":
-            from latentd.client.archive.ray_engine import encode_with_ray
+            from latentd.archive.ray_engine import encode_with_ray
 
             summary = encode_with_ray(items(), writer, functools.partial(backend_from_args, args),
                                       policy, batch_size=args.batch_size, actors=args.ray_actors,
                                       gpus_per_actor=args.ray_gpus_per_actor, dedupe=args.dedupe,
                                       progress=bar.update if bar else None)
         else:
-            summary = encode_sources(items(), writer, backend, policy,
+            summary = encode_sources(items(), writer, backend, variants,
                                      batch_size=args.batch_size, workers=args.workers, dedupe=args.dedupe,
                                      progress=bar.update if bar else None)
         writer.compact()  # the small shards of --commit-s, merged up to --shard-mb

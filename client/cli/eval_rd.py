@@ -12,7 +12,7 @@ DEFAULT_OUT = Path("out/eval-rd")
 
 
 def add_parser(subparsers: argparse._SubParsersAction) -> None:
-    from latentd.client.archive.quantize import FORMAT_NAMES
+    from latentd.archive.quantize import FORMAT_NAMES
     from latentd.evaluate.rd import CLASSIC_CODECS, DEFAULT_QUALITIES
 
     parser = subparsers.add_parser(

@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import argparse
 import json
-from pathlib import Path
 
 from .archive_input import archive_input
 from .common import EXIT_OK
@@ -16,7 +15,7 @@ def add_parser(subparsers: argparse._SubParsersAction) -> None:
                                                "pixel and shards; --failures lists the failed images and why, "
                                                "--duplicates the images --dedupe skipped. Exit codes: 0 shown, "
                                                "2 bad usage or not an archive.")
-    parser.add_argument("archive", type=Path, help="the archive folder (written by `latentd encode`)")
+    parser.add_argument("archive", help="the archive folder (written by `latentd encode`) or its fsspec URL")
     parser.add_argument("--failures", action="store_true", help="list every failed image with its reason")
     parser.add_argument("--duplicates", action="store_true",
                         help="list every image skipped by --dedupe with the image it duplicates")
@@ -25,8 +24,8 @@ def add_parser(subparsers: argparse._SubParsersAction) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    from latentd.client.archive.reader import open_archive
-    from latentd.client.archive.text import shown
+    from latentd.archive.reader import open_archive
+    from latentd.archive.text import shown
 
     with archive_input():
         archive = open_archive(args.archive)

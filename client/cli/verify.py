@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import argparse
-from pathlib import Path
 
 from .archive_input import archive_input
 from .common import EXIT_FAILED, EXIT_OK
@@ -15,12 +14,12 @@ def add_parser(subparsers: argparse._SubParsersAction) -> None:
                                                "encoded image's latents back; print each problem found (a "
                                                "damaged entry never stops the check). Exit codes: 0 sound, 1 "
                                                "problems found, 2 bad usage or not an archive.")
-    parser.add_argument("archive", type=Path, help="the archive folder (written by `latentd encode`)")
+    parser.add_argument("archive", help="the archive folder (written by `latentd encode`) or its fsspec URL")
     parser.set_defaults(run=run)
 
 
 def run(args: argparse.Namespace) -> int:
-    from latentd.client.archive.reader import verify_archive
+    from latentd.archive.reader import verify_archive
 
     with archive_input():
         problems = verify_archive(args.archive)

@@ -13,7 +13,7 @@ from pathlib import Path
 import pytest
 from PIL import Image
 
-from latentd.client.archive.reader import open_archive, verify_archive
+from latentd.archive.reader import open_archive, verify_archive
 from tests.conftest import smooth_image
 
 IMAGES = 120

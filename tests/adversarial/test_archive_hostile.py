@@ -16,9 +16,9 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from latentd.client.archive.manifest import MANIFEST
-from latentd.client.archive.reader import open_archive, safe_relative_path, verify_archive
-from latentd.client.archive.sources import UnreadableItem, read_limited
+from latentd.archive.manifest import MANIFEST
+from latentd.archive.reader import open_archive, safe_relative_path, verify_archive
+from latentd.archive.sources import UnreadableItem, read_limited
 from latentd.client.cli import main
 from tests.conftest import smooth_image
 
@@ -452,7 +452,7 @@ def test_a_zstd_frame_claiming_a_huge_size_is_refused(tmp_path, run):
     import zstandard
     from safetensors.numpy import load_file, save_file
 
-    from latentd.client.archive.writer import file_sha256
+    from latentd.archive.writer import file_sha256
 
     write_images(tmp_path / "imgs", ["a.png", "b.png"])
     archive = tmp_path / "archive"

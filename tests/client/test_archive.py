@@ -12,11 +12,11 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from latentd.client.archive.manifest import MANIFEST
-from latentd.client.archive import manifest, quantize, writer
-from latentd.client.archive.quantize import (FORMATS, dequantize_q8, get_format, load, med_codes, med_residuals,
+from latentd.archive.manifest import MANIFEST
+from latentd.archive import manifest, quantize, writer
+from latentd.archive.quantize import (FORMATS, dequantize_q8, get_format, load, med_codes, med_residuals,
                                              quantize_q8, store)
-from latentd.client.archive.reader import open_archive, safe_relative_path
+from latentd.archive.reader import open_archive, safe_relative_path
 from latentd.client.cli import main
 from latentd.vae import load_codec
 from latentd.vae.metrics import psnr
@@ -116,8 +116,8 @@ class CrashAfter:
 
 
 def _writer(folder, backend, fmt="float16", shard_bytes=1):
-    from latentd.client.archive.quantize import get_format
-    from latentd.client.archive.writer import ArchiveSettings, ArchiveWriter
+    from latentd.archive.quantize import get_format
+    from latentd.archive.writer import ArchiveSettings, ArchiveWriter
 
     settings = ArchiveSettings(fmt, "native", backend.name, backend.scaling_factor, backend.shift_factor,
                                backend.factor)
@@ -125,10 +125,10 @@ def _writer(folder, backend, fmt="float16", shard_bytes=1):
 
 
 def test_resume_after_a_crash_mid_shard_gives_every_image_exactly_once(tmp_path, tiny_model_dir, monkeypatch):
-    from latentd.client.archive.encode import encode_sources
-    from latentd.client.archive.manifest import Manifest
-    from latentd.client.archive.sizing import SizePolicy
-    from latentd.client.archive.sources import iter_sources
+    from latentd.archive.encode import encode_sources
+    from latentd.archive.manifest import Manifest
+    from latentd.archive.sizing import SizePolicy
+    from latentd.archive.sources import iter_sources
     from latentd.client.cli.backends import LocalBackend
 
     folder = tmp_path / "imgs"
@@ -271,7 +271,7 @@ def test_hostile_keys_cannot_leave_the_output_folder(tmp_path, tiny_model_dir):
 
 
 def test_size_policies(tmp_path, tiny_model_dir):
-    from latentd.client.archive.sizing import SizePolicy
+    from latentd.archive.sizing import SizePolicy
 
     image = Image.fromarray(smooth_image(300, 200))
     assert SizePolicy.parse("native").apply(image).size == (200, 300)
@@ -326,7 +326,7 @@ def test_the_ray_engine_writes_what_the_local_engine_writes(tmp_path, tiny_model
 
 
 def test_source_labels_tell_sources_with_equal_names_apart(tmp_path):
-    from latentd.client.archive.sources import source_labels
+    from latentd.archive.sources import source_labels
 
     for folder in ("src/a/imgs", "src/b/imgs", "x/a/imgs", "cats"):
         (tmp_path / folder).mkdir(parents=True)
@@ -340,16 +340,16 @@ def test_source_labels_tell_sources_with_equal_names_apart(tmp_path):
 
 
 def test_unique_keys_number_a_key_met_again():
-    from latentd.client.archive.sources import SourceItem, unique_keys
+    from latentd.archive.sources import SourceItem, unique_keys
 
     items = [SourceItem(key, key, bytes) for key in ("a", "a", "a~2", "a", "b")]
     assert [item.key for item in unique_keys(items)] == ["a", "a~2", "a~2~2", "a~3", "b"]
 
 
 def test_the_writer_commits_a_shard_once_its_first_image_waited_commit_s(tmp_path):
-    from latentd.client.archive.manifest import ItemRecord
-    from latentd.client.archive.quantize import get_format
-    from latentd.client.archive.writer import ArchiveSettings, ArchiveWriter
+    from latentd.archive.manifest import ItemRecord
+    from latentd.archive.quantize import get_format
+    from latentd.archive.writer import ArchiveSettings, ArchiveWriter
 
     latents = np.zeros((4, 8, 8), np.float32)
 
@@ -375,7 +375,7 @@ def test_the_writer_commits_a_shard_once_its_first_image_waited_commit_s(tmp_pat
 
 def test_compaction_merges_small_shards_and_survives_a_crash_before_its_commit(tmp_path, tiny_model_dir,
                                                                               monkeypatch):
-    from latentd.client.archive.manifest import Manifest
+    from latentd.archive.manifest import Manifest
 
     folder = tmp_path / "imgs"
     for i in range(7):

@@ -5,6 +5,7 @@ from __future__ import annotations
 from types import SimpleNamespace
 
 import numpy as np
+import torch
 
 from latentd.client.cli.backends import Backend, LocalBackend, RemoteBackend
 from tests.conftest import smooth_image
@@ -30,3 +31,17 @@ def test_the_remote_backend_takes_what_it_knows_from_the_server():
     assert isinstance(backend, Backend)
     assert (backend.name, backend.where, backend.factor) == ("m", "server 127.0.0.1:1", 8)
     assert not isinstance(object(), Backend)
+
+
+def test_both_backends_give_the_raw_posterior(tiny_codec):
+    image = smooth_image(20, 28, seed=1)
+    (mean, logvar), = LocalBackend(tiny_codec).posterior([image])
+    assert mean.shape == logvar.shape == (4, 10, 14) and mean.dtype == np.float32
+    np.testing.assert_allclose(tiny_codec.scale(torch.from_numpy(mean)).numpy(),
+                               LocalBackend(tiny_codec).encode([image])[0], atol=1e-5)
+    info = SimpleNamespace(name="m", max_pixels=1 << 20, downsampling_factor=8, scaling_factor=0.5, shift_factor=None)
+    calls = []
+    client = SimpleNamespace(model=lambda name: info, target="t",
+                             posterior=lambda images, **kw: calls.append(kw) or ([mean], [logvar]))
+    (got_mean, got_logvar), = RemoteBackend(client, None).posterior([image])
+    assert got_mean is mean and got_logvar is logvar and calls == [{"model": "m", "dtype": "float32", "tiling": "auto"}]

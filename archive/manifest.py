@@ -10,9 +10,10 @@ from __future__ import annotations
 
 import json
 import sqlite3
+from contextlib import contextmanager
 from dataclasses import asdict, dataclass, fields
 from pathlib import Path
-from typing import Any, Iterator
+from typing import Any, Callable, Iterator
 
 MANIFEST = "manifest.sqlite"
 FORMAT_VERSION = "2"  # 2: q8-zstd stores MED-predicted residuals (1: the raw codes)
@@ -25,7 +26,8 @@ CREATE TABLE IF NOT EXISTS items (
     key TEXT PRIMARY KEY, source TEXT NOT NULL, sha256 TEXT, status TEXT NOT NULL, reason TEXT,
     width INTEGER, height INTEGER, encoded_width INTEGER, encoded_height INTEGER, latent_shape TEXT,
     format TEXT, shard TEXT, tensor TEXT, offset INTEGER, nbytes INTEGER, bpp REAL,
-    model TEXT, scaling_factor REAL, shift_factor REAL, extra TEXT);
+    model TEXT, scaling_factor REAL, shift_factor REAL, extra TEXT,
+    crop_top INTEGER, crop_left INTEGER, variants TEXT);
 CREATE INDEX IF NOT EXISTS items_sha256 ON items (sha256);
 """
 
@@ -54,10 +56,16 @@ class ItemRecord:
     scaling_factor: float | None = None
     shift_factor: float | None = None
     extra: dict[str, Any] | None = None
+    # The crop the size policy applied, in the image scaled to cover the target (SDXL's
+    # crop_coords_top_left); (0, 0) for native and resize. None in archives written before it.
+    crop_top: int | None = None
+    crop_left: int | None = None
+    # Everything stored for the image (one dict per size; see `variants.py`); None: the latents alone.
+    variants: list[dict[str, Any]] | None = None
 
     def row(self) -> tuple:
         values = asdict(self)
-        for name in ("latent_shape", "extra"):
+        for name in JSON_COLUMNS:
             values[name] = None if values[name] is None else json.dumps(values[name])
         return tuple(values[f.name] for f in fields(self))
 
@@ -65,7 +73,9 @@ class ItemRecord:
     def from_row(cls, row: sqlite3.Row) -> "ItemRecord":
         """The record of a row; ArchiveError naming the column that is not JSON."""
         values = dict(row)
-        for name in ("latent_shape", "extra"):
+        for name in ADDED_COLUMNS:  # absent from archives written before them
+            values.setdefault(name, None)
+        for name in JSON_COLUMNS:
             try:
                 values[name] = None if values[name] is None else json.loads(values[name])
             except (ValueError, TypeError, RecursionError):
@@ -74,6 +84,9 @@ class ItemRecord:
 
 
 COLUMNS = tuple(f.name for f in fields(ItemRecord))
+JSON_COLUMNS = ("latent_shape", "extra", "variants")
+# Columns added since format version 2's first archives: optional to readers, added by a resuming writer.
+ADDED_COLUMNS = {"crop_top": "INTEGER", "crop_left": "INTEGER", "variants": "TEXT"}
 
 
 class ArchiveError(ValueError):
@@ -91,6 +104,7 @@ class Manifest:
             if create:
                 self.connection = sqlite3.connect(path)
                 self.connection.executescript(f"BEGIN; {SCHEMA} COMMIT;")  # a kill leaves all of it or none
+                self._add_columns()
             else:
                 # Read-write underneath so that the journal a killed writer left is rolled back, but
                 # query_only: a reader never changes the manifest, whatever it holds.
@@ -100,10 +114,27 @@ class Manifest:
         except sqlite3.DatabaseError as exc:
             raise ArchiveError(f"{folder}: not a latent archive ({MANIFEST}: {exc})") from None
         self.connection.row_factory = sqlite3.Row
+        self.after_commit: Callable[[], None] | None = None  # what a remote archive does after each commit
+
+    @contextmanager
+    def _transaction(self) -> Iterator[None]:
+        with self.connection:
+            yield
+        if self.after_commit:
+            self.after_commit()
+
+    def _add_columns(self) -> None:
+        """An archive written before ADDED_COLUMNS gains them (NULL in its old rows) when a writer resumes it."""
+        found = {row[1] for row in self.connection.execute("PRAGMA table_info(items)")}
+        with self.connection:
+            for name, kind in ADDED_COLUMNS.items():
+                if name not in found:
+                    self.connection.execute(f"ALTER TABLE items ADD COLUMN {name} {kind}")
 
     def _check_schema(self) -> None:
+        required = tuple(c for c in COLUMNS if c not in ADDED_COLUMNS)
         for table, wanted in (("meta", ("key", "value")), ("shards", ("name", "sha256", "bytes", "items")),
-                              ("items", COLUMNS)):
+                              ("items", required)):
             found = {row[1] for row in self.connection.execute(f"PRAGMA table_info({table})")}
             missing = [column for column in wanted if column not in found]
             if missing:
@@ -116,7 +147,7 @@ class Manifest:
         return {row["key"]: row["value"] for row in self.connection.execute("SELECT key, value FROM meta")}
 
     def set_meta(self, values: dict[str, Any]) -> None:
-        with self.connection:
+        with self._transaction():
             rows = [(key, value if isinstance(value, str) else json.dumps(value)) for key, value in values.items()]
             self.connection.executemany("INSERT OR REPLACE INTO meta VALUES (?, ?)", rows)
 
@@ -141,7 +172,7 @@ class Manifest:
     def commit_shard(self, name: str, sha256: str, size: int, records: list[ItemRecord]) -> None:
         """The shard and its items in one transaction: either all of it is in the archive or none."""
         placeholders = ", ".join("?" * len(COLUMNS))
-        with self.connection:
+        with self._transaction():
             self.connection.execute("INSERT INTO shards VALUES (?, ?, ?, ?)", (name, sha256, size, len(records)))
             self.connection.executemany(f"INSERT INTO items ({', '.join(COLUMNS)}) VALUES ({placeholders})",
                                         [r.row() for r in records])
@@ -149,7 +180,7 @@ class Manifest:
     def replace_shards(self, old: list[str], name: str, sha256: str, size: int, offsets: dict[str, int]) -> None:
         """Shards `old` merged into `name` (`offsets`: tensor -> byte offset there), in one transaction."""
         marks = ", ".join("?" * len(old))
-        with self.connection:
+        with self._transaction():
             moved = list(self.connection.execute(f"SELECT key, tensor FROM items WHERE shard IN ({marks})", old))
             self.connection.execute("INSERT INTO shards VALUES (?, ?, ?, ?)", (name, sha256, size, len(moved)))
             self.connection.executemany("UPDATE items SET shard = ?, offset = ? WHERE key = ?",
@@ -159,7 +190,7 @@ class Manifest:
     def add(self, records: list[ItemRecord]) -> None:
         """Items without latents (failures, duplicates), committed at once."""
         placeholders = ", ".join("?" * len(COLUMNS))
-        with self.connection:
+        with self._transaction():
             self.connection.executemany(f"INSERT INTO items ({', '.join(COLUMNS)}) VALUES ({placeholders})",
                                         [r.row() for r in records])
 

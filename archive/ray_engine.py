@@ -28,7 +28,8 @@ from .sources import SourceItem
 from .writer import ArchiveWriter
 
 CHUNK = 512  # sources handed to Ray per dataset: bounds the driver's memory for large collections
-FIELDS = ("key", "error", "width", "height", "encoded_width", "encoded_height", "shape", "latents")
+FIELDS = ("key", "error", "width", "height", "encoded_width", "encoded_height", "shape", "latents", "crop_top",
+          "crop_left")
 
 
 class EncodeActor:
@@ -42,11 +43,13 @@ class EncodeActor:
         rows = []
         for key, data, origin in zip(batch["key"], batch["data"], batch["origin"]):
             row = {"key": str(key), "error": "", "width": 0, "height": 0, "encoded_width": 0, "encoded_height": 0,
-                   "shape": "", "latents": b""}
+                   "shape": "", "latents": b"", "crop_top": 0, "crop_left": 0}
             try:
                 (row["width"], row["height"]), pixels = decode_source(bytes(data), str(origin), self.policy,
                                                                       self.backend.max_pixels)
-                row.update(encoded_width=pixels.shape[1], encoded_height=pixels.shape[0], pixels=pixels)
+                top, left = self.policy.plan(row["width"], row["height"])[2]
+                row.update(encoded_width=pixels.shape[1], encoded_height=pixels.shape[0], pixels=pixels,
+                           crop_top=top, crop_left=left)
             except Exception as exc:  # noqa: BLE001 - recorded in the manifest, never fatal
                 row["error"] = one_line(exc)
             rows.append(row)
@@ -97,4 +100,5 @@ def _store(writer: ArchiveWriter, summary: EncodeSummary, source: Admitted, resu
     shape = tuple(int(n) for n in result["shape"].split(","))
     latents = np.frombuffer(result["latents"], np.float32).reshape(shape)
     store_encoded(writer, summary, source, (int(result["width"]), int(result["height"])),
-                  (int(result["encoded_width"]), int(result["encoded_height"])), latents)
+                  (int(result["encoded_width"]), int(result["encoded_height"])), latents,
+                  (int(result["crop_top"]), int(result["crop_left"])))

@@ -59,15 +59,33 @@ class SizePolicy:
             return min(self.buckets(), key=lambda size: abs(size[0] / size[1] - aspect))
         return self.width, self.height
 
-    def apply(self, image: Image.Image) -> Image.Image:
-        if self.kind == "native":
-            return image
-        width, height = self.target(*image.size)
-        if self.kind == "resize":
-            return image.resize((width, height), Image.Resampling.LANCZOS)
+    def with_side(self, side: int) -> "SizePolicy":
+        """The same kind of policy at another side S (`--sizes`: center-crop:S or buckets:S per size)."""
+        if self.kind not in ("center-crop", "buckets"):
+            raise ValueError(f"size policy {self}: several sizes need center-crop:S or buckets:S")
+        return SizePolicy(self.kind, side, side)
+
+    def plan(self, width: int, height: int) -> tuple[tuple[int, int], tuple[int, int], tuple[int, int]]:
+        """What `apply` does to a (width, height) image: (target (w, h), the size it is scaled to before
+        cropping (w, h), the crop's (top, left) in that scaled image). The crop is SDXL's
+        `crop_coords_top_left`; (0, 0) for native and resize, which crop nothing."""
+        target = self.target(width, height)
+        if self.kind in ("native", "resize"):
+            return target, target, (0, 0)
         # center-crop and buckets: scale to cover the target, then crop the middle
-        scale = max(width / image.width, height / image.height)
-        covered = image.resize((max(width, round(image.width * scale)), max(height, round(image.height * scale))),
-                               Image.Resampling.LANCZOS)
-        left, top = (covered.width - width) // 2, (covered.height - height) // 2
-        return covered.crop((left, top, left + width, top + height))
+        scale = max(target[0] / width, target[1] / height)
+        covered = (max(target[0], round(width * scale)), max(target[1], round(height * scale)))
+        return target, covered, ((covered[1] - target[1]) // 2, (covered[0] - target[0]) // 2)
+
+    def apply(self, image: Image.Image) -> Image.Image:
+        return self.apply_with_crop(image)[0]
+
+    def apply_with_crop(self, image: Image.Image) -> tuple[Image.Image, tuple[int, int]]:
+        """The sized image and the (top, left) of its crop (see `plan`)."""
+        if self.kind == "native":
+            return image, (0, 0)
+        (width, height), covered, (top, left) = self.plan(*image.size)
+        if self.kind == "resize":
+            return image.resize((width, height), Image.Resampling.LANCZOS), (0, 0)
+        covered_image = image.resize(covered, Image.Resampling.LANCZOS)
+        return covered_image.crop((left, top, left + width, top + height)), (top, left)

@@ -24,8 +24,9 @@ import numpy as np
 
 from latentd.vae.fileio import follow_umask
 
-from .manifest import FORMAT_VERSION, ItemRecord, Manifest
+from .manifest import FORMAT_VERSION, MANIFEST, ItemRecord, Manifest
 from .quantize import LatentFormat, store
+from .storage import RemoteFolder, is_url, local_path, remove_staging, staging_folder
 
 SHARD_PREFIX = "shard-"
 SHARD_SUFFIX = ".safetensors"
@@ -34,6 +35,13 @@ COMMIT_S = 5.0  # seconds of encoded work held in memory at most; `latentd encod
 
 def shard_name(index: int) -> str:
     return f"{SHARD_PREFIX}{index:06d}{SHARD_SUFFIX}"
+
+
+def tensor_name(base: str, role: str, tag: str = "") -> str:
+    """A stored tensor's name: `KEY::data` (`::scale`, `::offset` for q8) for an image's main latents,
+    `KEY::data::TAG` for the others it has (another size, the flipped image, a log-variance; see
+    variants.py). Names end in their role or tag, so no two keys' tensors can share a name."""
+    return f"{base}::{role}::{tag}" if tag else f"{base}::{role}"
 
 
 def shard_index(name: str) -> int | None:
@@ -67,11 +75,22 @@ class ArchiveSettings:
     scaling_factor: float
     shift_factor: float
     downsampling_factor: int
+    sizes: tuple[int, ...] = ()  # `--sizes`: sides S of the size policy besides its own (center-crop, buckets)
+    flip: bool = False  # latents of the horizontally flipped image too
+    logvar: bool = False  # the posterior log-variance too
 
     def as_meta(self) -> dict[str, Any]:
-        return {"format_version": FORMAT_VERSION, "format": self.format, "size_policy": self.size_policy,
+        meta = {"format_version": FORMAT_VERSION, "format": self.format, "size_policy": self.size_policy,
                 "model": self.model, "scaling_factor": self.scaling_factor, "shift_factor": self.shift_factor,
                 "downsampling_factor": self.downsampling_factor}
+        # Only when asked for, so archives without them keep the settings older writers recorded.
+        if self.sizes:
+            meta["sizes"] = list(self.sizes)
+        if self.flip:
+            meta["flip"] = True
+        if self.logvar:
+            meta["logvar"] = True
+        return meta
 
 
 class ArchiveMismatchError(ValueError):
@@ -89,12 +108,26 @@ class _PendingShard:
 class ArchiveWriter:
     def __init__(self, folder: str | os.PathLike, settings: ArchiveSettings, fmt: LatentFormat,
                  shard_bytes: int = 256 << 20, commit_s: float = COMMIT_S) -> None:
-        self.folder = Path(folder)
-        self.folder.mkdir(parents=True, exist_ok=True)
+        # An fsspec URL: the manifest and each new shard live in a local staging folder and are mirrored
+        # to the URL (storage.py); anything else is a local folder.
+        self.remote = RemoteFolder(folder) if is_url(folder) else None
+        if self.remote:
+            self.folder = staging_folder()
+            if self.remote.exists(MANIFEST):
+                self.remote.download(MANIFEST, self.folder / MANIFEST)
+        else:
+            self.folder = local_path(folder)
+            self.folder.mkdir(parents=True, exist_ok=True)
         self.settings, self.fmt, self.shard_bytes, self.commit_s = settings, fmt, shard_bytes, commit_s
         self.manifest = Manifest(self.folder, create=True)
+        if self.remote:
+            self.manifest.after_commit = self._upload_manifest
         self._check_settings()
         known = self.manifest.shard_names()
+        if self.remote:
+            for name in self.remote.names():
+                if name.startswith(SHARD_PREFIX) and name not in known:  # as below
+                    self.remote.remove(name)
         for path in self.folder.glob(f"{SHARD_PREFIX}*"):
             if path.name not in known:  # a temporary file, or a shard renamed just before a crash
                 path.unlink()
@@ -109,33 +142,37 @@ class ArchiveWriter:
         if not found:
             self.manifest.set_meta(self.settings.as_meta())
             return
-        different = [k for k in wanted if found.get(k) != wanted[k]]
+        optional = [k for k in ("sizes", "flip", "logvar") if k in found and k not in wanted]
+        different = [k for k in [*wanted, *optional] if found.get(k) != wanted.get(k)]
         if different:
             detail = ", ".join(f"{k}: archive has {found.get(k)}, asked {wanted[k]}" for k in different)
             raise ArchiveMismatchError(f"{self.folder} was written with other settings ({detail}); "
                                        "use another output folder")
 
-    def add(self, record: ItemRecord, latents: np.ndarray) -> None:
-        """Queue one encoded image; the shard is written when it reaches its size or `commit_s`."""
+    def add(self, record: ItemRecord, latents: np.ndarray, extras: dict[str, np.ndarray] | None = None) -> None:
+        """Queue one encoded image (`extras`: tag -> the other arrays its `variants` name, stored in the
+        same format); the shard is written when it reaches its size or `commit_s`."""
         if record.key in self.done:  # keys are unique by construction (sources.py); never overwrite one
             raise ValueError(f"key {record.key!r} is already in the archive")
-        stored = store(latents, self.fmt)
-        name = record.key
-        self._pending.tensors[f"{name}::data"] = stored.data
-        if stored.scale is not None:
-            self._pending.tensors[f"{name}::scale"] = stored.scale
-            self._pending.tensors[f"{name}::offset"] = stored.offset
+        name, nbytes = record.key, 0
+        for tag, array in [("", latents), *(extras or {}).items()]:
+            stored = store(np.asarray(array, np.float32), self.fmt)
+            self._pending.tensors[tensor_name(name, "data", tag)] = stored.data
+            if stored.scale is not None:
+                self._pending.tensors[tensor_name(name, "scale", tag)] = stored.scale
+                self._pending.tensors[tensor_name(name, "offset", tag)] = stored.offset
+            nbytes += stored.nbytes
         record.tensor = f"{name}::data"
         record.latent_shape = list(latents.shape)
         record.format = self.fmt.name
-        record.nbytes = stored.nbytes
-        record.bpp = stored.nbytes * 8 / (record.width * record.height)
+        record.nbytes = nbytes  # every array of the image
+        record.bpp = nbytes * 8 / (record.width * record.height)
         record.model = self.settings.model
         record.scaling_factor, record.shift_factor = self.settings.scaling_factor, self.settings.shift_factor
         if not self._pending.records:
             self._pending.started = time.monotonic()
         self._pending.records.append(record)
-        self._pending.nbytes += stored.nbytes
+        self._pending.nbytes += nbytes
         self.done.add(record.key)
         if record.sha256:
             self.hashes.setdefault(record.sha256, record.key)
@@ -158,7 +195,19 @@ class ArchiveWriter:
         offsets = tensor_offsets(final)
         for record in pending.records:
             record.shard, record.offset = name, offsets[record.tensor]
-        self.manifest.commit_shard(name, file_sha256(final), final.stat().st_size, pending.records)
+        digest, size = file_sha256(final), final.stat().st_size
+        self._publish(name, final)
+        self.manifest.commit_shard(name, digest, size, pending.records)
+
+    def _publish(self, name: str, final: Path) -> None:
+        """A remote archive: the complete shard uploaded under its final name (before its commit), and
+        the staging copy removed."""
+        if self.remote:
+            self.remote.upload(final, name)
+            final.unlink()
+
+    def _upload_manifest(self) -> None:
+        self.remote.upload(self.folder / MANIFEST, MANIFEST)
 
     def _write_shard(self, tensors: dict[str, np.ndarray]) -> tuple[str, Path]:
         """The next shard file, complete and synced under its final name (not yet in the manifest)."""
@@ -200,13 +249,29 @@ class ArchiveWriter:
 
         tensors: dict[str, np.ndarray] = {}
         for name in names:
+            if self.remote:
+                self.remote.download(name, self.folder / name)
             with safe_open(str(self.folder / name), framework="numpy") as shard:
                 tensors.update((tensor, shard.get_tensor(tensor)) for tensor in shard.keys())
+            if self.remote:
+                (self.folder / name).unlink()
         name, final = self._write_shard(tensors)
-        self.manifest.replace_shards(names, name, file_sha256(final), final.stat().st_size, tensor_offsets(final))
+        digest, size, offsets = file_sha256(final), final.stat().st_size, tensor_offsets(final)
+        self._publish(name, final)
+        self.manifest.replace_shards(names, name, digest, size, offsets)
         for old in names:
-            (self.folder / old).unlink(missing_ok=True)  # a crash before this leaves orphans, removed on reopening
+            # a crash before this leaves orphans, removed on reopening
+            if self.remote:
+                try:
+                    self.remote.remove(old)
+                except FileNotFoundError:
+                    pass
+            else:
+                (self.folder / old).unlink(missing_ok=True)
 
     def close(self) -> None:
         self.flush()
         self.manifest.close()
+        if self.remote:
+            self._upload_manifest()  # an archive with nothing committed yet still has its manifest
+            remove_staging(self.folder)

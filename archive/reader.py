@@ -17,12 +17,14 @@ from typing import Any, Iterator
 
 import numpy as np
 
-from .manifest import ArchiveError, ItemRecord, Manifest
+from .manifest import MANIFEST, ArchiveError, ItemRecord, Manifest
 from .quantize import Stored, get_format, load
 from latentd.v1.errors import one_line
 
+from .sizing import SizePolicy
+from .storage import RangeShard, RemoteFolder, is_url, local_path, remove_staging, staging_folder
 from .text import shown
-from .writer import file_sha256
+from .writer import file_sha256, tensor_name
 
 MAX_LATENT_VALUES = 1 << 28  # one entry's latents, whatever its manifest row says (1 GiB as float32)
 OPEN_SHARDS = 32  # shard handles kept open while reading
@@ -67,7 +69,18 @@ class Archive:
     """
 
     def __init__(self, folder: str | os.PathLike, *, verify_checksums: bool = False) -> None:
-        self.folder = Path(folder)
+        self.location = str(folder)
+        # An fsspec URL: the manifest is fetched into a local folder, shards are read with ranged reads.
+        self.remote = RemoteFolder(folder) if is_url(folder) else None
+        self._staging: Path | None = None
+        if self.remote:
+            if not self.remote.exists(MANIFEST):
+                raise FileNotFoundError(f"{folder}: not a latent archive (no {MANIFEST})")
+            self._staging = staging_folder()
+            self.remote.download(MANIFEST, self._staging / MANIFEST)
+            self.folder = self._staging
+        else:
+            self.folder = local_path(folder)
         self.manifest = Manifest(self.folder)
         self.meta = {k: _maybe_json(v) for k, v in self.manifest.meta().items()}
         self.verify_checksums = verify_checksums
@@ -85,6 +98,8 @@ class Archive:
     def close(self) -> None:
         self._handles.clear()
         self.manifest.close()
+        if self._staging:
+            remove_staging(self._staging)
 
     def __len__(self) -> int:
         return self.manifest.counts().get("ok", 0)
@@ -114,10 +129,13 @@ class Archive:
     def failures(self) -> list[ItemRecord]:
         return list(self.manifest.items("failed"))
 
-    def shard_path(self, name: Any) -> Path:
-        """The path of a shard the manifest names; ArchiveError unless it is a file of the archive folder."""
+    def shard_path(self, name: Any) -> Path | str:
+        """The path of a shard the manifest names; ArchiveError unless it is a file of the archive folder
+        (for a remote archive, its path on the remote file system)."""
         if not isinstance(name, str) or name in ("", ".", "..") or re.search(r"[/\\\0]", name):
             raise ArchiveError(f"shard name {shown(name)} is not a file name in the archive folder")
+        if self.remote:
+            return self.remote.path(name)
         path = self.folder / name
         if path.resolve().parent != self.folder.resolve():
             raise ArchiveError(f"shard {shown(name)} leads outside the archive folder")
@@ -132,7 +150,9 @@ class Archive:
         except ArchiveError as exc:
             return str(exc)
         row = self.manifest.connection.execute("SELECT bytes, sha256 FROM shards WHERE name = ?", (name,)).fetchone()
-        if row is None:
+        if self.remote:
+            problem = self._remote_shard_problem(name, row)
+        elif row is None:
             problem = f"shard {shown(name)} is not in the manifest's shard list"
         elif not path.is_file():
             problem = f"shard {shown(name)} is missing"
@@ -145,6 +165,17 @@ class Archive:
         self._checked[name] = problem
         return problem
 
+    def _remote_shard_problem(self, name: str, row: Any) -> str | None:
+        if row is None:
+            return f"shard {shown(name)} is not in the manifest's shard list"
+        if not self.remote.exists(name):
+            return f"shard {shown(name)} is missing"
+        if (size := self.remote.size(name)) != row["bytes"]:
+            return f"shard {shown(name)}: {size} bytes, the manifest says {shown(row['bytes'])}"
+        if self.remote.sha256(name) != row["sha256"]:
+            return f"shard {shown(name)}: checksum mismatch (the file changed after it was written)"
+        return None
+
     def _shard(self, name: str):
         from safetensors import safe_open
 
@@ -154,7 +185,10 @@ class Archive:
         path = self.shard_path(name)
         if self.verify_checksums and (problem := self.shard_problem(name)):
             raise ArchiveError(problem)
-        self._handles[name] = safe_open(str(path), framework="numpy")
+        if self.remote:
+            self._handles[name] = RangeShard(self.remote, name)
+        else:
+            self._handles[name] = safe_open(str(path), framework="numpy")
         if len(self._handles) > OPEN_SHARDS:
             self._handles.popitem(last=False)
         return self._handles[name]
@@ -163,20 +197,46 @@ class Archive:
         """An entry's latents; ArchiveError (or the shard reader's error) when they cannot be read back
         as the manifest describes them."""
         check_record(record)
+        return self.array(record, "", record.latent_shape)
+
+    def array(self, record: ItemRecord, tag: str, shape: Any) -> np.ndarray:
+        """One stored array of an entry: its main latents (tag "") or one its `variants` name."""
+        if not isinstance(tag, str) or not isinstance(shape, list) or len(shape) != 3 \
+                or not all(isinstance(n, int) and n > 0 for n in shape) \
+                or int(np.prod(shape, dtype=np.float64)) > MAX_LATENT_VALUES:
+            raise ArchiveError(f"variant {shown(tag)} of shape {shown(shape)} is not what the writer writes")
         shard = self._shard(record.shard)
         base = record.tensor[: -len("::data")]
         fmt = get_format(record.format)
         if self._unpredicted:
             fmt = replace(fmt, predictor="none")
-        stored = Stored(shard.get_tensor(record.tensor))
+        stored = Stored(shard.get_tensor(tensor_name(base, "data", tag)))
         if fmt.quantized:
-            stored.scale, stored.offset = shard.get_tensor(f"{base}::scale"), shard.get_tensor(f"{base}::offset")
-        latents = load(stored, fmt, tuple(record.latent_shape))
-        if list(latents.shape) != record.latent_shape:
-            raise ArchiveError(f"latents of shape {list(latents.shape)}, the manifest says {record.latent_shape}")
+            stored.scale = shard.get_tensor(tensor_name(base, "scale", tag))
+            stored.offset = shard.get_tensor(tensor_name(base, "offset", tag))
+        latents = load(stored, fmt, tuple(shape))
+        if list(latents.shape) != shape:
+            raise ArchiveError(f"latents of shape {list(latents.shape)}, the manifest says {shape}")
         if not np.isfinite(latents).all():
             raise ArchiveError("latents hold values that are not finite")
         return latents
+
+    def variants(self, record: ItemRecord) -> list[dict[str, Any]]:
+        """What the archive holds for an entry, one dict per size (the main one first): size_policy,
+        encoded_width, encoded_height, crop_top, crop_left, flipped_crop_left (with flips),
+        latent_shape and tensors (role -> tag for `array`: latents, flipped, logvar, flipped_logvar).
+        Archives written before crops were recorded get the crop their size policy computes."""
+        if isinstance(record.variants, list) and record.variants and all(isinstance(v, dict) for v in record.variants):
+            return record.variants
+        top, left = record.crop_top, record.crop_left
+        if top is None or left is None:
+            try:
+                top, left = SizePolicy.parse(str(self.meta.get("size_policy"))).plan(record.width, record.height)[2]
+            except (ValueError, TypeError, ZeroDivisionError):
+                top, left = 0, 0
+        return [{"size_policy": str(self.meta.get("size_policy")), "encoded_width": record.encoded_width,
+                 "encoded_height": record.encoded_height, "crop_top": top, "crop_left": left,
+                 "latent_shape": record.latent_shape, "tensors": {"latents": ""}}]
 
 
 def check_record(record: ItemRecord) -> None:
@@ -234,6 +294,9 @@ def verify_archive(folder: str | os.PathLike) -> list[Problem]:
                 continue
             try:
                 archive.latents(record)
+                for variant in archive.variants(record):  # the other sizes, flips and log-variances
+                    for tag in variant.get("tensors", {}).values():
+                        archive.array(record, tag, variant.get("latent_shape"))
             except Exception as exc:  # noqa: BLE001 - whatever a damaged shard raises is this entry's problem
                 problems.append(Problem(record.key, f"unreadable in {shown(record.shard)}: {one_line(exc)}"))
         for name, items in shards.items():

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import hashlib
+import math
 import time
 from collections import deque
 from concurrent.futures import Future, ThreadPoolExecutor
@@ -37,6 +38,40 @@ class EncodeSummary:
     @property
     def images_per_s(self) -> float:
         return self.images / self.seconds if self.seconds else 0.0
+
+
+@dataclass(frozen=True)
+class Variants:
+    """What is stored per image: latents at each size policy (the first is the main one, what
+    `decode` gives back), with `flip` those of the horizontally flipped sized image too, with
+    `logvar` the posterior log-variance of each (diffusers-scaled: z = latents + exp(logvar / 2) * eps)."""
+
+    policies: tuple[SizePolicy, ...]
+    flip: bool = False
+    logvar: bool = False
+
+    @classmethod
+    def of(cls, policy: SizePolicy, sizes: Iterable[int] = (), flip: bool = False, logvar: bool = False) -> "Variants":
+        """`policy` first, then the same kind of policy at each other side in `sizes`."""
+        sides = [side for side in dict.fromkeys(sizes) if side != policy.width or policy.kind not in
+                 ("center-crop", "buckets")]
+        return cls((policy, *(policy.with_side(side) for side in sides)), flip, logvar)
+
+    @property
+    def plain(self) -> bool:
+        return len(self.policies) == 1 and not self.flip and not self.logvar
+
+    def roles(self) -> list[str]:
+        return ["latents", *(["flipped"] if self.flip else [])]
+
+
+@dataclass
+class View:
+    """One image at one size policy."""
+
+    pixels: np.ndarray  # uint8 HWC after the policy
+    crop: tuple[int, int]  # (top, left)
+    covered_width: int  # width of the scaled image the crop was taken from
 
 
 @dataclass
@@ -95,6 +130,19 @@ def decode_source(data: bytes, origin: str, policy: SizePolicy, max_pixels: int)
     return image.size, np.asarray(policy.apply(image))
 
 
+def decode_views(data: bytes, origin: str, variants: Variants, max_pixels: int
+                 ) -> tuple[tuple[int, int], list[View]]:
+    """(original (width, height), the image at each of the variants' size policies)."""
+    from latentd.vae.imageio import open_image
+
+    image = open_image(data, name=origin, max_pixels=max_pixels)
+    views = []
+    for policy in variants.policies:
+        sized, crop = policy.apply_with_crop(image)
+        views.append(View(np.asarray(sized), crop, policy.plan(*image.size)[1][0]))
+    return image.size, views
+
+
 def item_error(exc: BaseException) -> bool:
     """Errors that belong to one image (bad pixels, too large); anything else (server down, out of
     memory) stops the run, which a re-run resumes."""
@@ -128,12 +176,15 @@ def record_failure(writer: ArchiveWriter, summary: EncodeSummary, item: SourceIt
 
 
 def store_encoded(writer: ArchiveWriter, summary: EncodeSummary, admitted: Admitted, original: tuple[int, int],
-                  encoded: tuple[int, int], latents: np.ndarray) -> None:
-    """One encoded image into the archive; `original` and `encoded` are (width, height)."""
+                  encoded: tuple[int, int], latents: np.ndarray, crop: tuple[int, int] = (0, 0),
+                  variants: list[dict] | None = None, extras: dict[str, np.ndarray] | None = None) -> None:
+    """One encoded image into the archive; `original` and `encoded` are (width, height), `crop` the
+    (top, left) the size policy cropped at, `variants` and `extras` what `_variants_of` makes."""
     (width, height), item = original, admitted.item
     record = ItemRecord(item.key, item.origin, "ok", admitted.sha256, width=width, height=height,
-                        encoded_width=encoded[0], encoded_height=encoded[1], extra=item.extra or None)
-    writer.add(record, np.asarray(latents, np.float32))
+                        encoded_width=encoded[0], encoded_height=encoded[1], extra=item.extra or None,
+                        crop_top=crop[0], crop_left=crop[1], variants=variants)
+    writer.add(record, np.asarray(latents, np.float32), extras)
     summary.images += 1
     summary.pixels += width * height
     summary.bytes_out += record.nbytes
@@ -142,28 +193,84 @@ def store_encoded(writer: ArchiveWriter, summary: EncodeSummary, admitted: Admit
 @dataclass
 class _Prepared:
     admitted: Admitted
-    pixels: np.ndarray | None = None  # after the size policy
+    views: list[View] | None = None  # one per size policy
     original: tuple[int, int] | None = None  # (width, height)
     error: str | None = None
 
 
-def _prepare(admitted: Admitted, policy: SizePolicy, max_pixels: int) -> _Prepared:
+def _prepare(admitted: Admitted, variants: Variants, max_pixels: int) -> _Prepared:
     """Decode and size one image (in a worker thread: Pillow releases the GIL while decoding)."""
     try:
-        original, pixels = decode_source(admitted.data, admitted.item.origin, policy, max_pixels)
-        return _Prepared(admitted, pixels, original)
+        original, views = decode_views(admitted.data, admitted.item.origin, variants, max_pixels)
+        return _Prepared(admitted, views, original)
     except Exception as exc:  # noqa: BLE001 - any unreadable file is recorded, never fatal
         return _Prepared(admitted, error=one_line(exc))
 
 
-def encode_sources(sources: Iterable[SourceItem], writer: ArchiveWriter, backend, policy: SizePolicy, *,
+def _inputs(variants: Variants, views: list[View]) -> list[np.ndarray]:
+    """The images the model encodes for one item: per view, the sized image and (flip) its mirror."""
+    inputs = []
+    for view in views:
+        inputs.append(view.pixels)
+        if variants.flip:
+            inputs.append(np.ascontiguousarray(view.pixels[:, ::-1]))
+    return inputs
+
+
+def _encode_group(backend, variants: Variants, group: list[_Prepared]) -> list[list[tuple]]:
+    """Per item, (latents, scaled log-variance or None) of each of its inputs, in one model call."""
+    inputs = [one for prepared in group for one in _inputs(variants, prepared.views)]
+    if variants.logvar:
+        scale, shift = backend.scaling_factor, backend.shift_factor or 0.0
+        results = [((mean - shift) * scale, logvar + 2 * math.log(scale))
+                   for mean, logvar in backend.posterior(inputs)]
+    else:
+        results = [(latents, None) for latents in backend.encode(inputs)]
+    per_item, at = [], 0
+    for prepared in group:
+        count = len(variants.policies) * len(variants.roles())
+        per_item.append(results[at:at + count])
+        at += count
+    return per_item
+
+
+def _variants_of(variants: Variants, views: list[View], results: list[tuple]
+                 ) -> tuple[np.ndarray, list[dict] | None, dict[str, np.ndarray]]:
+    """(main latents, the record's `variants`, tag -> the other arrays) of one item."""
+    main = np.asarray(results[0][0], np.float32)
+    if variants.plain:
+        return main, None, {}
+    described, extras, results = [], {}, iter(results)
+    for index, (policy, view) in enumerate(zip(variants.policies, views)):
+        height, width = view.pixels.shape[:2]
+        entry = {"size_policy": str(policy), "encoded_width": width, "encoded_height": height,
+                 "crop_top": view.crop[0], "crop_left": view.crop[1],
+                 # the mirror's crop, in the mirrored scaled image
+                 "flipped_crop_left": view.covered_width - view.crop[1] - width, "tensors": {}}
+        for role in variants.roles():
+            latents, logvar = next(results)
+            entry["latent_shape"] = list(np.shape(latents))
+            for name, array in ((role, latents), (f"{role}_logvar" if role == "flipped" else "logvar", logvar)):
+                if array is None:
+                    continue
+                tag = "" if (index, name) == (0, "latents") else f"s{index}.{name}"
+                entry["tensors"][name] = tag
+                if tag:
+                    extras[tag] = np.asarray(array, np.float32)
+        described.append(entry)
+    return main, described, extras
+
+
+def encode_sources(sources: Iterable[SourceItem], writer: ArchiveWriter, backend, policy: SizePolicy | Variants, *,
                    batch_size: int = 8, workers: int = 4, dedupe: bool = False,
                    progress: Callable[[EncodeSummary], None] | None = None) -> EncodeSummary:
-    """Encode every source not yet in the archive; failures are recorded and the run goes on."""
+    """Encode every source not yet in the archive; failures are recorded and the run goes on.
+    `policy`: one size policy, or `Variants` (several sizes, flips, log-variances)."""
+    variants = policy if isinstance(policy, Variants) else Variants((policy,))
     summary = EncodeSummary()
     started = time.perf_counter()
     try:
-        _run(admit(sources, writer, summary, dedupe), writer, backend, policy, batch_size, workers, progress,
+        _run(admit(sources, writer, summary, dedupe), writer, backend, variants, batch_size, workers, progress,
              summary, started)
     finally:
         writer.flush()  # what was encoded before a failure stays in the archive
@@ -173,7 +280,7 @@ def encode_sources(sources: Iterable[SourceItem], writer: ArchiveWriter, backend
     return summary
 
 
-def _run(admitted: Iterator[Admitted], writer, backend, policy, batch_size, workers, progress, summary,
+def _run(admitted: Iterator[Admitted], writer, backend, variants, batch_size, workers, progress, summary,
          started) -> None:
     ahead: deque[Future] = deque()  # decodes in flight, in source order
     batch: list[_Prepared] = []
@@ -187,24 +294,29 @@ def _run(admitted: Iterator[Admitted], writer, backend, policy, batch_size, work
                     continue
                 batch.append(prepared)
                 if len(batch) >= batch_size:
-                    _encode_batch(writer, backend, batch, summary)
+                    _encode_batch(writer, backend, variants, batch, summary)
                     batch.clear()
                     summary.seconds = time.perf_counter() - started
                     if progress:
                         progress(summary)
 
         for source in admitted:
-            ahead.append(pool.submit(_prepare, source, policy, backend.max_pixels))
+            ahead.append(pool.submit(_prepare, source, variants, backend.max_pixels))
             drain(2 * max(1, workers) + batch_size)  # keep the workers busy, memory bounded
         drain(0)
         if batch:
-            _encode_batch(writer, backend, batch, summary)
+            _encode_batch(writer, backend, variants, batch, summary)
 
 
-def _encode_batch(writer: ArchiveWriter, backend, batch: list[_Prepared], summary: EncodeSummary) -> None:
-    for prepared, latents in zip(batch, encode_isolating(backend, [p.pixels for p in batch])):
-        if isinstance(latents, str):
-            record_failure(writer, summary, prepared.admitted.item, prepared.admitted.sha256, latents)
+def _encode_batch(writer: ArchiveWriter, backend, variants: Variants, batch: list[_Prepared],
+                  summary: EncodeSummary) -> None:
+    encoded_items = call_isolating(lambda group: _encode_group(backend, variants, group), batch)
+    for prepared, results in zip(batch, encoded_items):
+        if isinstance(results, str):
+            record_failure(writer, summary, prepared.admitted.item, prepared.admitted.sha256, results)
             continue
-        encoded = (prepared.pixels.shape[1], prepared.pixels.shape[0])
-        store_encoded(writer, summary, prepared.admitted, prepared.original, encoded, latents)
+        main, described, extras = _variants_of(variants, prepared.views, results)
+        view = prepared.views[0]
+        encoded = (view.pixels.shape[1], view.pixels.shape[0])
+        store_encoded(writer, summary, prepared.admitted, prepared.original, encoded, main, view.crop,
+                      described, extras)

@@ -1,1 +1,0 @@
-"""latentd.client.archive: image collections as compact latent archives (sharded safetensors + SQLite manifest)."""
