@@ -5,15 +5,12 @@ from __future__ import annotations
 import contextlib
 import copy
 import statistics
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 
-import numpy as np
 import torch
 
 from .baseline import BaselineProcess, diffusers_call, load_for_bench, timed
 from latentd.vae.codec import Codec, CodecOptions
-from latentd.vae.convert import tensor_to_uint8
-from latentd.vae.metrics import psnr
 
 # Agreement required between latentd's and diffusers' outputs (relative L2 error), both in float32.
 AGREEMENT_TOLERANCE = 1e-4
@@ -150,61 +147,3 @@ def _profile_decode(codec: Codec, latents: torch.Tensor, rows: int = 12) -> str:
         codec.decode(latents, scaled=False, output="tensor")
     sort_by = "self_cuda_time_total" if codec.placement.device.type == "cuda" else "self_cpu_time_total"
     return prof.key_averages().table(sort_by=sort_by, row_limit=rows)
-
-
-@dataclass
-class TilingBenchResult:
-    model: str
-    size: int
-    tile_size: int
-    tile_overlap: int
-    psnr_tiled_vs_untiled: float | None
-    tiled_ms: float
-    untiled_ms: float | None
-    tiles: int
-    notes: list[str] = field(default_factory=list)
-
-
-def bench_tiling(
-    model: str = "default",
-    *,
-    size: int = 1024,
-    tile_size: int = 512,
-    tile_overlap: int = 128,
-    image: str | None = None,
-    untiled: bool = True,
-    seed: int = 0,
-    device: str | None = None,
-    dtype: str | None = None,
-) -> TilingBenchResult:
-    """Encode an image once, decode its latents tiled and untiled, and compare the two (PSNR)."""
-    from latentd.vae.imageio import open_image
-    from latentd.vae.tiling import tile_spans
-
-    loaded = load_for_bench(model, seed)
-    options = CodecOptions(tile_size=tile_size, tile_overlap=tile_overlap, max_batch_pixels=size * size)
-    codec = Codec(loaded, name=model, device=device, dtype=dtype, options=options)
-    pixels = _bench_image(open_image(image) if image else None, size, seed)
-    latents = codec.encode(pixels, tiling="on")
-    t_tiled, tiled = timed(lambda: codec.decode(latents, tiling="on"))
-    grid = latents.shape[-1]
-    unit, overlap = tile_size // codec.factor, tile_overlap // codec.factor
-    tiles = len(tile_spans(latents.shape[-2], unit, overlap)) * len(tile_spans(grid, unit, overlap))
-    result = TilingBenchResult(model, size, tile_size, tile_overlap, None, t_tiled * 1e3, None, tiles)
-    if untiled:
-        t_untiled, full = timed(lambda: codec.decode(latents, tiling="off"))
-        result.untiled_ms = t_untiled * 1e3
-        result.psnr_tiled_vs_untiled = psnr(tiled, full)
-    return result
-
-
-def _bench_image(image, size: int, seed: int) -> np.ndarray:
-    """A size x size test image: the given photo resized, or smooth seeded colour gradients."""
-    if image is not None:
-        from PIL import Image
-
-        return np.asarray(image.resize((size, size), Image.Resampling.LANCZOS))
-    generator = torch.Generator().manual_seed(seed)
-    coarse = torch.rand(1, 3, 8, 8, generator=generator) * 2 - 1
-    smooth = torch.nn.functional.interpolate(coarse, size=(size, size), mode="bicubic", align_corners=False)
-    return tensor_to_uint8(smooth[0])

@@ -34,12 +34,14 @@ from .loading import load_model
 from .metrics import mse, psnr
 from .model_info import ModelInfo, describe_model, latent_shape
 from .stopping import checkpoint
+from .tile_norms import share_tile_norms
 from .tiling import tile_spans, tiled_map
 
 logger = logging.getLogger(__name__)
 
 Tiling = Literal["auto", "on", "off"]
 TILING_MODES: tuple[str, ...] = ("auto", "on", "off")
+TILE_NORMS: tuple[str, ...] = ("image", "tile")
 
 
 @dataclass(frozen=True)
@@ -54,6 +56,9 @@ class CodecOptions:
     tile_overlap: int = 128
     # With tiling="auto", images with a side above this many pixels are tiled.
     tile_threshold: int = 1024
+    # GroupNorm statistics of tiles: "image" (every tile normalises with the whole image's, so tiled
+    # equals untiled; memory grows with the image) or "tile" (each its own; memory one tile's).
+    tile_norms: str = "image"
     optimize: bool = True
 
     def validate(self, factor: int) -> None:
@@ -63,6 +68,9 @@ class CodecOptions:
         if self.tile_size % factor or self.tile_overlap % factor:
             raise InvalidInputError(f"tile_size and tile_overlap must be multiples of the model's factor {factor}",
                                     field="tile_size")
+        if self.tile_norms not in TILE_NORMS:
+            raise InvalidInputError(f"tile_norms must be one of {', '.join(TILE_NORMS)}, got {self.tile_norms!r}",
+                                    field="tile_norms")
         if not 0 <= self.tile_overlap < self.tile_size:
             raise InvalidInputError("tile_overlap must be in [0, tile_size)", field="tile_overlap")
 
@@ -91,6 +99,7 @@ class Codec:
         # The module rewrites are measured on CPUs only; GPUs run diffusers' modules as they are.
         if self.options.optimize and self.placement.device.type == "cpu":
             optimize_for_inference(model)
+        share_tile_norms(model)
         # The float32 retry runs the weights as loaded, not an upcast of their rounded copy; it
         # stays on the CPU until a non-finite half-precision output first needs it.
         self._fp32_model: nn.Module | None = copy.deepcopy(model).float() if self.placement.low_precision else None
@@ -272,7 +281,7 @@ class Codec:
         return _map_grouped(
             images,
             lambda batch: self._run(self._encode_batch, _pad_to_multiple(batch, f)),
-            lambda image: _tiled(image, lambda tiles: self._run(self._encode_batch, tiles), f, opts, pad=True),
+            lambda image: self._tiled(image, self._encode_batch, pad=True),
             per_batch=lambda h, w: opts.max_batch_pixels // (h * w),
             tile=self._tiling_predicate(tiling, 1),
         )
@@ -283,10 +292,25 @@ class Codec:
         return _map_grouped(
             latents,
             lambda batch: self._run(self._decode_batch, batch),
-            lambda latent: _tiled(latent, lambda tiles: self._run(self._decode_batch, tiles), f, opts, pad=False),
+            lambda latent: self._tiled(latent, self._decode_batch, pad=False),
             per_batch=lambda h, w: opts.max_batch_pixels // (h * w * f * f),
             tile=self._tiling_predicate(tiling, f),
         )
+
+    def _tiled(self, x: torch.Tensor, batch_fn: Callable[..., torch.Tensor], *, pad: bool) -> torch.Tensor:
+        """`batch_fn` over `x` [C, H, W] tile by tile: images (pad=True, padded to the factor) or latents."""
+        f, opts = self.factor, self.options
+        source = _pad_to_multiple(x[None], f)[0] if pad else x
+        scales = {"in_scale": f, "out_scale": 1} if pad else {"in_scale": 1, "out_scale": f}
+        tile, overlap = opts.tile_size // f, opts.tile_overlap // f
+        if opts.tile_norms == "tile":
+            return tiled_map(source, lambda tiles: self._run(batch_fn, tiles), tile=tile, overlap=overlap, **scales)
+
+        # Tiles sharing statistics run together: a float32 retry reruns the whole image, not one tile.
+        def whole(image: torch.Tensor, model: nn.Module | None) -> torch.Tensor:
+            return tiled_map(image, lambda tiles: batch_fn(tiles, model), tile=tile, overlap=overlap,
+                             shared_norms=True, **scales)
+        return self._run(whole, source)
 
     def _tiling_predicate(self, tiling: Tiling, pixels_per_unit: int) -> Callable[[int, int], bool]:
         if tiling not in TILING_MODES:
@@ -379,18 +403,6 @@ def _pad_to_multiple(batch: torch.Tensor, factor: int) -> torch.Tensor:
         return batch
     mode = "reflect" if pad_h < height and pad_w < width else "replicate"
     return F.pad(batch, (0, pad_w, 0, pad_h), mode=mode)
-
-
-def _tiled(x: torch.Tensor, batch_fn: Callable, factor: int, opts: CodecOptions, *, pad: bool) -> torch.Tensor:
-    source = _pad_to_multiple(x[None], factor)[0] if pad else x
-    return tiled_map(
-        source,
-        batch_fn,
-        tile=opts.tile_size // factor,
-        overlap=opts.tile_overlap // factor,
-        in_scale=factor if pad else 1,
-        out_scale=1 if pad else factor,
-    )
 
 
 def _map_grouped(

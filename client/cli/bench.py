@@ -42,17 +42,22 @@ def add_parser(subparsers: argparse._SubParsersAction) -> None:
     codec.set_defaults(run=run_codec)
 
     tiling = kinds.add_parser(
-        "tiling", help="PSNR between tiled and untiled decode",
-        description="Encode one image, decode its latents with and without tiling and report the PSNR between "
-                    "the two, the timings and the number of tiles.")
+        "tiling", help="tiled vs untiled encode and decode, latentd's and diffusers' tilers",
+        description="For each size: encode and decode untiled and tiled, with latentd (the image's GroupNorm "
+                    "statistics, and each tile's own) and with diffusers' enable_tiling() on the same weights; "
+                    "report each tiler's PSNR against its own untiled pass, the time, and the peak memory "
+                    "above the loaded model (every pass in a fresh process).")
     tiling.add_argument("--model", default="default", help="model to use (default: default)")
-    tiling.add_argument("--size", type=int, default=1024, help="image side in pixels (default: 1024)")
+    tiling.add_argument("--sizes", type=int, nargs="+", default=[1024, 2048],
+                        help="image sides in pixels (default: 1024 2048)")
+    tiling.add_argument("--ops", nargs="+", choices=("decode", "encode"), default=["decode", "encode"])
     tiling.add_argument("--tile-size", type=int, default=512, help="tile side in pixels (default: 512)")
     tiling.add_argument("--tile-overlap", type=int, default=128, help="tile overlap in pixels (default: 128)")
     tiling.add_argument("--image", help="photo to resize to SIZE x SIZE (default: synthetic gradients)")
     tiling.add_argument("--no-untiled", dest="untiled", action="store_false",
-                        help="skip the untiled decode (for sizes that do not fit in memory)")
-    _add_common(tiling)
+                        help="skip the untiled passes (for sizes that do not fit in memory): no PSNR")
+    tiling.add_argument("--seed", type=int, default=0, help="seed of the random weights and input (default: 0)")
+    tiling.add_argument("--json", action="store_true", help="print one JSON object")
     tiling.set_defaults(run=run_tiling)
 
     serve = kinds.add_parser(
@@ -277,20 +282,23 @@ def run_codec(args: argparse.Namespace) -> int:
 
 
 def run_tiling(args: argparse.Namespace) -> int:
-    from latentd.bench.codec import bench_tiling
+    from latentd.bench.tiling import bench_tiling
 
-    _positive(args, "size", "tile_size")
-    result = bench_tiling(args.model, size=args.size, tile_size=args.tile_size, tile_overlap=args.tile_overlap,
-                          image=args.image, untiled=args.untiled, seed=args.seed, device=args.device,
-                          dtype=args.dtype)
+    _positive(args, "tile_size")
+    if min(args.sizes) < 1:
+        raise CommandError("--sizes must be at least 1", EXIT_USAGE)
+    result = bench_tiling(args.model, sizes=tuple(args.sizes), tile_size=args.tile_size,
+                          tile_overlap=args.tile_overlap, operations=tuple(args.ops), image=args.image,
+                          untiled=args.untiled, seed=args.seed)
     if args.json:
         print(json.dumps(asdict(result), indent=2))
         return EXIT_OK
-    print(f"bench tiling: model {result.model}, {result.size}x{result.size}, tiles {result.tile_size} px "
-          f"overlapping {result.tile_overlap} px ({result.tiles} tiles)")
-    print(f"tiled decode {result.tiled_ms:.0f} ms" + (
-        f", untiled decode {result.untiled_ms:.0f} ms, PSNR tiled vs untiled {result.psnr_tiled_vs_untiled:.2f} dB"
-        if result.untiled_ms is not None else ""))
+    print(f"bench tiling: model {result.model}, tiles {result.tile_size} px overlapping {result.tile_overlap} px; "
+          "PSNR against the same library's untiled pass; peak MB above the loaded model")
+    print(f"{'size':>5} {'op':<7} {'method':<24} {'PSNR dB':>8} {'ms':>9} {'peak MB':>8}")
+    for row in result.rows:
+        print(f"{row.size:>5} {row.operation:<7} {row.method:<24} {_num(row.psnr_vs_untiled, '8.2f'):>8} "
+              f"{row.ms:>9.0f} {row.peak_mb:>8.0f}")
     return EXIT_OK
 
 

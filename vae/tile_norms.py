@@ -1,0 +1,183 @@
+"""GroupNorm statistics of the whole image for every tile of it, so that tiled and untiled passes agree.
+
+A VAE's GroupNorm layers normalise with the mean and variance of the whole image; a tile alone sees
+only its own, and that difference, not the convolutions, is what makes tiles visible. Here the
+tiles of one image run side by side, one thread each and one computing at a time: at every
+GroupNorm each tile adds the statistics of its *core* (the tiles partitioned without overlap, so
+each pixel counts once) and waits for the others; then all normalise with the merged statistics,
+which are exactly the untiled pass's wherever the overlap covers what the tile edges disturb.
+
+Each tile keeps its activations while it waits, so memory grows with the image (the widest layer's
+activations once, plus one tile's working set) rather than staying one tile's; exact statistics
+cannot be had for less without running the network once per GroupNorm layer. Attention blocks
+(the SD decoder's mid-block) still attend within a tile and normalise within it.
+"""
+
+from __future__ import annotations
+
+import contextvars
+import threading
+from dataclasses import dataclass, field
+from typing import Callable
+
+import torch
+from torch import nn
+
+from .stopping import checkpoint
+
+_tile = threading.local()
+
+
+@dataclass
+class _Moments:
+    """Count, mean and summed squared deviations per group, merged tile by tile (Chan et al.)."""
+
+    count: float = 0.0
+    mean: torch.Tensor | None = None
+    m2: torch.Tensor | None = None
+
+    def add(self, region: torch.Tensor) -> None:
+        """Merge `region` [G, N] (one tile core of one layer) in float64."""
+        n = float(region.shape[1])
+        if n == 0:
+            return
+        values = region.float()
+        mean = values.mean(dim=1)
+        m2 = (values - mean[:, None]).square().sum(dim=1).double()
+        mean = mean.double()
+        if self.mean is None or self.m2 is None:
+            self.count, self.mean, self.m2 = n, mean, m2
+            return
+        total = self.count + n
+        delta = mean - self.mean
+        self.mean = self.mean + delta * (n / total)
+        self.m2 = self.m2 + m2 + delta.square() * (self.count * n / total)
+        self.count = total
+
+    def mean_var(self) -> tuple[torch.Tensor, torch.Tensor]:
+        assert self.mean is not None and self.m2 is not None and self.count > 0
+        return self.mean, self.m2 / self.count
+
+
+@dataclass
+class _Tile:
+    """What a tile's thread knows: its image's shared statistics, its size on the grid and its core."""
+
+    image: "SharedStatistics"
+    grid: tuple[int, int]  # the tile's height and width in grid units
+    core: tuple[int, int, int, int]  # top, bottom, left, right in grid units, relative to the tile
+    calls: int = 0  # GroupNorm layers passed so far: the key of the next one's statistics
+
+
+@dataclass
+class SharedStatistics:
+    """The GroupNorm statistics of one image, gathered from its tiles layer by layer."""
+
+    tiles: int
+    _turn: threading.Lock = field(default_factory=threading.Lock)
+    _pending: dict[int, _Moments] = field(default_factory=dict)
+    _merged: dict[int, tuple[torch.Tensor, torch.Tensor]] = field(default_factory=dict)
+    _barrier: threading.Barrier = field(init=False)
+
+    def __post_init__(self) -> None:
+        self._barrier = threading.Barrier(self.tiles, action=self._merge)
+
+    def _merge(self) -> None:
+        # Runs once all tiles have arrived, before any goes on: nothing else touches the tables then.
+        for key, moments in self._pending.items():
+            self._merged[key] = moments.mean_var()
+        self._pending.clear()
+
+    def gather(self, tile: _Tile, x: torch.Tensor, groups: int) -> tuple[torch.Tensor, torch.Tensor] | None:
+        """Add the tile's core of `x` [1, C, H, W], wait for every tile, return the image's (mean, var)
+        per group; None for a layer off the tile grid, which then normalises within the tile."""
+        checkpoint()  # long tiled work stops between layers when its caller says so
+        key = tile.calls
+        tile.calls += 1
+        grid_h, grid_w = tile.grid
+        height, width = x.shape[-2:]
+        on_grid = x.shape[0] == 1 and height % grid_h == 0 and width % grid_w == 0
+        if on_grid:
+            sy, sx = height // grid_h, width // grid_w
+            top, bottom, left, right = tile.core
+            core = x[0, :, top * sy : bottom * sy, left * sx : right * sx]
+            self._pending.setdefault(key, _Moments()).add(core.reshape(groups, -1))
+        self._turn.release()  # let the next tile compute while this one waits
+        try:
+            self._barrier.wait()
+        finally:
+            self._turn.acquire()
+        return self._merged.get(key) if on_grid else None
+
+    def run(self, calls: list[tuple[Callable[[], torch.Tensor], tuple[int, int], tuple[int, int, int, int]]]
+            ) -> list[torch.Tensor]:
+        """Run each tile's call (one per tile: the call, its grid size, its core) in a thread of its own
+        and return the results in order; the first error stops every tile and is raised here."""
+        if len(calls) != self.tiles:
+            raise ValueError(f"{len(calls)} tile calls for {self.tiles} tiles")
+        results: list[torch.Tensor | None] = [None] * len(calls)
+        errors: list[BaseException] = []
+
+        def work(index: int) -> None:
+            call, grid, core = calls[index]
+            with self._turn:
+                _tile.current = _Tile(self, grid, core)
+                try:
+                    with torch.inference_mode():
+                        results[index] = call()
+                except threading.BrokenBarrierError:
+                    pass  # another tile failed; its error is the one raised
+                except BaseException as exc:  # noqa: BLE001 - handed to the caller's thread below
+                    errors.append(exc)
+                    self._barrier.abort()
+                finally:
+                    _tile.current = None
+
+        # Each thread runs in a copy of the caller's context: its stop check (vae/stopping.py) applies.
+        threads = [threading.Thread(target=contextvars.copy_context().run, args=(work, index), daemon=True,
+                                    name=f"latentd-tile-{index}") for index in range(len(calls))]
+        for thread in threads:
+            thread.start()
+        for thread in threads:
+            thread.join()
+        if errors:
+            raise errors[0]
+        return results  # type: ignore[return-value]
+
+
+class TileGroupNorm(nn.GroupNorm):
+    """`nn.GroupNorm` that, in a tile's thread, normalises with the whole image's statistics.
+
+    Anywhere else (untiled calls, training, every other thread) it is exactly `nn.GroupNorm`.
+    """
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        tile: _Tile | None = getattr(_tile, "current", None)
+        if tile is None or x.dim() != 4 or self.training:
+            return super().forward(x)
+        stats = tile.image.gather(tile, x, self.num_groups)
+        if stats is None:
+            return super().forward(x)
+        mean, var = stats
+        per_group = self.num_channels // self.num_groups
+        inv_std = (var + self.eps).rsqrt()
+        scale = inv_std.repeat_interleave(per_group)
+        shift = -(mean * inv_std).repeat_interleave(per_group)
+        if self.affine:
+            shift = shift * self.weight.double() + self.bias.double()
+            scale = scale * self.weight.double()
+        shape = (1, self.num_channels, 1, 1)
+        scale = scale.to(device=x.device, dtype=x.dtype).view(shape)
+        shift = shift.to(device=x.device, dtype=x.dtype).view(shape)
+        return torch.addcmul(shift, x, scale)
+
+
+def share_tile_norms(model: nn.Module) -> int:
+    """Make every `nn.GroupNorm` of `model` a `TileGroupNorm`; returns how many. Parameters, state-dict
+    keys and every result outside a tile's thread are unchanged."""
+    count = 0
+    for module in model.modules():
+        if type(module) is nn.GroupNorm:
+            module.__class__ = TileGroupNorm
+        count += isinstance(module, TileGroupNorm)
+    return count
