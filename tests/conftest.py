@@ -25,6 +25,29 @@ TINY_TAESD_CONFIG = {
     "num_decoder_blocks": [1, 1],
     "latent_channels": 4,
 }
+# A two-stage AutoencoderDC (Sana's DC-AE layout, narrower): factor 2, 8 channels, deterministic.
+TINY_DC_CONFIG = {
+    "latent_channels": 8,
+    "attention_head_dim": 8,
+    "encoder_block_types": ["ResBlock", "EfficientViTBlock"],
+    "decoder_block_types": ["ResBlock", "EfficientViTBlock"],
+    "encoder_block_out_channels": [8, 16],
+    "decoder_block_out_channels": [8, 16],
+    "encoder_layers_per_block": [1, 1],
+    "decoder_layers_per_block": [1, 1],
+    "encoder_qkv_multiscales": [[], [5]],
+    "decoder_qkv_multiscales": [[], [5]],
+    "scaling_factor": 0.41407,
+}
+# A two-level AutoencoderKLFlux2: z of 4 channels at factor 2, in 2x2 patches: 16 channels at factor 4.
+TINY_FLUX2_CONFIG = {
+    "block_out_channels": [16, 16],
+    "down_block_types": ["DownEncoderBlock2D"] * 2,
+    "up_block_types": ["UpDecoderBlock2D"] * 2,
+    "layers_per_block": 1,
+    "latent_channels": 4,
+    "norm_num_groups": 8,
+}
 
 
 def make_tiny_kl(seed: int = 0, **overrides):
@@ -36,13 +59,35 @@ def make_tiny_kl(seed: int = 0, **overrides):
         return AutoencoderKL(**{**TINY_KL_CONFIG, **overrides}).eval()
 
 
-def make_tiny_taesd(seed: int = 0):
+def make_tiny_taesd(seed: int = 0, **overrides):
     import torch
     from diffusers import AutoencoderTiny
 
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(seed)
-        return AutoencoderTiny(**TINY_TAESD_CONFIG).eval()
+        return AutoencoderTiny(**{**TINY_TAESD_CONFIG, **overrides}).eval()
+
+
+def make_tiny_dc(seed: int = 0, **overrides):
+    import torch
+    from diffusers import AutoencoderDC
+
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(seed)
+        return AutoencoderDC(**{**TINY_DC_CONFIG, **overrides}).eval()
+
+
+def make_tiny_flux2(seed: int = 0, **overrides):
+    """With BatchNorm running statistics drawn from the seed (a fresh model's are 0 and 1)."""
+    import torch
+    from diffusers import AutoencoderKLFlux2
+
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(seed)
+        model = AutoencoderKLFlux2(**{**TINY_FLUX2_CONFIG, **overrides}).eval()
+        model.bn.running_mean.copy_(torch.randn_like(model.bn.running_mean) * 0.3)
+        model.bn.running_var.copy_(torch.rand_like(model.bn.running_var) * 2 + 0.1)
+    return model
 
 
 def smooth_image(height: int, width: int, seed: int = 0) -> np.ndarray:

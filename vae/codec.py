@@ -1,9 +1,11 @@
-"""`Codec`: images to latents and back with any diffusers AutoencoderKL or AutoencoderTiny."""
+"""`Codec`: images to latents and back with a diffusers AutoencoderKL, AutoencoderTiny, AutoencoderDC or
+AutoencoderKLFlux2."""
 
 from __future__ import annotations
 
 import collections
 import copy
+import dataclasses
 import logging
 import os
 import secrets
@@ -29,7 +31,7 @@ from .devices import Placement, native_bf16, resolve_placement
 from .errors import InvalidInputError, NumericalError
 from .fast_inference import optimize_for_inference
 from .imageio import DEFAULT_BACKGROUND, DEFAULT_MAX_PIXELS
-from .latent_ops import gaussian_like, interpolation_path
+from .latent_ops import gaussian_like, interpolation_path, patchify, unpatchify
 from .loading import load_model
 from .metrics import mse, psnr
 from .model_info import ModelInfo, describe_model, latent_shape
@@ -88,6 +90,9 @@ class Codec:
         self.options = options or CodecOptions()
         self.placement: Placement = _safe_placement(resolve_placement(device, dtype), model, name)
         model = model.eval().requires_grad_(False)
+        # Read before the cast below: FLUX.2's latent statistics are BatchNorm buffers, which a
+        # half-precision copy would round.
+        info = describe_model(model, name)
         # The module rewrites are measured on CPUs only; GPUs run diffusers' modules as they are.
         if self.options.optimize and self.placement.device.type == "cpu":
             optimize_for_inference(model)
@@ -105,7 +110,8 @@ class Codec:
         # Guards the float32 retry's one-time move only: model calls themselves run concurrently when
         # several threads call the codec (the server's compute lanes do; see server/compute.py).
         self._fp32_lock = threading.Lock()
-        self.info: ModelInfo = describe_model(self._model, name)
+        self.info: ModelInfo = dataclasses.replace(info, dtype=str(self.placement.dtype).removeprefix("torch."))
+        self._statistics = _statistics(self.info)
         self.options.validate(self.info.downsampling_factor)
 
     @property
@@ -196,11 +202,20 @@ class Codec:
         return format_images(reconstructed, items.form, output)
 
     def scale(self, z: torch.Tensor) -> torch.Tensor:
-        """Raw latents -> the diffusion model's convention `(z - shift) * scale`."""
-        return (z - self.info.shift_factor) * self.info.scaling_factor
+        """Raw latents [C, h, w] or [N, C, h, w] -> the diffusion model's convention: `(z - shift) * scale`,
+        or with per-channel statistics `(z - mean) * scale / std` (SDXL-style pipelines; FLUX.2's
+        BatchNorm, with scale 1), the pipelines' own expressions in their order."""
+        if self._statistics is None:
+            return (z - self.info.shift_factor) * self.info.scaling_factor
+        mean, std = self._statistics
+        return (z - mean) * self.info.scaling_factor / std
 
     def unscale(self, latents: torch.Tensor) -> torch.Tensor:
-        return latents / self.info.scaling_factor + self.info.shift_factor
+        """The inverse of `scale`: `latents / scale + shift`, or `latents * std / scale + mean`."""
+        if self._statistics is None:
+            return latents / self.info.scaling_factor + self.info.shift_factor
+        mean, std = self._statistics
+        return latents * std / self.info.scaling_factor + mean
 
     def interpolate(self, image_a: Any, image_b: Any, steps: int = 8, method: str = "slerp", *,
                     output: OutputKind = "numpy") -> list:
@@ -316,14 +331,17 @@ class Codec:
     def _encode_batch(self, x: torch.Tensor, model: nn.Module | None = None) -> torch.Tensor:
         model = model or self._model
         output = model.encode(self._to_device(x, model))
+        patch = self.info.patch_size
         if hasattr(output, "latent_dist"):
             dist = output.latent_dist
-            return torch.cat([dist.mean, dist.logvar], dim=1)
+            return torch.cat([patchify(dist.mean, patch), patchify(dist.logvar, patch)], dim=1)
+        if hasattr(output, "latent"):  # AutoencoderDC
+            return output.latent
         return output.latents
 
     def _decode_batch(self, z: torch.Tensor, model: nn.Module | None = None) -> torch.Tensor:
         model = model or self._model
-        return model.decode(self._to_device(z, model)).sample
+        return model.decode(self._to_device(unpatchify(z, self.info.patch_size), model)).sample
 
     def _to_device(self, x: torch.Tensor, model: nn.Module) -> torch.Tensor:
         dtype = next(model.parameters()).dtype
@@ -355,6 +373,15 @@ class Codec:
                     nn.Module.to(self._fp32_model, device=self.placement.device, memory_format=torch.channels_last)
                 self._fp32_ready = True
         return self._fp32_model
+
+
+def _statistics(info: ModelInfo) -> tuple[torch.Tensor, torch.Tensor] | None:
+    """The per-channel (mean, std) as float32 [C, 1, 1] tensors (broadcasting over [C, h, w] and
+    [N, C, h, w]), or None for models scaled by shift_factor alone."""
+    if not info.latents_mean:
+        return None
+    return (torch.tensor(info.latents_mean, dtype=torch.float32).view(-1, 1, 1),
+            torch.tensor(info.latents_std, dtype=torch.float32).view(-1, 1, 1))
 
 
 def _safe_placement(placement: Placement, model: nn.Module, name: str) -> Placement:
