@@ -50,10 +50,15 @@ class RemoteAutoencoderKL:
         if not info.has_posterior:
             raise ValueError(f"model {info.name!r} is a {info.model_class}: it has no posterior to stand in for an "
                              "AutoencoderKL")
+        if info.patch_size != 1:  # FLUX.2's pipeline patchifies the VAE's own z; the server's are patched
+            raise ValueError(f"model {info.name!r} serves its latents in {info.patch_size}x{info.patch_size} "
+                             "patches: use LatentClient.encode/decode, whose latents are the pipeline's")
         self.model_name = info.name
         levels = int(math.log2(info.downsampling_factor)) + 1
         self.config = RemoteConfig(
             scaling_factor=info.scaling_factor, shift_factor=info.shift_factor,
+            # SDXL-style pipelines scale by these when set (None: by shift_factor alone).
+            latents_mean=list(info.latents_mean) or None, latents_std=list(info.latents_std) or None,
             latent_channels=info.latent_channels, in_channels=3, out_channels=3,
             # Only its length matters to pipelines (vae_scale_factor = 2 ** (len - 1)); the server's
             # channel widths are not part of the contract.
