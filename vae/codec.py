@@ -31,7 +31,7 @@ from .devices import Placement, native_bf16, resolve_placement
 from .errors import InvalidInputError, NumericalError
 from .fast_inference import optimize_for_inference
 from .imageio import DEFAULT_BACKGROUND, DEFAULT_MAX_PIXELS
-from .latent_ops import gaussian_like, interpolation_path, patchify, unpatchify
+from .latent_ops import gaussian_like, interpolation_path, pack_latents, packed_latent_size, patchify, unpack_latents, unpatchify
 from .loading import load_model
 from .metrics import mse, psnr
 from .model_info import ModelInfo, describe_model, latent_shape
@@ -133,14 +133,24 @@ class Codec:
         seed: int | None = None,
         scaled: bool = True,
         tiling: Tiling = "auto",
+        packed: bool = False,
     ) -> torch.Tensor | list[torch.Tensor]:
         """Images -> latents (float32 CPU tensors [C, ceil(H/8), ceil(W/8)] in the caller's form).
 
-        Latents are `(z - shift_factor) * scaling_factor` unless `scaled=False`. `z` is the
+        Latents are `(z - shift_factor) * scaling_factor` unless `scaled=False` (per-channel
+        statistics where the model has them: docs/models.md). `z` is the
         posterior mean, or with `sample=True` a draw from the posterior seeded per image by
-        `seed` (same seed, same latents; no seed: a fresh random one).
+        `seed` (same seed, same latents; no seed: a fresh random one). `packed=True`: FLUX.1's
+        packed layout [(h/2) * (w/2), C * 4] per image (sides multiples of twice the factor).
         """
         items = images_to_tensors(images, max_pixels=self.options.max_pixels, background=self.options.background)
+        if packed:
+            for index, tensor in enumerate(items.tensors):
+                height, width = tensor.shape[-2:]
+                if height % (2 * self.factor) or width % (2 * self.factor):
+                    raise InvalidInputError(f"packed latents need image sides that are multiples of {2 * self.factor} "
+                                            f"(twice the model's factor); image {index} is {height}x{width}",
+                                            field="packed")
         if sample and not self.info.has_posterior:
             raise InvalidInputError(f"{self.info.model_class} {self.info.name!r} is deterministic: it has no "
                                     "posterior to sample from", field="sample")
@@ -148,7 +158,7 @@ class Codec:
             seed = secrets.randbits(63)
         latents = [self.latents_from_posterior(mean, logvar, sample=sample, seed=seed, index=index, scaled=scaled)
                    for index, (mean, logvar) in enumerate(self._posteriors(items.tensors, tiling))]
-        return format_latents(latents, items.form)
+        return format_latents([pack_latents(z) for z in latents] if packed else latents, items.form)
 
     def latents_from_posterior(self, mean: torch.Tensor, logvar: torch.Tensor | None, *, sample: bool = False,
                                seed: int | None = None, index: int = 0, scaled: bool = True) -> torch.Tensor:
@@ -182,18 +192,48 @@ class Codec:
         sizes: tuple[int, int] | Sequence[tuple[int, int]] | None = None,
         output: OutputKind = "numpy",
         tiling: Tiling = "auto",
+        packed: bool = False,
     ) -> Any:
         """Latents -> images: uint8 HWC arrays (default), PIL images, or float tensors in [-1, 1].
 
         `sizes` gives the original (height, width) to crop each decoded image back to, one pair
         for all items or one per item; without it images keep the latent grid size x 8.
+        `packed=True`: FLUX.1's packed latents [tokens, C * 4] ([N, tokens, C * 4], or a list), unpacked
+        by `sizes` (required) as FluxPipeline does: each side rounded down to a multiple of twice the
+        factor, the size the images come back in.
         """
+        if packed:
+            latents, sizes = self._unpack(latents, sizes)
         items = latents_to_tensors(latents, self.info.latent_channels)
         raw = [self.unscale(z) if scaled else z for z in items.tensors]
         crops = self._crop_sizes(sizes, raw)
         decoded = self._decode_tensors(raw, tiling)
         cropped = [image[:, :height, :width] for image, (height, width) in zip(decoded, crops)]
         return format_images(cropped, items.form, output)
+
+    def _unpack(self, latents: Any, sizes: Any) -> tuple[Any, list[tuple[int, int]]]:
+        """Packed latents in any accepted form -> [C, h, w] latents in the same form, and their image sizes."""
+        if sizes is None:
+            raise InvalidInputError("packed latents need sizes: each image's (height, width)", field="sizes")
+        if isinstance(latents, (list, tuple)):
+            tokens, form = [torch.as_tensor(item) for item in latents], "list"
+        else:
+            tensor = torch.as_tensor(latents)
+            tokens, form = (list(tensor.unbind(0)), "batch") if tensor.dim() == 3 else ([tensor], "single")
+        pairs = list(sizes)
+        if len(pairs) == 2 and all(isinstance(v, int) for v in pairs):
+            pairs = [tuple(pairs)] * len(tokens)
+        if len(pairs) != len(tokens):
+            raise InvalidInputError(f"sizes has {len(pairs)} entries for {len(tokens)} latents", field="sizes")
+        unpacked, full = [], []
+        for item, (height, width) in zip(tokens, pairs):
+            if min(height, width) < 2 * self.factor:
+                raise InvalidInputError(f"packed latents need image sizes of at least {2 * self.factor}, got "
+                                        f"{height}x{width}", field="sizes")
+            unpacked.append(unpack_latents(item.float(), height, width, self.factor))
+            rows, cols = packed_latent_size(height, width, self.factor)
+            full.append((rows * self.factor, cols * self.factor))
+        return (unpacked[0] if form == "single" else torch.stack(unpacked) if form == "batch" else unpacked), full
 
     def roundtrip(self, images: Any, *, output: OutputKind = "numpy", tiling: Tiling = "auto") -> Any:
         """Encode then decode, cropping back to each image's original size."""

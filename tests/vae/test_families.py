@@ -227,3 +227,28 @@ def test_statistics_and_patches_survive_the_wire_message():
     assert back == served and back.patch_size == 2 and isinstance(back.latents_mean, tuple)
     plain = ServedModelInfo(**Codec(make_tiny_kl()).info.to_dict())
     assert ServedModelInfo.from_message(plain.to_message()).latents_mean == ()
+
+
+# ---- FLUX.1's packed layout in process (the server's EncodeOptions.packed mirrors it) -----------
+
+def test_codec_packs_and_unpacks_as_the_server_does(image):
+    from latentd.vae.latent_ops import pack_latents
+
+    codec = Codec(make_tiny_kl(latent_channels=16, scaling_factor=0.3611, shift_factor=0.1159))
+    plain = codec.encode(image)
+    packed = codec.encode(image, packed=True)
+    assert packed.shape == (12 * 16, 64)  # a 24x32 latent grid in 2x2 patches
+    torch.testing.assert_close(packed, pack_latents(plain), rtol=0, atol=0)
+    np.testing.assert_array_equal(codec.decode(packed, sizes=(48, 64), packed=True), codec.decode(plain))
+    assert codec.decode(packed, sizes=(51, 66), packed=True).shape == (48, 64, 3)
+    both = codec.encode(np.stack([image, image]), packed=True)
+    assert both.shape == (2, 192, 64) and len(codec.decode(both, sizes=(48, 64), packed=True)) == 2
+    with pytest.raises(InvalidInputError) as caught:
+        codec.encode(smooth_image(18, 64), packed=True)
+    assert caught.value.field == "packed"
+    with pytest.raises(InvalidInputError) as caught:
+        codec.decode(packed, packed=True)
+    assert caught.value.field == "sizes"
+    with pytest.raises(InvalidInputError) as caught:
+        codec.decode(packed, sizes=(64, 64), packed=True)
+    assert caught.value.field == "latents"
