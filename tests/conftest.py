@@ -50,43 +50,37 @@ TINY_FLUX2_CONFIG = {
 }
 
 
-def make_tiny_kl(seed: int = 0, **overrides):
+def _seeded(class_name: str, config: dict, seed: int, overrides: dict):
+    """A diffusers model of `class_name` from `config` with `overrides`, its weights drawn from `seed`."""
+    import diffusers
     import torch
-    from diffusers import AutoencoderKL
 
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(seed)
-        return AutoencoderKL(**{**TINY_KL_CONFIG, **overrides}).eval()
+        return getattr(diffusers, class_name)(**{**config, **overrides}).eval()
+
+
+def make_tiny_kl(seed: int = 0, **overrides):
+    return _seeded("AutoencoderKL", TINY_KL_CONFIG, seed, overrides)
 
 
 def make_tiny_taesd(seed: int = 0, **overrides):
-    import torch
-    from diffusers import AutoencoderTiny
-
-    with torch.random.fork_rng(devices=[]):
-        torch.manual_seed(seed)
-        return AutoencoderTiny(**{**TINY_TAESD_CONFIG, **overrides}).eval()
+    return _seeded("AutoencoderTiny", TINY_TAESD_CONFIG, seed, overrides)
 
 
 def make_tiny_dc(seed: int = 0, **overrides):
-    import torch
-    from diffusers import AutoencoderDC
-
-    with torch.random.fork_rng(devices=[]):
-        torch.manual_seed(seed)
-        return AutoencoderDC(**{**TINY_DC_CONFIG, **overrides}).eval()
+    return _seeded("AutoencoderDC", TINY_DC_CONFIG, seed, overrides)
 
 
 def make_tiny_flux2(seed: int = 0, **overrides):
     """With BatchNorm running statistics drawn from the seed (a fresh model's are 0 and 1)."""
     import torch
-    from diffusers import AutoencoderKLFlux2
 
-    with torch.random.fork_rng(devices=[]):
-        torch.manual_seed(seed)
-        model = AutoencoderKLFlux2(**{**TINY_FLUX2_CONFIG, **overrides}).eval()
-        model.bn.running_mean.copy_(torch.randn_like(model.bn.running_mean) * 0.3)
-        model.bn.running_var.copy_(torch.rand_like(model.bn.running_var) * 2 + 0.1)
+    model = _seeded("AutoencoderKLFlux2", TINY_FLUX2_CONFIG, seed, overrides)
+    generator = torch.Generator().manual_seed(seed)
+    stats = model.bn.running_mean.shape
+    model.bn.running_mean.copy_(torch.randn(stats, generator=generator) * 0.3)
+    model.bn.running_var.copy_(torch.rand(stats, generator=generator) * 2 + 0.1)
     return model
 
 
