@@ -31,7 +31,15 @@ from .devices import Placement, native_bf16, resolve_placement
 from .errors import InvalidInputError, NumericalError
 from .fast_inference import optimize_for_inference
 from .imageio import DEFAULT_BACKGROUND, DEFAULT_MAX_PIXELS
-from .latent_ops import gaussian_like, interpolation_path, pack_latents, packed_latent_size, patchify, unpack_latents, unpatchify
+from .latent_ops import (
+    gaussian_like,
+    interpolation_path,
+    pack_latents,
+    packed_latent_size,
+    patchify,
+    unpack_latents,
+    unpatchify,
+)
 from .loading import load_model
 from .metrics import mse, psnr
 from .model_info import ModelInfo, describe_model, latent_shape

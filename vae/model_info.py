@@ -5,7 +5,6 @@ from __future__ import annotations
 import math
 
 from latentd.v1.results import ModelInfo
-
 from torch import nn
 
 from .errors import ModelLoadError

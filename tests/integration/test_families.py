@@ -6,10 +6,10 @@ from __future__ import annotations
 import numpy as np
 import pytest
 import torch
-
 from latentd.client import InvalidInputError, LatentClient
 from latentd.v1 import latentd_pb2 as pb
 from latentd.vae.latent_ops import pack_latents
+
 from tests.conftest import make_tiny_dc, make_tiny_flux2, make_tiny_kl, smooth_image
 from tests.integration.conftest import ServerFactory
 
@@ -42,7 +42,7 @@ def served(family_dirs):
 
 
 def test_packed_encode_is_the_flux_layout_of_the_plain_answer(served):
-    harness, client = served
+    _, client = served
     image = smooth_image(24, 32, seed=3)
     plain = client.encode(image, model="flux1", dtype="float32")
     packed = client.encode(image, model="flux1", dtype="float32", packed=True)
@@ -53,7 +53,7 @@ def test_packed_encode_is_the_flux_layout_of_the_plain_answer(served):
 
 
 def test_packed_decode_matches_the_plain_decode(served):
-    harness, client = served
+    _, client = served
     image = smooth_image(24, 32, seed=5)
     plain = client.encode(image, model="flux1", dtype="float32")
     packed = client.encode(image, model="flux1", dtype="float32", packed=True)

@@ -8,11 +8,11 @@ from __future__ import annotations
 import numpy as np
 import pytest
 import torch
-
 from latentd.v1.results import ServedModelInfo
-from latentd.vae import Codec, CodecOptions, InvalidInputError
+from latentd.vae import Codec, InvalidInputError
 from latentd.vae.errors import ModelLoadError
 from latentd.vae.latent_ops import patchify, unpatchify
+
 from tests.conftest import make_tiny_dc, make_tiny_flux2, make_tiny_kl, make_tiny_taesd, smooth_image
 from tests.vae.codec_contract import CodecContract
 

@@ -7,11 +7,11 @@ from __future__ import annotations
 
 import pytest
 import torch
-
 from latentd.vae import Codec
 from latentd.vae.loading import _CLASSES
 from latentd.vae.model_info import describe_model
 from latentd.vae.registry import MODELS, get_spec
+
 from tests.conftest import TINY_DC_CONFIG, TINY_FLUX2_CONFIG, TINY_KL_CONFIG, TINY_TAESD_CONFIG, smooth_image
 
 # name: (class, hub id, latent channels, factor, scaling, shift, latents_mean, latents_std, patch size)
