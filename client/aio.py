@@ -59,10 +59,10 @@ class AsyncLatentClient:
 
     async def encode(self, images: Any, *, model: str | None = None, sample: bool = False, seed: int | None = None,
                      scaled: bool = True, dtype: str = "float16", tiling: str = "auto", output: str = "numpy",
-                     timeout: float | None = None, priority: str = "interactive") -> Any:
+                     timeout: float | None = None, packed: bool = False, priority: str = "interactive") -> Any:
         """See `LatentClient.encode`."""
         call = calls.encode_call(images, model=model, sample=sample, seed=seed, scaled=scaled, dtype=dtype,
-                                 tiling=tiling, output=output)
+                                 tiling=tiling, output=output, packed=packed)
         calls.prioritized(call, priority)
         return calls.encode_result(await self._unary(self._stub.Encode, call.request, timeout), call)
 
@@ -76,10 +76,11 @@ class AsyncLatentClient:
 
     async def decode(self, latents: Any, *, model: str | None = None, format: str = "raw",
                      quality: int | None = None, sizes: Any = None, scaled: bool = True, tiling: str = "auto",
-                     output: str = "numpy", timeout: float | None = None, priority: str = "interactive") -> Any:
+                     output: str = "numpy", timeout: float | None = None, packed: bool = False,
+                     priority: str = "interactive") -> Any:
         """See `LatentClient.decode`."""
         call = calls.decode_call(latents, model=model, format=format, quality=quality, sizes=sizes, scaled=scaled,
-                                 tiling=tiling, output=output)
+                                 tiling=tiling, output=output, packed=packed)
         calls.prioritized(call, priority)
         return calls.decode_result(await self._unary(self._stub.Decode, call.request, timeout), call)
 

@@ -54,10 +54,10 @@ def prioritized(call: Call, priority: str) -> Call:
 
 
 def encode_call(images: Any, *, model: str | None, sample: bool, seed: int | None, scaled: bool, dtype: str,
-                tiling: str, output: str) -> Call:
+                tiling: str, output: str, packed: bool = False) -> Call:
     output = check_output(output, ("numpy", "tensor"))
     options = pb.EncodeOptions(raw=not scaled, sample=sample, latent_dtype=_choice(dtype, LATENT_DTYPES, "dtype"),
-                               tiling=_choice(tiling, TILING, "tiling"))
+                               tiling=_choice(tiling, TILING, "tiling"), packed=bool(packed))
     if seed is not None:
         if not sample:
             raise InvalidInputError("seed only applies with sample=True")
@@ -86,7 +86,7 @@ def encode_result(response: pb.EncodeResponse, call: Call) -> Any:
 
 
 def decode_call(latents: Any, *, model: str | None, format: str, quality: int | None, sizes: Any, scaled: bool,
-                tiling: str, output: str) -> Call:
+                tiling: str, output: str, packed: bool = False) -> Call:
     output = check_output(output)
     if format == "raw":
         wire = pb.RAW_FLOAT if output == "tensor" else pb.RAW_UINT8
@@ -94,9 +94,9 @@ def decode_call(latents: Any, *, model: str | None, format: str, quality: int | 
         wire = _choice(format, FILE_FORMATS, "format")
     if quality is not None and not 1 <= quality <= 100:
         raise InvalidInputError(f"quality must be 1-100, got {quality}")
-    prepared = prepare_latents(latents, sizes)
+    prepared = prepare_latents(latents, sizes, packed=packed)
     options = pb.DecodeOptions(raw=not scaled, format=wire, quality=quality or 0,
-                               tiling=_choice(tiling, TILING, "tiling"))
+                               tiling=_choice(tiling, TILING, "tiling"), packed=bool(packed))
     return Call(pb.DecodeRequest(model=model or "", items=prepared.messages, options=options), prepared.form, output)
 
 

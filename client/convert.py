@@ -94,16 +94,20 @@ def prepare_images(images: Any) -> Prepared:
     return Prepared([_image_message(images, "images")], "single")
 
 
-def prepare_latents(latents: Any, sizes: Any = None) -> Prepared:
+def prepare_latents(latents: Any, sizes: Any = None, *, packed: bool = False) -> Prepared:
     """[C, h, w] or [N, C, h, w] float arrays/tensors, or a list of [C, h, w]; optional crop sizes,
-    one (height, width) for all items or one per item."""
+    one (height, width) for all items or one per item. `packed`: FLUX.1's [tokens, C * 4] per item
+    ([N, tokens, C * 4] a batch), with the image sizes required."""
+    rank = 2 if packed else 3
     if isinstance(latents, (list, tuple)):
         arrays, form = [_numpy(item) for item in latents], "list"
     else:
         array = _numpy(latents)
-        arrays, form = (list(array), "batch") if array.ndim == 4 else ([array], "single")
+        arrays, form = (list(array), "batch") if array.ndim == rank + 1 else ([array], "single")
     if not arrays:
         raise InvalidInputError("latents: nothing to decode")
+    if packed and sizes is None:
+        raise InvalidInputError("sizes: packed latents need each image's (height, width) to unpack them")
     if sizes is None:
         crop = [(0, 0)] * len(arrays)
     elif len(sizes) == 2 and all(isinstance(v, (int, np.integer)) for v in sizes):
@@ -114,8 +118,9 @@ def prepare_latents(latents: Any, sizes: Any = None) -> Prepared:
             raise InvalidInputError(f"sizes: {len(crop)} sizes for {len(arrays)} latents")
     messages = []
     for index, (array, (height, width)) in enumerate(zip(arrays, crop)):
-        if not np.issubdtype(array.dtype, np.floating) or array.ndim != 3:
-            raise InvalidInputError(f"latents[{index}]: expected a float [C, h, w] array, got {array.dtype} "
+        if not np.issubdtype(array.dtype, np.floating) or array.ndim != rank:
+            expected = "[tokens, C * 4] (packed)" if packed else "[C, h, w]"
+            raise InvalidInputError(f"latents[{index}]: expected a float {expected} array, got {array.dtype} "
                                     f"{array.shape}")
         wire = "float16" if array.dtype == np.float16 else "float32"
         messages.append(pb.Latents(latents=to_tensor(array, wire), height=int(height), width=int(width)))

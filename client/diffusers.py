@@ -94,9 +94,14 @@ class RemoteAutoencoder:
 
     def _check_model(self, info: ServedModelInfo) -> None:
         """Raise ValueError if the model cannot stand in for this kind of VAE."""
+        if info.patch_size != 1:  # FLUX.2's pipeline patchifies the VAE's own z; the server's are patched
+            raise ValueError(f"model {info.name!r} serves its latents in {info.patch_size}x{info.patch_size} "
+                             "patches: use LatentClient.encode/decode, whose latents are the pipeline's")
 
     def _config(self, info: ServedModelInfo) -> RemoteConfig:
+        # SDXL-style pipelines scale by latents_mean/std when set (None: by shift_factor alone).
         return RemoteConfig(scaling_factor=info.scaling_factor, shift_factor=info.shift_factor,
+                            latents_mean=list(info.latents_mean) or None, latents_std=list(info.latents_std) or None,
                             latent_channels=info.latent_channels, in_channels=3, out_channels=3,
                             force_upcast=False)
 
@@ -210,8 +215,8 @@ class RemoteAutoencoder:
 class RemoteAutoencoderKL(RemoteAutoencoder):
     """Stands in for diffusers' `AutoencoderKL` in a pipeline: `config.scaling_factor`,
     `config.shift_factor`, `config.latent_channels`, `config.block_out_channels` (its length gives the
-    pipeline's `vae_scale_factor`), `config.latents_mean`/`latents_std` (None: the server's models
-    have none), `dtype`, `device`, `encode(x).latent_dist` (`sample(generator)`, `mode()`) and
+    pipeline's `vae_scale_factor`), `config.latents_mean`/`latents_std` (the model's per-channel
+    statistics, None when it has none), `dtype`, `device`, `encode(x).latent_dist` (`sample(generator)`, `mode()`) and
     `decode(z, return_dict=...)`. Results follow the caller's device and dtype. See
     `RemoteAutoencoder` for tiling, slicing, chunking and the wire dtype.
 
@@ -219,14 +224,14 @@ class RemoteAutoencoderKL(RemoteAutoencoder):
     """
 
     def _check_model(self, info: ServedModelInfo) -> None:
+        super()._check_model(info)
         if not info.has_posterior:
             raise ValueError(f"model {info.name!r} is a {info.model_class}: it has no posterior to stand in for an "
                              "AutoencoderKL (RemoteAutoencoderDC takes deterministic models)")
 
     def _config(self, info: ServedModelInfo) -> RemoteConfig:
         config = super()._config(info)
-        config.__dict__.update(block_out_channels=self._levels(info), latents_mean=None, latents_std=None,
-                               use_quant_conv=True, use_post_quant_conv=True)
+        config.__dict__.update(block_out_channels=self._levels(info), use_quant_conv=True, use_post_quant_conv=True)
         return config
 
     def encode(self, x: torch.Tensor, return_dict: bool = True) -> AutoencoderKLOutput | tuple:

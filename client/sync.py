@@ -71,16 +71,19 @@ class LatentClient:
 
     def encode(self, images: Any, *, model: str | None = None, sample: bool = False, seed: int | None = None,
                scaled: bool = True, dtype: str = "float16", tiling: str = "auto", output: str = "numpy",
-               timeout: float | None = None, priority: str = "interactive") -> Any:
+               timeout: float | None = None, packed: bool = False, priority: str = "interactive") -> Any:
         """Images -> latents [C, H/f, W/f] (diffusers-scaled unless `scaled=False`; the posterior mean
         unless `sample=True`, reproducible with `seed`), in the form given: one image -> one array, a
         list -> a list, an NHWC/NCHW batch -> a stacked array; numpy, or torch with `output="tensor"`
         ("torch" is understood too).
 
         Images: file paths, encoded bytes, PIL images, uint8 arrays (HWC, NHWC, NCHW), float arrays or
-        tensors (CHW/NCHW in [-1, 1]). `priority="bulk"` queues it behind interactive work on the server."""
+        tensors (CHW/NCHW in [-1, 1]). `priority="bulk"` queues it behind interactive work on the server.
+
+        `packed=True`: FLUX.1's packed layout [(h/2) * (w/2), C * 4] per image (FluxPipeline's
+        `_pack_latents`; image sides must be multiples of twice the model's factor)."""
         call = calls.encode_call(images, model=model, sample=sample, seed=seed, scaled=scaled, dtype=dtype,
-                                 tiling=tiling, output=output)
+                                 tiling=tiling, output=output, packed=packed)
         calls.prioritized(call, priority)
         return calls.encode_result(self._unary(self._stub.Encode, call.request, timeout), call)
 
@@ -94,11 +97,15 @@ class LatentClient:
 
     def decode(self, latents: Any, *, model: str | None = None, format: str = "raw", quality: int | None = None,
                sizes: Any = None, scaled: bool = True, tiling: str = "auto", output: str = "numpy",
-               timeout: float | None = None, priority: str = "interactive") -> Any:
+               timeout: float | None = None, packed: bool = False, priority: str = "interactive") -> Any:
         """Latents -> images: with `format="raw"` uint8 HWC arrays (or PIL, or torch float CHW in
-        [-1, 1]); with png/jpeg/webp the encoded file bytes. `sizes` crops to (height, width)."""
+        [-1, 1]); with png/jpeg/webp the encoded file bytes. `sizes` crops to (height, width).
+
+        `packed=True`: the latents are FLUX.1's packed [(h/2) * (w/2), C * 4] (a batch: [N, tokens, C * 4]);
+        `sizes` is then required, the image sizes they unpack to, as FluxPipeline's `_unpack_latents`
+        takes them (each side rounded down to a multiple of twice the factor)."""
         call = calls.decode_call(latents, model=model, format=format, quality=quality, sizes=sizes, scaled=scaled,
-                                 tiling=tiling, output=output)
+                                 tiling=tiling, output=output, packed=packed)
         calls.prioritized(call, priority)
         return calls.decode_result(self._unary(self._stub.Decode, call.request, timeout), call)
 

@@ -11,7 +11,7 @@ from latentd.vae.errors import InvalidInputError
 from latentd.vae.imageio import check_pixel_limit, read_size
 
 from .settings import ServerSettings
-from .wire import ENCODED_FORMATS, OutputFormat, checked_shape
+from .wire import ENCODED_FORMATS, OutputFormat, checked_shape, packed_image_size
 
 MIB = 1024 * 1024
 UINT8_PIXEL = 3  # bytes of a uint8 RGB pixel
@@ -185,12 +185,17 @@ def decode_cost(request: pb.DecodeRequest, codec: Codec, settings: ServerSetting
     cost = Cost(held_bytes=request.ByteSize())
     for index, item in enumerate(request.items):
         shape = checked_shape(item.latents, f"items[{index}].latents")
-        if len(shape) != 3 or min(shape) < 1:
+        if request.options.packed:  # [tokens, 4C] of an image of the item's height and width
+            if len(shape) != 2 or min(shape) < 1 or min(item.height, item.width) < 2 * f:
+                continue  # wire.read_latents refuses it, naming the field
+            height, width = packed_image_size(item, f"items[{index}]", f)
+        elif len(shape) != 3 or min(shape) < 1:
             continue  # wire.read_latents refuses it, naming the field
-        height, width = shape[1] * f, shape[2] * f
+        else:
+            height, width = shape[1] * f, shape[2] * f
         _check_pixels(width, height, settings.max_pixels, f"items[{index}].latents")
         # A crop outside 1..full is refused by wire.read_latents before any work; costed at full size.
-        crop = tuple(value if 0 < value <= full else full
+        crop = tuple(value if 0 < value <= full and not request.options.packed else full
                      for value, full in ((item.height, height), (item.width, width)))
         check_format_size(*crop, output, f"items[{index}]")
         cost += _decode_image(codec, height, width, crop, output, tiling)

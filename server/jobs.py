@@ -10,6 +10,7 @@ from typing import Any, Callable
 import numpy as np
 
 from latentd.vae.codec import Codec
+from latentd.vae.latent_ops import pack_latents
 from latentd.vae.stopping import stoppable
 
 from . import wire
@@ -45,14 +46,18 @@ class EncodeFinish:
     seed: int = 0
     index: int = 0  # the image's place in its request: its stream of the seed (Codec.latents_from_posterior)
     scaled: bool = True
+    packed: bool = False  # FLUX.1's packed layout (latent_ops.pack_latents) instead of [C, h, w]
 
     def __call__(self, codec: Codec, output: tuple) -> tuple[np.ndarray, np.ndarray | None]:
         mean, logvar = output
         if self.posterior:
-            return wire.latents_array(mean), wire.latents_array(logvar)
+            return self._array(mean), self._array(logvar)
         latents = codec.latents_from_posterior(mean, logvar, sample=self.sample, seed=self.seed, index=self.index,
                                                scaled=self.scaled)
-        return wire.latents_array(latents), None
+        return self._array(latents), None
+
+    def _array(self, latents: Any) -> np.ndarray:
+        return wire.latents_array(pack_latents(latents) if self.packed else latents)
 
 
 @dataclass(frozen=True)

@@ -185,9 +185,11 @@ class LatentdServicer(pb_grpc.LatentdServicer):
         images = await self._off_loop(lambda: self._read_images(request.images), _has_files(request.images))
         sizes = [wire.image_size(image) for image in images]
         log.items, log.sizes = len(images), _sizes(sizes)
+        if options.packed:
+            wire.check_packable(sizes, served.codec.factor)
         seed = options.seed if options.HasField("seed") else secrets.randbits(63)
         finishes = [EncodeFinish(posterior=options.posterior, sample=options.sample, seed=seed, index=index,
-                                 scaled=not options.raw) for index in range(len(images))]
+                                 scaled=not options.raw, packed=options.packed) for index in range(len(images))]
         # uint8 and float inputs go through the codec separately (its conversion differs per kind).
         def key(image) -> BatchKey:
             return BatchKey(ENCODE, *wire.image_size(image), tiling, kind=isinstance(image, np.ndarray))
@@ -215,8 +217,8 @@ class LatentdServicer(pb_grpc.LatentdServicer):
                                output: wire.OutputFormat, deadline: float | None, log: RequestLog) -> pb.DecodeResponse:
         options = request.options
         codec = served.codec
-        items = [dataclasses.replace(wire.read_latents(item, f"items[{i}]", codec.info, self.settings.max_pixels),
-                                     scaled=not options.raw)
+        items = [dataclasses.replace(wire.read_latents(item, f"items[{i}]", codec.info, self.settings.max_pixels,
+                                                       packed=options.packed), scaled=not options.raw)
                  for i, item in enumerate(request.items)]
         log.items, log.sizes = len(items), _sizes([item.size for item in items])
         def key(item: wire.DecodeItem) -> BatchKey:

@@ -13,6 +13,7 @@ from latentd.v1 import latentd_pb2 as pb
 from latentd.vae.convert import tensor_to_uint8
 from latentd.vae.errors import InvalidInputError
 from latentd.vae.imageio import check_pixel_limit, encode_image, open_image
+from latentd.vae.latent_ops import packed_latent_size, unpack_latents
 from latentd.v1.results import ModelInfo, ServedModelInfo
 
 from .echo import quoted
@@ -167,13 +168,53 @@ def image_size(image: np.ndarray | torch.Tensor) -> tuple[int, int]:
     return tuple(image.shape[-2:]) if isinstance(image, torch.Tensor) else tuple(image.shape[:2])
 
 
-def read_latents(message: pb.Latents, field: str, info: ModelInfo, max_pixels: int) -> DecodeItem:
-    """A Latents message as raw-or-scaled float32 latents [C, h, w] plus the size to crop to."""
+def check_packable(sizes: list[tuple[int, int]], factor: int) -> None:
+    """Packed answers need images whose sides are multiples of 2 x factor (FluxPipeline's sizes), so
+    that their latents unpack from the image size alone."""
+    for index, (height, width) in enumerate(sizes):
+        if height % (2 * factor) or width % (2 * factor):
+            raise InvalidInputError(f"options.packed: images[{index}] is {height}x{width}; packed latents need "
+                                    f"sides that are multiples of {2 * factor} (twice the model's factor)",
+                                    field="options.packed")
+
+
+def packed_image_size(message: pb.Latents, field: str, factor: int) -> tuple[int, int]:
+    """The image that packed latents decode to: FluxPipeline's, each side of the item's height and width
+    rounded down to a multiple of 2 x factor (both required, at least that much)."""
+    for name in ("height", "width"):
+        if getattr(message, name) < 2 * factor:
+            raise InvalidInputError(f"{field}.{name}: packed latents need the image's {name}, at least "
+                                    f"{2 * factor} (twice the model's factor), got {getattr(message, name)}",
+                                    field=f"{field}.{name}")
+    height, width = packed_latent_size(message.height, message.width, factor)
+    return height * factor, width * factor
+
+
+def _unpacked(array: np.ndarray, message: pb.Latents, field: str, info: ModelInfo) -> np.ndarray:
+    """Packed latents [(h/2) * (w/2), C * 4] (FLUX.1's layout) as [C, h, w], checked against the item's size."""
+    label = f"{field}.latents"
+    height, width = packed_image_size(message, field, info.downsampling_factor)
+    tokens = (height // info.downsampling_factor // 2) * (width // info.downsampling_factor // 2)
+    if array.ndim != 2 or array.shape != (tokens, 4 * info.latent_channels):
+        raise InvalidInputError(f"{label}.shape must be [{tokens}, {4 * info.latent_channels}] (packed) for a "
+                                f"{message.height}x{message.width} image and model {info.name!r}, got "
+                                f"{list(array.shape)}", field=f"{label}.shape")
+    latents = unpack_latents(torch.from_numpy(np.ascontiguousarray(array)), message.height, message.width,
+                             info.downsampling_factor)
+    return latents.numpy()
+
+
+def read_latents(message: pb.Latents, field: str, info: ModelInfo, max_pixels: int,
+                 packed: bool = False) -> DecodeItem:
+    """A Latents message as raw-or-scaled float32 latents [C, h, w] plus the size to crop to; `packed`:
+    the message holds FLUX.1's packed layout, unpacked here."""
     array = _tensor(message.latents, f"{field}.latents")
     label = f"{field}.latents"
     if array.dtype not in (np.float32, np.float16):
         raise InvalidInputError(f"{label}.dtype must be FLOAT32, FLOAT16 or BFLOAT16, got {array.dtype.name}",
                                 field=f"{label}.dtype")
+    if packed:
+        array = _unpacked(array, message, field, info)
     if array.ndim != 3 or array.shape[0] != info.latent_channels:
         raise InvalidInputError(f"{label}.shape must be [{info.latent_channels}, h, w] for model {info.name!r}, "
                                 f"got {list(array.shape)}", field=f"{label}.shape")
@@ -184,7 +225,7 @@ def read_latents(message: pb.Latents, field: str, info: ModelInfo, max_pixels: i
         raise InvalidInputError(f"{label} holds NaN or infinite values", field=label)
     _check_bound(array, LATENT_BOUND, label)
     full = (h * info.downsampling_factor, w * info.downsampling_factor)
-    height, width = message.height or full[0], message.width or full[1]
+    height, width = full if packed else (message.height or full[0], message.width or full[1])
     for name, value, limit in (("height", height, full[0]), ("width", width, full[1])):
         if not 0 < value <= limit:
             raise InvalidInputError(f"{field}.{name} must be 1-{limit} for these latents, got {value}",

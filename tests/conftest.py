@@ -25,24 +25,63 @@ TINY_TAESD_CONFIG = {
     "num_decoder_blocks": [1, 1],
     "latent_channels": 4,
 }
+# A two-stage AutoencoderDC (Sana's DC-AE layout, narrower): factor 2, 8 channels, deterministic.
+TINY_DC_CONFIG = {
+    "latent_channels": 8,
+    "attention_head_dim": 8,
+    "encoder_block_types": ["ResBlock", "EfficientViTBlock"],
+    "decoder_block_types": ["ResBlock", "EfficientViTBlock"],
+    "encoder_block_out_channels": [8, 16],
+    "decoder_block_out_channels": [8, 16],
+    "encoder_layers_per_block": [1, 1],
+    "decoder_layers_per_block": [1, 1],
+    "encoder_qkv_multiscales": [[], [5]],
+    "decoder_qkv_multiscales": [[], [5]],
+    "scaling_factor": 0.41407,
+}
+# A two-level AutoencoderKLFlux2: z of 4 channels at factor 2, in 2x2 patches: 16 channels at factor 4.
+TINY_FLUX2_CONFIG = {
+    "block_out_channels": [16, 16],
+    "down_block_types": ["DownEncoderBlock2D"] * 2,
+    "up_block_types": ["UpDecoderBlock2D"] * 2,
+    "layers_per_block": 1,
+    "latent_channels": 4,
+    "norm_num_groups": 8,
+}
+
+
+def _seeded(class_name: str, config: dict, seed: int, overrides: dict):
+    """A diffusers model of `class_name` from `config` with `overrides`, its weights drawn from `seed`."""
+    import diffusers
+    import torch
+
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(seed)
+        return getattr(diffusers, class_name)(**{**config, **overrides}).eval()
 
 
 def make_tiny_kl(seed: int = 0, **overrides):
+    return _seeded("AutoencoderKL", TINY_KL_CONFIG, seed, overrides)
+
+
+def make_tiny_taesd(seed: int = 0, **overrides):
+    return _seeded("AutoencoderTiny", TINY_TAESD_CONFIG, seed, overrides)
+
+
+def make_tiny_dc(seed: int = 0, **overrides):
+    return _seeded("AutoencoderDC", TINY_DC_CONFIG, seed, overrides)
+
+
+def make_tiny_flux2(seed: int = 0, **overrides):
+    """With BatchNorm running statistics drawn from the seed (a fresh model's are 0 and 1)."""
     import torch
-    from diffusers import AutoencoderKL
 
-    with torch.random.fork_rng(devices=[]):
-        torch.manual_seed(seed)
-        return AutoencoderKL(**{**TINY_KL_CONFIG, **overrides}).eval()
-
-
-def make_tiny_taesd(seed: int = 0):
-    import torch
-    from diffusers import AutoencoderTiny
-
-    with torch.random.fork_rng(devices=[]):
-        torch.manual_seed(seed)
-        return AutoencoderTiny(**TINY_TAESD_CONFIG).eval()
+    model = _seeded("AutoencoderKLFlux2", TINY_FLUX2_CONFIG, seed, overrides)
+    generator = torch.Generator().manual_seed(seed)
+    stats = model.bn.running_mean.shape
+    model.bn.running_mean.copy_(torch.randn(stats, generator=generator) * 0.3)
+    model.bn.running_var.copy_(torch.rand(stats, generator=generator) * 2 + 0.1)
+    return model
 
 
 def smooth_image(height: int, width: int, seed: int = 0) -> np.ndarray:

@@ -1,9 +1,11 @@
-"""`Codec`: images to latents and back with any diffusers AutoencoderKL or AutoencoderTiny."""
+"""`Codec`: images to latents and back with a diffusers AutoencoderKL, AutoencoderTiny, AutoencoderDC or
+AutoencoderKLFlux2."""
 
 from __future__ import annotations
 
 import collections
 import copy
+import dataclasses
 import logging
 import os
 import secrets
@@ -29,7 +31,15 @@ from .devices import Placement, native_bf16, resolve_placement
 from .errors import InvalidInputError, NumericalError
 from .fast_inference import optimize_for_inference
 from .imageio import DEFAULT_BACKGROUND, DEFAULT_MAX_PIXELS
-from .latent_ops import gaussian_like, interpolation_path
+from .latent_ops import (
+    gaussian_like,
+    interpolation_path,
+    pack_latents,
+    packed_latent_size,
+    patchify,
+    unpack_latents,
+    unpatchify,
+)
 from .loading import load_model
 from .metrics import mse, psnr
 from .model_info import ModelInfo, describe_model, latent_shape
@@ -96,6 +106,9 @@ class Codec:
         self.options = options or CodecOptions()
         self.placement: Placement = _safe_placement(resolve_placement(device, dtype), model, name)
         model = model.eval().requires_grad_(False)
+        # Read before the cast below: FLUX.2's latent statistics are BatchNorm buffers, which a
+        # half-precision copy would round.
+        info = describe_model(model, name)
         # The module rewrites are measured on CPUs only; GPUs run diffusers' modules as they are.
         if self.options.optimize and self.placement.device.type == "cpu":
             optimize_for_inference(model)
@@ -114,7 +127,8 @@ class Codec:
         # Guards the float32 retry's one-time move only: model calls themselves run concurrently when
         # several threads call the codec (the server's compute lanes do; see server/compute.py).
         self._fp32_lock = threading.Lock()
-        self.info: ModelInfo = describe_model(self._model, name)
+        self.info: ModelInfo = dataclasses.replace(info, dtype=str(self.placement.dtype).removeprefix("torch."))
+        self._statistics = _statistics(self.info)
         self.options.validate(self.info.downsampling_factor)
 
     @property
@@ -136,14 +150,24 @@ class Codec:
         seed: int | None = None,
         scaled: bool = True,
         tiling: Tiling = "auto",
+        packed: bool = False,
     ) -> torch.Tensor | list[torch.Tensor]:
         """Images -> latents (float32 CPU tensors [C, ceil(H/8), ceil(W/8)] in the caller's form).
 
-        Latents are `(z - shift_factor) * scaling_factor` unless `scaled=False`. `z` is the
+        Latents are `(z - shift_factor) * scaling_factor` unless `scaled=False` (per-channel
+        statistics where the model has them: docs/models.md). `z` is the
         posterior mean, or with `sample=True` a draw from the posterior seeded per image by
-        `seed` (same seed, same latents; no seed: a fresh random one).
+        `seed` (same seed, same latents; no seed: a fresh random one). `packed=True`: FLUX.1's
+        packed layout [(h/2) * (w/2), C * 4] per image (sides multiples of twice the factor).
         """
         items = images_to_tensors(images, max_pixels=self.options.max_pixels, background=self.options.background)
+        if packed:
+            for index, tensor in enumerate(items.tensors):
+                height, width = tensor.shape[-2:]
+                if height % (2 * self.factor) or width % (2 * self.factor):
+                    raise InvalidInputError(f"packed latents need image sides that are multiples of {2 * self.factor} "
+                                            f"(twice the model's factor); image {index} is {height}x{width}",
+                                            field="packed")
         if sample and not self.info.has_posterior:
             raise InvalidInputError(f"{self.info.model_class} {self.info.name!r} is deterministic: it has no "
                                     "posterior to sample from", field="sample")
@@ -151,7 +175,7 @@ class Codec:
             seed = secrets.randbits(63)
         latents = [self.latents_from_posterior(mean, logvar, sample=sample, seed=seed, index=index, scaled=scaled)
                    for index, (mean, logvar) in enumerate(self._posteriors(items.tensors, tiling))]
-        return format_latents(latents, items.form)
+        return format_latents([pack_latents(z) for z in latents] if packed else latents, items.form)
 
     def latents_from_posterior(self, mean: torch.Tensor, logvar: torch.Tensor | None, *, sample: bool = False,
                                seed: int | None = None, index: int = 0, scaled: bool = True) -> torch.Tensor:
@@ -185,18 +209,48 @@ class Codec:
         sizes: tuple[int, int] | Sequence[tuple[int, int]] | None = None,
         output: OutputKind = "numpy",
         tiling: Tiling = "auto",
+        packed: bool = False,
     ) -> Any:
         """Latents -> images: uint8 HWC arrays (default), PIL images, or float tensors in [-1, 1].
 
         `sizes` gives the original (height, width) to crop each decoded image back to, one pair
         for all items or one per item; without it images keep the latent grid size x 8.
+        `packed=True`: FLUX.1's packed latents [tokens, C * 4] ([N, tokens, C * 4], or a list), unpacked
+        by `sizes` (required) as FluxPipeline does: each side rounded down to a multiple of twice the
+        factor, the size the images come back in.
         """
+        if packed:
+            latents, sizes = self._unpack(latents, sizes)
         items = latents_to_tensors(latents, self.info.latent_channels)
         raw = [self.unscale(z) if scaled else z for z in items.tensors]
         crops = self._crop_sizes(sizes, raw)
         decoded = self._decode_tensors(raw, tiling)
         cropped = [image[:, :height, :width] for image, (height, width) in zip(decoded, crops)]
         return format_images(cropped, items.form, output)
+
+    def _unpack(self, latents: Any, sizes: Any) -> tuple[Any, list[tuple[int, int]]]:
+        """Packed latents in any accepted form -> [C, h, w] latents in the same form, and their image sizes."""
+        if sizes is None:
+            raise InvalidInputError("packed latents need sizes: each image's (height, width)", field="sizes")
+        if isinstance(latents, (list, tuple)):
+            tokens, form = [torch.as_tensor(item) for item in latents], "list"
+        else:
+            tensor = torch.as_tensor(latents)
+            tokens, form = (list(tensor.unbind(0)), "batch") if tensor.dim() == 3 else ([tensor], "single")
+        pairs = list(sizes)
+        if len(pairs) == 2 and all(isinstance(v, int) for v in pairs):
+            pairs = [tuple(pairs)] * len(tokens)
+        if len(pairs) != len(tokens):
+            raise InvalidInputError(f"sizes has {len(pairs)} entries for {len(tokens)} latents", field="sizes")
+        unpacked, full = [], []
+        for item, (height, width) in zip(tokens, pairs):
+            if min(height, width) < 2 * self.factor:
+                raise InvalidInputError(f"packed latents need image sizes of at least {2 * self.factor}, got "
+                                        f"{height}x{width}", field="sizes")
+            unpacked.append(unpack_latents(item.float(), height, width, self.factor))
+            rows, cols = packed_latent_size(height, width, self.factor)
+            full.append((rows * self.factor, cols * self.factor))
+        return (unpacked[0] if form == "single" else torch.stack(unpacked) if form == "batch" else unpacked), full
 
     def roundtrip(self, images: Any, *, output: OutputKind = "numpy", tiling: Tiling = "auto") -> Any:
         """Encode then decode, cropping back to each image's original size."""
@@ -205,11 +259,20 @@ class Codec:
         return format_images(reconstructed, items.form, output)
 
     def scale(self, z: torch.Tensor) -> torch.Tensor:
-        """Raw latents -> the diffusion model's convention `(z - shift) * scale`."""
-        return (z - self.info.shift_factor) * self.info.scaling_factor
+        """Raw latents [C, h, w] or [N, C, h, w] -> the diffusion model's convention: `(z - shift) * scale`,
+        or with per-channel statistics `(z - mean) * scale / std` (SDXL-style pipelines; FLUX.2's
+        BatchNorm, with scale 1), the pipelines' own expressions in their order."""
+        if self._statistics is None:
+            return (z - self.info.shift_factor) * self.info.scaling_factor
+        mean, std = self._statistics
+        return (z - mean) * self.info.scaling_factor / std
 
     def unscale(self, latents: torch.Tensor) -> torch.Tensor:
-        return latents / self.info.scaling_factor + self.info.shift_factor
+        """The inverse of `scale`: `latents / scale + shift`, or `latents * std / scale + mean`."""
+        if self._statistics is None:
+            return latents / self.info.scaling_factor + self.info.shift_factor
+        mean, std = self._statistics
+        return latents * std / self.info.scaling_factor + mean
 
     def interpolate(self, image_a: Any, image_b: Any, steps: int = 8, method: str = "slerp", *,
                     output: OutputKind = "numpy") -> list:
@@ -340,14 +403,17 @@ class Codec:
     def _encode_batch(self, x: torch.Tensor, model: nn.Module | None = None) -> torch.Tensor:
         model = model or self._model
         output = model.encode(self._to_device(x, model))
+        patch = self.info.patch_size
         if hasattr(output, "latent_dist"):
             dist = output.latent_dist
-            return torch.cat([dist.mean, dist.logvar], dim=1)
+            return torch.cat([patchify(dist.mean, patch), patchify(dist.logvar, patch)], dim=1)
+        if hasattr(output, "latent"):  # AutoencoderDC
+            return output.latent
         return output.latents
 
     def _decode_batch(self, z: torch.Tensor, model: nn.Module | None = None) -> torch.Tensor:
         model = model or self._model
-        return model.decode(self._to_device(z, model)).sample
+        return model.decode(self._to_device(unpatchify(z, self.info.patch_size), model)).sample
 
     def _to_device(self, x: torch.Tensor, model: nn.Module) -> torch.Tensor:
         dtype = next(model.parameters()).dtype
@@ -379,6 +445,15 @@ class Codec:
                     nn.Module.to(self._fp32_model, device=self.placement.device, memory_format=torch.channels_last)
                 self._fp32_ready = True
         return self._fp32_model
+
+
+def _statistics(info: ModelInfo) -> tuple[torch.Tensor, torch.Tensor] | None:
+    """The per-channel (mean, std) as float32 [C, 1, 1] tensors (broadcasting over [C, h, w] and
+    [N, C, h, w]), or None for models scaled by shift_factor alone."""
+    if not info.latents_mean:
+        return None
+    return (torch.tensor(info.latents_mean, dtype=torch.float32).view(-1, 1, 1),
+            torch.tensor(info.latents_std, dtype=torch.float32).view(-1, 1, 1))
 
 
 def _safe_placement(placement: Placement, model: nn.Module, name: str) -> Placement:

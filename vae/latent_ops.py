@@ -98,3 +98,22 @@ def unpack_latents(tokens: torch.Tensor, image_height: int, image_width: int, fa
     channels = packed_channels // 4
     patches = tokens.reshape(height // 2, width // 2, channels, 2, 2).permute(2, 0, 3, 1, 4)
     return patches.reshape(channels, height, width)
+
+
+def patchify(z: torch.Tensor, patch: int) -> torch.Tensor:
+    """[N, C, h, w] -> [N, C * p * p, h / p, w / p], channel c * p * p + dy * p + dx holding z[c] at
+    offset (dy, dx) of each patch: `Flux2Pipeline._patchify_latents` for p = 2."""
+    if patch == 1:
+        return z
+    n, channels, height, width = z.shape
+    patches = z.reshape(n, channels, height // patch, patch, width // patch, patch).permute(0, 1, 3, 5, 2, 4)
+    return patches.reshape(n, channels * patch * patch, height // patch, width // patch)
+
+
+def unpatchify(latents: torch.Tensor, patch: int) -> torch.Tensor:
+    """The inverse of `patchify` (`Flux2Pipeline._unpatchify_latents` for p = 2)."""
+    if patch == 1:
+        return latents
+    n, channels, height, width = latents.shape
+    patches = latents.reshape(n, channels // (patch * patch), patch, patch, height, width).permute(0, 1, 4, 2, 5, 3)
+    return patches.reshape(n, channels // (patch * patch), height * patch, width * patch)

@@ -9,7 +9,7 @@ from pathlib import Path
 from typing import Any, Mapping
 
 import torch
-from diffusers import AutoencoderKL, AutoencoderTiny
+from diffusers import AutoencoderDC, AutoencoderKL, AutoencoderKLFlux2, AutoencoderTiny
 from torch import nn
 
 from .errors import ModelLoadError, ModelNotFoundError
@@ -17,7 +17,8 @@ from .fileio import follow_umask
 from .model_info import SUPPORTED_CLASSES
 from .registry import MODELS, ModelSpec, get_spec, is_registered
 
-_CLASSES: dict[str, type[nn.Module]] = {"AutoencoderKL": AutoencoderKL, "AutoencoderTiny": AutoencoderTiny}
+_CLASSES: dict[str, type[nn.Module]] = {"AutoencoderKL": AutoencoderKL, "AutoencoderTiny": AutoencoderTiny,
+                                        "AutoencoderDC": AutoencoderDC, "AutoencoderKLFlux2": AutoencoderKLFlux2}
 SINGLE_FILE_SUFFIXES = (".safetensors", ".ckpt", ".pt", ".pth", ".bin")
 _CONFIG_NAME = "config.json"
 

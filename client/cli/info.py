@@ -93,6 +93,6 @@ def run(args: argparse.Namespace) -> int:
     print("models:")
     width = max(len(row["name"]) for row in report["models"])
     for row in report["models"]:
-        print(f"  {row['name']:<{width}}  {row['class']:<15}  {row['weights']}; usable here: {row['usable']}")
+        print(f"  {row['name']:<{width}}  {row['class']:<18}  {row['weights']}; usable here: {row['usable']}")
         print(f"  {'':<{width}}  {row['description']}")
     return 0

@@ -23,8 +23,11 @@ def run(args: argparse.Namespace) -> int:
     if args.json:
         print(json.dumps([m.to_dict() for m in models], indent=2))
         return EXIT_OK
-    print(f"{'name':<16} {'class':<16} {'latent':>7} {'factor':>6} {'scaling':>9} {'shift':>8} {'dtype':<9} device")
+    print(f"{'name':<16} {'class':<18} {'latent':>7} {'factor':>6} {'scaling':>9} {'shift':>8} {'dtype':<9} device")
     for m in models:
-        print(f"{m.name:<16} {m.model_class:<16} {m.latent_channels:>7} {m.downsampling_factor:>6} "
-              f"{m.scaling_factor:>9.5f} {m.shift_factor:>8.4f} {m.dtype:<9} {m.device}")
+        # Scaling by per-channel statistics (the JSON form lists them) or in patches: said after the device.
+        extra = (" per-channel mean/std" if m.latents_mean else "") + (f" {m.patch_size}x{m.patch_size} patches"
+                                                                        if m.patch_size > 1 else "")
+        print(f"{m.name:<16} {m.model_class:<18} {m.latent_channels:>7} {m.downsampling_factor:>6} "
+              f"{m.scaling_factor:>9.5f} {m.shift_factor:>8.4f} {m.dtype:<9} {m.device}{extra}")
     return EXIT_OK

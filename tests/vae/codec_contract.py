@@ -82,7 +82,12 @@ class CodecContract:
         raw = codec.encode(image, scaled=False)
         scaled = codec.encode(image)
         info = codec.info
-        torch.testing.assert_close(scaled, (raw - info.shift_factor) * info.scaling_factor)
+        if info.latents_mean:  # per-channel statistics (SDXL-style configs, FLUX.2's BatchNorm)
+            mean = torch.tensor(info.latents_mean, dtype=torch.float32).view(-1, 1, 1)
+            std = torch.tensor(info.latents_std, dtype=torch.float32).view(-1, 1, 1)
+            torch.testing.assert_close(scaled, (raw - mean) * info.scaling_factor / std)
+        else:
+            torch.testing.assert_close(scaled, (raw - info.shift_factor) * info.scaling_factor)
         np.testing.assert_array_equal(codec.decode(scaled), codec.decode(raw, scaled=False))
 
     def test_memory_bounded_batches_match_one_big_batch(self):

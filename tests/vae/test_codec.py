@@ -7,7 +7,7 @@ import pytest
 import torch
 
 from latentd.vae import Codec, CodecOptions, InvalidInputError, NumericalError
-from tests.conftest import make_tiny_kl, make_tiny_taesd, smooth_image
+from tests.conftest import make_tiny_flux2, make_tiny_kl, make_tiny_taesd, smooth_image
 from tests.vae.codec_contract import CodecContract
 
 
@@ -50,9 +50,10 @@ def test_sampling_a_deterministic_model_is_refused(image):
     assert caught.value.field == "sample"
 
 
-def test_fast_inference_matches_plain_diffusers(image):
-    fast = Codec(make_tiny_kl(), options=CodecOptions(optimize=True))
-    plain = Codec(make_tiny_kl(), options=CodecOptions(optimize=False))
+@pytest.mark.parametrize("make", [make_tiny_kl, make_tiny_flux2])  # FLUX.2's VAE has the same blocks
+def test_fast_inference_matches_plain_diffusers(image, make):
+    fast = Codec(make(), options=CodecOptions(optimize=True))
+    plain = Codec(make(), options=CodecOptions(optimize=False))
     torch.testing.assert_close(fast.encode(image), plain.encode(image), rtol=1e-4, atol=1e-5)
     latents = plain.encode(image)
     torch.testing.assert_close(fast.decode(latents, output="tensor"), plain.decode(latents, output="tensor"),

@@ -202,7 +202,7 @@ class GetModelRequest(_message.Message):
     def __init__(self, name: _Optional[str] = ...) -> None: ...
 
 class ModelInfo(_message.Message):
-    __slots__ = ("name", "model_class", "latent_channels", "downsampling_factor", "scaling_factor", "shift_factor", "dtype", "device", "parameters", "has_posterior", "max_pixels", "max_batch_size")
+    __slots__ = ("name", "model_class", "latent_channels", "downsampling_factor", "scaling_factor", "shift_factor", "dtype", "device", "parameters", "has_posterior", "max_pixels", "max_batch_size", "latents_mean", "latents_std", "patch_size")
     NAME_FIELD_NUMBER: _ClassVar[int]
     MODEL_CLASS_FIELD_NUMBER: _ClassVar[int]
     LATENT_CHANNELS_FIELD_NUMBER: _ClassVar[int]
@@ -215,6 +215,9 @@ class ModelInfo(_message.Message):
     HAS_POSTERIOR_FIELD_NUMBER: _ClassVar[int]
     MAX_PIXELS_FIELD_NUMBER: _ClassVar[int]
     MAX_BATCH_SIZE_FIELD_NUMBER: _ClassVar[int]
+    LATENTS_MEAN_FIELD_NUMBER: _ClassVar[int]
+    LATENTS_STD_FIELD_NUMBER: _ClassVar[int]
+    PATCH_SIZE_FIELD_NUMBER: _ClassVar[int]
     name: str
     model_class: str
     latent_channels: int
@@ -227,7 +230,10 @@ class ModelInfo(_message.Message):
     has_posterior: bool
     max_pixels: int
     max_batch_size: int
-    def __init__(self, name: _Optional[str] = ..., model_class: _Optional[str] = ..., latent_channels: _Optional[int] = ..., downsampling_factor: _Optional[int] = ..., scaling_factor: _Optional[float] = ..., shift_factor: _Optional[float] = ..., dtype: _Optional[str] = ..., device: _Optional[str] = ..., parameters: _Optional[int] = ..., has_posterior: _Optional[bool] = ..., max_pixels: _Optional[int] = ..., max_batch_size: _Optional[int] = ...) -> None: ...
+    latents_mean: _containers.RepeatedScalarFieldContainer[float]
+    latents_std: _containers.RepeatedScalarFieldContainer[float]
+    patch_size: int
+    def __init__(self, name: _Optional[str] = ..., model_class: _Optional[str] = ..., latent_channels: _Optional[int] = ..., downsampling_factor: _Optional[int] = ..., scaling_factor: _Optional[float] = ..., shift_factor: _Optional[float] = ..., dtype: _Optional[str] = ..., device: _Optional[str] = ..., parameters: _Optional[int] = ..., has_posterior: _Optional[bool] = ..., max_pixels: _Optional[int] = ..., max_batch_size: _Optional[int] = ..., latents_mean: _Optional[_Iterable[float]] = ..., latents_std: _Optional[_Iterable[float]] = ..., patch_size: _Optional[int] = ...) -> None: ...
 
 class InterpolateRequest(_message.Message):
     __slots__ = ("model", "image_a", "image_b", "steps", "method", "format", "quality")

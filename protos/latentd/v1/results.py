@@ -20,8 +20,15 @@ class ModelInfo:
     shift_factor: float
     dtype: str
     parameters: int
-    # AutoencoderKL has a Gaussian posterior to sample from; AutoencoderTiny is deterministic.
+    # AutoencoderKL (and FLUX.2's) has a Gaussian posterior to sample from; AutoencoderTiny and
+    # AutoencoderDC are deterministic.
     has_posterior: bool
+    # Per-channel latent statistics; empty: none. Scaled latents are (z - mean) * scaling_factor / std
+    # with them, (z - shift_factor) * scaling_factor without (docs/models.md).
+    latents_mean: tuple[float, ...] = ()
+    latents_std: tuple[float, ...] = ()
+    # p > 1: the latents are z in p x p patches (FLUX.2); channels and factor describe the patched grid.
+    patch_size: int = 1
 
     def to_dict(self) -> dict:
         return asdict(self)
@@ -37,7 +44,10 @@ class ServedModelInfo(ModelInfo):
 
     @classmethod
     def from_message(cls, message: pb.ModelInfo) -> "ServedModelInfo":
-        return cls(**{field.name: getattr(message, field.name) for field in fields(cls)})
+        values = {field.name: getattr(message, field.name) for field in fields(cls)}
+        values["latents_mean"], values["latents_std"] = tuple(message.latents_mean), tuple(message.latents_std)
+        values["patch_size"] = message.patch_size or 1  # a server from before patches
+        return cls(**values)
 
     def to_message(self) -> pb.ModelInfo:
         return pb.ModelInfo(**asdict(self))
