@@ -58,6 +58,9 @@ class ServerSettings:
     stream_window: int = setting(16, "requests of one stream in flight (or answered but not yet read)")
     max_message_mb: int = setting(64, "gRPC send and receive message size limit")
     max_pixels: int = setting(4096 * 4096, "largest image, in and out, in pixels", default_text="4096x4096")
+    tile_norms: str = setting("image", "GroupNorm statistics of tiled images: image (the whole image's, so tiles "
+                                       "equal the untiled result; memory grows with the image) or tile (each "
+                                       "tile's own: memory of one tile, visible seams)", choices=("image", "tile"))
     max_request_pixels: int = setting(64 * 1024 * 1024, "model work one request may cost, in image pixels in and "
                                                         "out (padded to the model's factor, tile overlaps counted; "
                                                         "see costs.py); beyond it INVALID_ARGUMENT",
@@ -99,6 +102,7 @@ class ServerSettings:
             ("stream_window", self.stream_window >= 1, "must be at least 1"),
             ("max_message_mb", self.max_message_mb >= 1, "must be at least 1"),
             ("max_pixels", self.max_pixels >= 64, "must be at least 64"),
+            ("tile_norms", self.tile_norms in ("image", "tile"), "must be image or tile"),
             ("max_request_pixels", self.max_request_pixels >= self.max_pixels, "must be at least max_pixels"),
             ("memory_budget_mb", self.memory_budget_mb >= 1, "must be at least 1"),
             ("admission_wait_ms", self.admission_wait_ms >= 0, "must be >= 0"),

@@ -142,3 +142,12 @@ def test_admission_flags_reach_the_settings():
     settings = settings_from_args(args, environ={})
     assert (settings.max_request_pixels, settings.memory_budget_mb, settings.admission_wait_ms,
             settings.max_concurrent_rpcs) == (33554432, 512, 250.0, 32)
+
+
+def test_tile_norms_from_flag_and_environment():
+    args = build_parser().parse_args(["serve", "--tile-norms", "tile"])
+    assert settings_from_args(args, environ={}).tile_norms == "tile"
+    assert load_settings(environ={"LATENTD_TILE_NORMS": "image"}).tile_norms == "image"
+    with pytest.raises(InvalidInputError) as raised:
+        load_settings(environ={"LATENTD_TILE_NORMS": "global"})
+    assert raised.value.field == "tile_norms"
