@@ -121,6 +121,8 @@ class SharedStatistics:
         def work(index: int) -> None:
             call, grid, core = calls[index]
             with self._turn:
+                if self._barrier.broken:
+                    return  # another tile failed or was stopped before this one began
                 _tile.current = _Tile(self, grid, core)
                 try:
                     with torch.inference_mode():

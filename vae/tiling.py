@@ -19,6 +19,10 @@ import torch
 from .stopping import checkpoint
 from .tile_norms import SharedStatistics
 
+# Tiles sharing statistics run as one thread each and hold their activations together; beyond this
+# many (a 4096-pixel sliver has thousands) each tile normalises alone, in bounded threads and memory.
+MAX_SHARED_TILES = 512
+
 
 def tile_spans(length: int, tile: int, overlap: int) -> list[tuple[int, int]]:
     """Start/end pairs covering [0, length) with tiles of `tile` overlapping by at least `overlap`."""
@@ -73,7 +77,8 @@ def tiled_map(
     `tile` and `overlap` are in latent-grid units; the grid has H / in_scale rows, and the output
     has out_scale output pixels per grid unit (encode: in_scale=f, out_scale=1; decode: 1 and f).
     With `shared_norms`, every tile runs on its own (batch of one) and the GroupNorm layers of the
-    model behind `fn` normalise with the whole image's statistics (`tile_norms.TileGroupNorm`).
+    model behind `fn` normalise with the whole image's statistics (`tile_norms.TileGroupNorm`), up to
+    MAX_SHARED_TILES tiles.
     """
     grid_h, grid_w = x.shape[-2] // in_scale, x.shape[-1] // in_scale
     rows, cols = tile_spans(grid_h, tile, overlap), tile_spans(grid_w, tile, overlap)
@@ -82,7 +87,7 @@ def tiled_map(
     def tile_of(i: int, j: int) -> torch.Tensor:
         return x[:, rows[i][0] * in_scale : rows[i][1] * in_scale, cols[j][0] * in_scale : cols[j][1] * in_scale]
 
-    if shared_norms and len(cells) > 1:
+    if shared_norms and 1 < len(cells) <= MAX_SHARED_TILES:
         checkpoint()
         row_cores, col_cores = core_spans(rows), core_spans(cols)
         calls = [(lambda i=i, j=j: fn(tile_of(i, j)[None]),

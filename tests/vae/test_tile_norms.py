@@ -112,3 +112,18 @@ def test_tile_norms_must_be_named():
     with pytest.raises(InvalidInputError) as raised:
         Codec(tiny_vae(), options=CodecOptions(tile_norms="global"))
     assert raised.value.field == "tile_norms"
+
+
+def test_beyond_the_shared_tile_limit_tiles_normalise_alone(monkeypatch):
+    """A sliver of thousands of tiles must not start a thread per tile."""
+    from latentd.vae import tiling
+
+    norm = _norm()
+    x = torch.randn(8, 40, 56)
+    with torch.inference_mode():
+        alone = tiled_map(x, norm, tile=16, overlap=4, in_scale=1, out_scale=1)
+        monkeypatch.setattr(tiling, "MAX_SHARED_TILES", 4)  # this grid has 12 tiles
+        before = threading.active_count()
+        capped = tiled_map(x, norm, tile=16, overlap=4, in_scale=1, out_scale=1, shared_norms=True)
+    assert threading.active_count() == before
+    torch.testing.assert_close(capped, alone)
