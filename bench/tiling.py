@@ -12,9 +12,9 @@ from dataclasses import dataclass, field
 import numpy as np
 import torch
 
-# What each row runs: latentd with the image's GroupNorm statistics (its default), latentd with each
-# tile's own, and diffusers' `enable_tiling()` on an unmodified copy of the same weights.
-METHODS = ("latentd", "latentd, per-tile norms", "diffusers")
+# What each row runs: latentd with each tile's own GroupNorm statistics (its default), latentd with the
+# image's (tile_norms="image"), and diffusers' `enable_tiling()` on an unmodified copy of the same weights.
+METHODS = ("latentd, tile norms", "latentd, image norms", "diffusers")
 
 
 @dataclass
@@ -56,7 +56,7 @@ def bench_tiling(model: str = "default", *, sizes: tuple[int, ...] = (1024, 2048
                     result.rows.append(TilingRow(size, operation, f"untiled ({library})", None, ms, peak))
             for method in METHODS:
                 library = "diffusers" if method == "diffusers" else "latentd"
-                norms = "tile" if method.endswith("per-tile norms") else "image"
+                norms = "image" if method.endswith("image norms") else "tile"
                 ms, peak, out = _in_child(spawn, _measure, model, seed, tile_size, tile_overlap, library, norms,
                                           operation, given)
                 reference = references.get(library)

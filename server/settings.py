@@ -58,9 +58,10 @@ class ServerSettings:
     stream_window: int = setting(16, "requests of one stream in flight (or answered but not yet read)")
     max_message_mb: int = setting(64, "gRPC send and receive message size limit")
     max_pixels: int = setting(4096 * 4096, "largest image, in and out, in pixels", default_text="4096x4096")
-    tile_norms: str = setting("image", "GroupNorm statistics of tiled images: image (the whole image's, so tiles "
-                                       "equal the untiled result; memory grows with the image) or tile (each "
-                                       "tile's own: memory of one tile, visible seams)", choices=("image", "tile"))
+    tile_norms: str = setting("tile", "GroupNorm statistics of tiled images: tile (each tile's own: one tile's "
+                                      "memory, visible seams) or image (the whole image's: tiles equal the "
+                                      "untiled result, with more memory than an untiled pass)",
+                              choices=("image", "tile"))
     max_request_pixels: int = setting(64 * 1024 * 1024, "model work one request may cost, in image pixels in and "
                                                         "out (padded to the model's factor, tile overlaps counted; "
                                                         "see costs.py); beyond it INVALID_ARGUMENT",

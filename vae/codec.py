@@ -66,9 +66,11 @@ class CodecOptions:
     tile_overlap: int = 128
     # With tiling="auto", images with a side above this many pixels are tiled.
     tile_threshold: int = 1024
-    # GroupNorm statistics of tiles: "image" (every tile normalises with the whole image's, so tiled
-    # equals untiled; memory grows with the image) or "tile" (each its own; memory one tile's).
-    tile_norms: str = "image"
+    # GroupNorm statistics of tiles: "tile" (each its own: memory one tile's, seams visible on KL
+    # models) or "image" (the whole image's: tiled equals untiled, but every tile's activations are
+    # held at once, more memory than an untiled pass; for when an untiled pass fails for another
+    # reason than memory, such as a kernel's size limit).
+    tile_norms: str = "tile"
     optimize: bool = True
 
     def validate(self, factor: int) -> None:

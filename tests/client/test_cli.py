@@ -122,8 +122,8 @@ def test_bench_tiling(tiny_model_dir, capsys):
     rows = json.loads(capsys.readouterr().out)["rows"]
     methods = {(row["operation"], row["method"]) for row in rows}
     assert methods == {(op, method) for op in ("decode", "encode")
-                       for method in ("untiled (latentd)", "untiled (diffusers)", "latentd", "latentd, per-tile norms",
-                                      "diffusers")}
+                       for method in ("untiled (latentd)", "untiled (diffusers)", "latentd, tile norms",
+                                      "latentd, image norms", "diffusers")}
     for row in rows:
         assert row["ms"] > 0 and row["peak_mb"] >= 0
         assert (row["psnr_vs_untiled"] is None) == row["method"].startswith("untiled")
@@ -134,7 +134,7 @@ def test_bench_tiling_table(tiny_model_dir, capsys):
     assert main(["bench", "tiling", "--model", str(tiny_model_dir), "--sizes", "64", "--tile-size", "32",
                  "--tile-overlap", "16", "--ops", "decode", "--no-untiled"]) == 0
     out = capsys.readouterr().out
-    assert "bench tiling: model" in out and "latentd, per-tile norms" in out and "peak MB" in out
+    assert "bench tiling: model" in out and "latentd, image norms" in out and "peak MB" in out
 
 
 @pytest.mark.parametrize("args", [["--size", "0"], ["--runs", "0"]])
