@@ -33,6 +33,7 @@ class PriorityResult:
     bulk_images: int = 0  # bulk answers during the loaded phases
     bulk_seconds: float = 0.0
     errors: int = 0
+    error_codes: dict[str, int] = field(default_factory=dict)  # the failed interactive calls by status code
 
     @staticmethod
     def percentile(values: list[float], q: float) -> float | None:
@@ -61,7 +62,7 @@ class PriorityResult:
                 "unprioritized_p50_ms": p(self.unprioritized_ms, 50),
                 "unprioritized_p99_ms": p(self.unprioritized_ms, 99), "ratio": self.ratio,
                 "unprioritized_ratio": self.unprioritized_ratio, "bulk_images_per_s": self.bulk_images_per_s,
-                "errors": self.errors}
+                "errors": self.errors, "error_codes": dict(self.error_codes)}
 
 
 def _with_priority(request, priority: int):
@@ -79,8 +80,10 @@ async def _interactive(stub, request, count: int, result: PriorityResult, timeou
         try:
             await stub(request, timeout=timeout)
             latencies.append((time.perf_counter() - began) * 1e3)
-        except grpc.RpcError:
+        except grpc.RpcError as exc:
             result.errors += 1
+            code = exc.code().name if callable(getattr(exc, "code", None)) else "UNKNOWN"
+            result.error_codes[code] = result.error_codes.get(code, 0) + 1
     return latencies
 
 

@@ -171,7 +171,7 @@ def run_priority(args: argparse.Namespace) -> int:
     print(f"p99 loaded/idle {_num(ratio, '.2f')}x (target <= {TARGET_RATIO:.0f}x: {verdict}), p50 "
           f"{_num(p50_ratio, '.2f')}x; sent as bulk "
           f"{_num(result.unprioritized_ratio, '.2f')}x; bulk served meanwhile {result.bulk_images_per_s:.2f} "
-          f"images/s; errors {result.errors}")
+          f"images/s; errors {dict(result.error_codes) or 0}")
     return EXIT_OK if not result.errors else EXIT_FAILED
 
 
