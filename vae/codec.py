@@ -43,6 +43,7 @@ from .latent_ops import (
 from .loading import load_model
 from .metrics import mse, psnr
 from .model_info import ModelInfo, describe_model, latent_shape
+from .refine import check_refine_steps, refine_latent
 from .stopping import checkpoint
 from .tile_norms import share_tile_norms
 from .tiling import tile_spans, tiled_map
@@ -153,6 +154,7 @@ class Codec:
         scaled: bool = True,
         tiling: Tiling = "auto",
         packed: bool = False,
+        refine: int = 0,
     ) -> torch.Tensor | list[torch.Tensor]:
         """Images -> latents (float32 CPU tensors [C, ceil(H/8), ceil(W/8)] in the caller's form).
 
@@ -161,6 +163,8 @@ class Codec:
         posterior mean, or with `sample=True` a draw from the posterior seeded per image by
         `seed` (same seed, same latents; no seed: a fresh random one). `packed=True`: FLUX.1's
         packed layout [(h/2) * (w/2), C * 4] per image (sides multiples of twice the factor).
+        `refine=N`: the mean then takes N optimisation steps against the decoder (`vae/refine.py`;
+        each costs about three decodes; untiled images only, no sampling).
         """
         items = images_to_tensors(images, max_pixels=self.options.max_pixels, background=self.options.background)
         if packed:
@@ -173,11 +177,29 @@ class Codec:
         if sample and not self.info.has_posterior:
             raise InvalidInputError(f"{self.info.model_class} {self.info.name!r} is deterministic: it has no "
                                     "posterior to sample from", field="sample")
+        check_refine_steps(refine)
+        if refine and sample:
+            raise InvalidInputError("refine improves the posterior mean; it does not combine with sample",
+                                    field="refine")
+        if refine and any(self._tiling_predicate(tiling, 1)(*t.shape[-2:]) for t in items.tensors):
+            raise InvalidInputError(f"refine runs on untiled images only (sides up to {self.options.tile_threshold} "
+                                    "px, tiling auto or off)", field="refine")
         if sample and seed is None:
             seed = secrets.randbits(63)
+        posteriors = self._posteriors(items.tensors, tiling)
+        if refine:
+            posteriors = [(self._refined(mean, image, refine), logvar)
+                          for (mean, logvar), image in zip(posteriors, items.tensors)]
         latents = [self.latents_from_posterior(mean, logvar, sample=sample, seed=seed, index=index, scaled=scaled)
-                   for index, (mean, logvar) in enumerate(self._posteriors(items.tensors, tiling))]
+                   for index, (mean, logvar) in enumerate(posteriors)]
         return format_latents([pack_latents(z) for z in latents] if packed else latents, items.form)
+
+    def _refined(self, mean: torch.Tensor, image: torch.Tensor, steps: int) -> torch.Tensor:
+        """The raw latent `mean` of `image` [3, H, W] after `steps` steps against the decoder (float32)."""
+        model = self._model if not self.placement.low_precision else self._float32_model()
+        refined = refine_latent(lambda z: self._decode_batch(z, model), image.to(self.placement.device), mean.to(
+            self.placement.device), steps)
+        return refined.detach().float().cpu()
 
     def latents_from_posterior(self, mean: torch.Tensor, logvar: torch.Tensor | None, *, sample: bool = False,
                                seed: int | None = None, index: int = 0, scaled: bool = True) -> torch.Tensor:

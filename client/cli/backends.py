@@ -41,8 +41,9 @@ class Backend(Protocol):
 class LocalBackend:
     """The model loaded in this process (needs torch)."""
 
-    def __init__(self, codec) -> None:
+    def __init__(self, codec, refine: int = 0) -> None:
         self.codec = codec
+        self.refine = refine  # optimisation steps per latent against the decoder (vae/refine.py)
         self.name = codec.info.name
         self.where = str(codec.placement.device)
         self.max_pixels = codec.options.max_pixels
@@ -52,7 +53,8 @@ class LocalBackend:
 
     def encode(self, images: Sequence[np.ndarray], tiling: str = "auto") -> list[np.ndarray]:
         # C-contiguous: the codec's tensors may be channels_last underneath.
-        return [np.ascontiguousarray(latents.numpy()) for latents in self.codec.encode(list(images), tiling=tiling)]
+        return [np.ascontiguousarray(latents.numpy())
+                for latents in self.codec.encode(list(images), tiling=tiling, refine=self.refine)]
 
     def posterior(self, images: Sequence[np.ndarray], tiling: str = "auto") -> list[tuple[np.ndarray, np.ndarray]]:
         if not self.codec.info.has_posterior:
@@ -72,7 +74,7 @@ class LocalBackend:
         from latentd.vae.devices import parse_dtype
 
         started = time.perf_counter()
-        latents = self.codec.encode(original, tiling=tiling)
+        latents = self.codec.encode(original, tiling=tiling, refine=self.refine)
         encoded = time.perf_counter()
         stored = latents.to(parse_dtype(latent_dtype)).float()
         reconstruction = self.codec.decode(stored, sizes=original.shape[:2], tiling=tiling)
@@ -115,10 +117,13 @@ class RemoteBackend:
 
 
 def backend_for(server: str | None, model: str, *, client_options: dict[str, Any] | None = None,
-                load_local=None) -> Backend:
-    """A RemoteBackend for `server`, else a LocalBackend from `load_local()` (a codec factory)."""
+                load_local=None, refine: int = 0) -> Backend:
+    """A RemoteBackend for `server`, else a LocalBackend from `load_local()` (a codec factory) that
+    refines each latent `refine` steps."""
+    if server and refine:
+        raise ValueError("refine runs in this process: it does not combine with a server")
     if server:
         from latentd.client.sync import LatentClient
 
         return RemoteBackend(LatentClient(server, **(client_options or {})), None if model == "default" else model)
-    return LocalBackend(load_local())
+    return LocalBackend(load_local(), refine=refine)

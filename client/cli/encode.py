@@ -7,7 +7,8 @@ import functools
 import sys
 from pathlib import Path
 
-from .common import EXIT_FAILED, EXIT_OK, EXIT_USAGE, CommandError, add_model_args, add_server_args, backend_from_args
+from .common import (EXIT_FAILED, EXIT_OK, EXIT_USAGE, CommandError, add_model_args, add_refine_arg, add_server_args,
+                     backend_from_args)
 
 
 def add_parser(subparsers: argparse._SubParsersAction) -> None:
@@ -61,6 +62,7 @@ def add_parser(subparsers: argparse._SubParsersAction) -> None:
                         help="GPUs per model actor with --engine ray (default: 0; 1 for one actor per GPU)")
     parser.add_argument("--no-progress", dest="progress", action="store_false", help="no progress bar")
     add_model_args(parser)
+    add_refine_arg(parser)
     add_server_args(parser)
     parser.set_defaults(run=run)
 
@@ -82,6 +84,9 @@ def run(args: argparse.Namespace) -> int:
                            EXIT_USAGE) from exc
     if not variants.plain and args.engine == "ray":
         raise CommandError("--sizes, --flip and --logvar need --engine local", EXIT_USAGE)
+    if args.refine and (args.logvar or args.engine == "ray"):
+        raise CommandError("--refine improves the stored mean: it does not combine with --logvar or --engine ray",
+                           EXIT_USAGE)
     if args.batch_size < 1 or args.workers < 1 or not args.shard_mb > 0 or not args.max_item_mb > 0 \
             or not args.commit_s >= 0:
         raise CommandError("--batch-size and --workers must be at least 1, --shard-mb and --max-item-mb "

@@ -12,7 +12,7 @@ from .common import (
     EXIT_OK,
     EXIT_USAGE,
     CommandError,
-    add_model_args,
+    add_model_args, add_refine_arg,
     add_server_args,
     backend_from_args,
 )
@@ -38,6 +38,7 @@ def add_parser(subparsers: argparse._SubParsersAction) -> None:
                         help="untimed round trips of the first image before measuring (default: 1)")
     add_measure_args(parser)
     add_model_args(parser)
+    add_refine_arg(parser)
     add_server_args(parser)
     parser.set_defaults(run=run)
 

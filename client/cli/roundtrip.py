@@ -7,7 +7,7 @@ import json
 from dataclasses import asdict
 from pathlib import Path
 
-from .common import EXIT_FAILED, EXIT_OK, add_model_args, add_server_args, backend_from_args
+from .common import EXIT_FAILED, EXIT_OK, add_model_args, add_refine_arg, add_server_args, backend_from_args
 from latentd.evaluate.measure import LATENT_BITS, print_result, print_summary, roundtrip_all, summarize
 
 
@@ -21,6 +21,7 @@ def add_parser(subparsers: argparse._SubParsersAction) -> None:
     parser.add_argument("-o", "--output", required=True, type=Path, metavar="DIR", help="folder for the PNGs")
     add_measure_args(parser)
     add_model_args(parser)
+    add_refine_arg(parser)
     add_server_args(parser)
     parser.set_defaults(run=run)
 

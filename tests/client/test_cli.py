@@ -203,3 +203,25 @@ def test_only_commands_that_run_models_change_malloc(monkeypatch, tiny_model_dir
     assert calls == [True]
     subcommands = cli.build_parser()._subparsers._group_actions[0].choices
     assert cli.MODEL_COMMANDS <= set(subcommands) and "health" not in cli.MODEL_COMMANDS
+
+
+def test_roundtrip_refine_improves_every_image(tmp_path, tiny_model_dir, capsys):
+    paths = _write_images(tmp_path / "in")
+    psnrs = {}
+    for steps in ("0", "8"):
+        assert main(["roundtrip", *map(str, paths), "-o", str(tmp_path / steps), "--model", str(tiny_model_dir),
+                     "--refine", steps, "--json"]) == 0
+        psnrs[steps] = [row["psnr"] for row in json.loads(capsys.readouterr().out)["images"]]
+    assert all(after > before for before, after in zip(psnrs["0"], psnrs["8"]))
+
+
+@pytest.mark.parametrize("argv", [["roundtrip", "x.png", "-o", "o", "--refine", "2", "--server", "127.0.0.1:1"],
+                                  ["encode", "src", "-o", "arch", "--refine", "2", "--logvar"],
+                                  ["roundtrip", "x.png", "-o", "o", "--refine", "201"]])
+def test_refine_usage_errors_exit_2_with_one_line(argv, tmp_path, monkeypatch, capsys):
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / "x.png").write_bytes(b"")
+    (tmp_path / "src").mkdir()
+    assert main(argv) == 2
+    err = capsys.readouterr().err.strip()
+    assert "refine" in err and len(err.splitlines()) == 1
