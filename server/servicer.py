@@ -169,8 +169,7 @@ class LatentdServicer(pb_grpc.LatentdServicer):
         options = request.options
         tiling = wire.tiling(options.tiling, "options.tiling")
         dtype = wire.latent_dtype(options.latent_dtype, "options.latent_dtype")
-        if not request.images:
-            raise InvalidInputError("images is empty", field="images")
+        wire.nonempty(request.images, "images")
         for flag in ("sample", "posterior"):
             if getattr(options, flag) and not served.codec.info.has_posterior:
                 raise InvalidInputError(f"options.{flag}: model {served.name!r} is deterministic",
@@ -207,8 +206,7 @@ class LatentdServicer(pb_grpc.LatentdServicer):
         options = request.options
         tiling = wire.tiling(options.tiling, "options.tiling")
         output = wire.OutputFormat.parse(options.format, options.quality)
-        if not request.items:
-            raise InvalidInputError("items is empty", field="items")
+        wire.nonempty(request.items, "items")
         cost = costs.decode_cost(request, served.codec, self.settings, tiling, output)
         async with self.budget.hold(cost.held_bytes):
             return self._fits(await self._decode_admitted(request, served, tiling, output, deadline, log), "items")

@@ -221,12 +221,15 @@ def test_a_tar_cut_inside_a_header_is_recorded(tmp_path, run):
     assert "truncated" in failures_of(tmp_path / "out")["set.tar#rest"]
 
 
-def test_a_file_that_is_not_a_zip_is_one_failure_and_the_next_source_goes_on(tmp_path, run):
-    (tmp_path / "broken.zip").write_bytes(b"PK\x03\x04 definitely not a zip")
+@pytest.mark.parametrize(("name", "content"), [("broken.zip", b"PK\x03\x04 definitely not a zip"),
+                                              ("list.txt", b"\xff\xfe\x00garbage\x80\n")],
+                         ids=["not-a-zip", "list-not-text"])
+def test_an_unreadable_source_is_one_failure_and_the_next_source_goes_on(tmp_path, run, name, content):
+    (tmp_path / name).write_bytes(content)
     write_images(tmp_path / "imgs", ["a.png"])
-    code, _, _ = run("encode", tmp_path / "broken.zip", tmp_path / "imgs", "-o", tmp_path / "out")
+    code, _, _ = run("encode", tmp_path / name, tmp_path / "imgs", "-o", tmp_path / "out")
     assert code == 1 and keys_of(tmp_path / "out") == ["imgs/a.png"]
-    assert "unreadable source" in failures_of(tmp_path / "out")["broken.zip#rest"]
+    assert "unreadable source" in failures_of(tmp_path / "out")[f"{name}#rest"]
 
 
 def test_webdataset_sidecars_nested_200k_deep_or_not_json_fail_their_item_only(tmp_path, run):
@@ -266,14 +269,6 @@ def test_a_stream_that_lies_about_its_size_is_cut_at_the_limit():
     with pytest.raises(UnreadableItem, match="item limit"):
         read_limited(io.BytesIO(b"x" * 5000), limit=4096, declared=10)
     assert read_limited(io.BytesIO(b"x" * 4096), limit=4096) == b"x" * 4096
-
-
-def test_a_list_file_that_is_not_text_is_one_failure(tmp_path, run):
-    (tmp_path / "list.txt").write_bytes(b"\xff\xfe\x00garbage\x80\n")
-    write_images(tmp_path / "imgs", ["a.png"])
-    code, _, _ = run("encode", tmp_path / "list.txt", tmp_path / "imgs", "-o", tmp_path / "out")
-    assert code == 1 and keys_of(tmp_path / "out") == ["imgs/a.png"]
-    assert "unreadable source" in failures_of(tmp_path / "out")["list.txt#rest"]
 
 
 @pytest.mark.skipif(not os.path.exists("/proc/self/mem"), reason="needs Linux /proc")
