@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import logging
 import os
+from dataclasses import dataclass
 from typing import Any, Iterator
 
 import numpy as np
@@ -27,6 +28,7 @@ from latentd.v1.errors import one_line
 from torch.utils.data import Dataset, IterableDataset, get_worker_info
 
 from .manifest import ArchiveError, ItemRecord
+from .quantize import LatentFormat, Stored, load_batch
 from .reader import Archive, Problem, check_record
 from .text import shown
 
@@ -71,15 +73,68 @@ class _Items:
 
     def item(self, index: int) -> dict[str, Any]:
         """Item `index` (in manifest order); ArchiveError naming the archive and the key if it cannot be read."""
-        record = self.records[index]
-        if isinstance(record, Problem):
-            raise ArchiveError(f"{self.path}: {record}")
-        try:
-            return self._item(index, record)
-        except Exception as exc:  # noqa: BLE001 - whatever a damaged entry raises, named with its archive and key
-            raise ArchiveError(f"{self.path}: {shown(record.key)}: {one_line(exc)}") from exc
+        batch, errors = self.batch([index])
+        if errors:
+            raise errors[0]
+        item = {name: value[0] for name, value in batch.items()}
+        item["flipped"] = bool(item["flipped"])
+        return item
 
-    def _item(self, index: int, record: ItemRecord) -> dict[str, Any]:
+    def batch(self, indices: list[int]) -> tuple[dict[str, Any] | None, list[ArchiveError]]:
+        """Items `indices` stacked as the DataLoader's default collation stacks them, decoded together
+        (one MED inverse for all q8-zstd latents of a shape); the items that cannot be read are left out,
+        each as an ArchiveError naming the archive and its key. None when none could be read."""
+        errors: list[ArchiveError] = []
+        reads: list[_Read] = []
+        for index in indices:
+            record = self.records[index]
+            try:
+                if isinstance(record, Problem):
+                    raise ArchiveError(str(record))
+                reads.append(self._read(index, record))
+            except Exception as exc:  # noqa: BLE001 - whatever a damaged entry raises, named with its archive and key
+                key = f"{shown(record.key)}: " if isinstance(record, ItemRecord) else ""
+                errors.append(ArchiveError(f"{self.path}: {key}{one_line(exc)}"))
+        if reads and len({tuple(read.shape) for read in reads}) > 1:
+            shapes = ", ".join(f"{shown(read.record.key)} {read.shape}" for read in reads)
+            raise ArchiveError(f"{self.path}: latents of different shapes cannot be stacked ({shapes}); "
+                               "read them unbatched or bucket the archive by size")
+        if not reads:
+            return None, errors
+        latents = self._decoded(reads, "latents")
+        logvar = self._decoded(reads, "logvar") if self.sample or self.logvar else None
+        # numpy, not torch: torch's intra-op threads make this tiny reduction slow on a busy machine
+        finite = np.isfinite(latents.numpy()).reshape(len(reads), -1).all(1)
+        if logvar is not None:
+            finite &= np.isfinite(logvar.numpy()).reshape(len(reads), -1).all(1)
+        bad = [i for i in range(len(reads)) if not finite[i]]
+        for i in bad:
+            errors.append(ArchiveError(f"{self.path}: {shown(reads[i].record.key)}: latents hold values that "
+                                       "are not finite"))
+        if bad:
+            keep = [i for i in range(len(reads)) if i not in bad]
+            reads, latents = [reads[i] for i in keep], latents[keep]
+            logvar = logvar[keep] if logvar is not None else None
+            if not reads:
+                return None, errors
+        if self.sample:
+            noise = torch.stack([torch.randn(read.shape, generator=torch.Generator().manual_seed(
+                int(self._rng(read.index).integers(1 << 62)) + 1)) for read in reads])
+            latents = latents + torch.exp(0.5 * logvar) * noise
+        batch = {
+            "latents": latents,
+            "original_size": torch.tensor([[r.record.height, r.record.width] for r in reads]),
+            "crop_top_left": torch.tensor([r.crop_top_left for r in reads]),
+            "target_size": torch.tensor([r.target_size for r in reads]),
+            "flipped": torch.tensor([r.flipped for r in reads]),
+            "key": [r.record.key for r in reads],
+        }
+        if self.logvar:
+            batch["logvar"] = logvar
+        return batch, errors
+
+    def _read(self, index: int, record: ItemRecord) -> "_Read":
+        """Which stored arrays make item `index`, read and unpacked (what can fail for one entry alone)."""
         archive = self.archive()
         check_record(record)
         variants = archive.variants(record)
@@ -97,28 +152,49 @@ class _Items:
         if role not in tensors:
             raise ArchiveError("the archive holds no flipped latents (encode with --flip)")
         shape = variant.get("latent_shape")
-        latents = torch.from_numpy(archive.array(record, tensors[role], shape))
-        logvar = None
+        stored = {"latents": archive.unpacked(record, tensors[role], shape)}
         if self.sample or self.logvar:
             logvar_role = "flipped_logvar" if flipped else "logvar"
             if logvar_role not in tensors:
                 raise ArchiveError("the archive holds no log-variance (encode with --logvar)")
-            logvar = torch.from_numpy(archive.array(record, tensors[logvar_role], shape))
-        if self.sample:
-            generator = torch.Generator().manual_seed(int(self._rng(index).integers(1 << 62)) + 1)
-            latents = latents + torch.exp(0.5 * logvar) * torch.randn(latents.shape, generator=generator)
+            stored["logvar"] = archive.unpacked(record, tensors[logvar_role], shape)
         left = variant.get("flipped_crop_left", 0) if flipped else variant.get("crop_left", 0)
-        item = {
-            "latents": latents,
-            "original_size": torch.tensor([record.height, record.width]),
-            "crop_top_left": torch.tensor([int(variant.get("crop_top") or 0), int(left or 0)]),
-            "target_size": torch.tensor([int(variant["encoded_height"]), int(variant["encoded_width"])]),
-            "flipped": flipped,
-            "key": record.key,
-        }
-        if self.logvar:
-            item["logvar"] = logvar
-        return item
+        return _Read(index, record, shape, flipped, stored, (int(variant.get("crop_top") or 0), int(left or 0)),
+                     (int(variant["encoded_height"]), int(variant["encoded_width"])))
+
+    @staticmethod
+    def _decoded(reads: list["_Read"], role: str) -> torch.Tensor:
+        """float32 [n, C, h, w]: the reads' `role` arrays, finished together per storage format; in a
+        DataLoader worker it is allocated in shared memory, where the loader would copy it to."""
+        out = torch.empty((len(reads), *reads[0].shape))
+        if get_worker_info() is not None:
+            out.share_memory_()
+        array = out.numpy()
+        by_format: dict[str, list[int]] = {}
+        for i, read in enumerate(reads):
+            by_format.setdefault(read.stored[role][1].name, []).append(i)
+        for positions in by_format.values():
+            fmt = reads[positions[0]].stored[role][1]
+            if len(positions) == len(reads):
+                load_batch([read.stored[role][0] for read in reads], fmt, array)
+            else:
+                part = np.empty((len(positions), *reads[0].shape), np.float32)
+                load_batch([reads[i].stored[role][0] for i in positions], fmt, part)
+                array[positions] = part
+        return out
+
+
+@dataclass
+class _Read:
+    """One item between reading and decoding: where it came from and its unpacked arrays by role."""
+
+    index: int
+    record: ItemRecord
+    shape: list[int]
+    flipped: bool
+    stored: dict[str, tuple[Stored, LatentFormat]]
+    crop_top_left: tuple[int, int]
+    target_size: tuple[int, int]
 
 
 class LatentDataset(Dataset):
@@ -164,12 +240,18 @@ class LatentIterableDataset(IterableDataset):
 
     `on_error`: "raise" (an ArchiveError naming the archive and the key) or "skip" (log it, count it in
     `skipped` of the process that read it, go on). Other options as for LatentDataset.
+
+    `batched=True` yields whole batches instead of items, stacked as the default collation stacks them
+    (give the DataLoader `batch_size=None`): the worker reads and decodes `batch_size` items together
+    and puts them in shared memory once, which is several times faster through a DataLoader with
+    workers (docs/archives.md). A skipped item leaves its batch one shorter; all latents of a batch
+    must have one shape.
     """
 
     def __init__(self, path: str | os.PathLike, *, rank: int | None = None, world_size: int | None = None,
                  seed: int = 0, shuffle: bool = True, batch_size: int = 1, size: int | None = None,
                  flip: bool | str = False, sample: bool = False, logvar: bool = False,
-                 on_error: str = "raise", verify_checksums: bool = False) -> None:
+                 on_error: str = "raise", verify_checksums: bool = False, batched: bool = False) -> None:
         if rank is None or world_size is None:
             distributed = torch.distributed.is_available() and torch.distributed.is_initialized()
             rank = rank if rank is not None else (torch.distributed.get_rank() if distributed else 0)
@@ -179,6 +261,7 @@ class LatentIterableDataset(IterableDataset):
             raise ValueError(f"rank {rank} of world_size {world_size}, batch_size {batch_size}: expected "
                              "0 <= rank < world_size and batch_size >= 1")
         self.rank, self.world_size, self.shuffle, self.batch_size = rank, world_size, shuffle, batch_size
+        self.batched = batched
         self._items = _Items(path, size=size, flip=flip, sample=sample, logvar=logvar, seed=seed,
                              verify_checksums=verify_checksums, on_error=on_error)
         self._start = 0  # items of this rank's epoch already consumed (load_state_dict)
@@ -221,6 +304,9 @@ class LatentIterableDataset(IterableDataset):
                 yield int(mine[position])
 
     def __iter__(self) -> Iterator[dict[str, Any]]:
+        if self.batched:
+            yield from self._batches()
+            return
         for index in self._worker_indices():
             try:
                 item = self._items.item(index)
@@ -233,6 +319,27 @@ class LatentIterableDataset(IterableDataset):
                 continue
             self._yielded += 1
             yield item
+
+    def _batches(self) -> Iterator[dict[str, Any]]:
+        run: list[int] = []
+        for index in self._worker_indices():
+            run.append(index)
+            if len(run) == self.batch_size:
+                yield from self._batch(run)
+                run = []
+        if run:
+            yield from self._batch(run)
+
+    def _batch(self, run: list[int]) -> Iterator[dict[str, Any]]:
+        batch, errors = self._items.batch(run)
+        if errors and self._items.on_error == "raise":
+            raise errors[0]
+        for error in errors:
+            self._items.skipped += 1
+            log.error("skipped (%d so far in this process): %s", self._items.skipped, error)
+        self._yielded += len(run)  # skipped positions passed too, as the loop will count them
+        if batch is not None:
+            yield batch
 
     def state_dict(self, consumed: int | None = None) -> dict[str, int]:
         """Where this rank stands: {seed, epoch, consumed}. `consumed`: the items of this epoch the

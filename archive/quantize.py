@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 
 import numpy as np
@@ -71,9 +72,9 @@ def dequantize_q8(codes: np.ndarray, scale: np.ndarray, offset: np.ndarray) -> n
 
 
 def _med_prediction(left: np.ndarray, up: np.ndarray, up_left: np.ndarray) -> np.ndarray:
-    """LOCO-I / JPEG-LS median edge detector: min(left, up) above an edge, max below, else the gradient."""
-    high, low = np.maximum(left, up), np.minimum(left, up)
-    return np.where(up_left >= high, low, np.where(up_left <= low, high, left + up - up_left))
+    """LOCO-I / JPEG-LS median edge detector: min(left, up) above an edge, max below, else the gradient;
+    which is the gradient clipped to [min, max]."""
+    return np.clip(left + up - up_left, np.minimum(left, up), np.maximum(left, up))
 
 
 def med_residuals(codes: np.ndarray) -> np.ndarray:
@@ -86,16 +87,23 @@ def med_residuals(codes: np.ndarray) -> np.ndarray:
 
 def med_codes(residuals: np.ndarray) -> np.ndarray:
     """Inverse of `med_residuals`, one anti-diagonal at a time: every neighbour of a value on
-    diagonal d lies on diagonal d-1 or d-2, so each step is one vectorized operation."""
-    channels, height, width = residuals.shape
-    x = np.zeros((channels, height + 1, width + 1), np.int16)
+    diagonal d lies on diagonal d-1 or d-2, so each step is one vectorized operation over all planes.
+
+    The codes are held skewed, `skew[d + 2, i + 1, plane]` = code (i, d - i), so that a diagonal's
+    values and their neighbours are contiguous slices rather than gathers; the rows and diagonals
+    never written stay 0, the value of neighbours outside the image."""
+    planes, height, width = residuals.shape
+    rows, cols = np.arange(height)[:, None], np.arange(width)[None, :]
+    skewed = np.zeros((height + width - 1, height, planes), np.int16)
+    skewed[rows + cols, rows] = residuals.transpose(1, 2, 0)
+    codes = np.zeros((height + width + 1, height + 1, planes), np.int16)
     for diagonal in range(height + width - 1):
-        rows = np.arange(max(0, diagonal - width + 1), min(height, diagonal + 1))
-        cols = diagonal - rows
-        r, c = rows + 1, cols + 1  # in the padded array
-        prediction = _med_prediction(x[:, r, c - 1], x[:, r - 1, c], x[:, r - 1, c - 1])
-        x[:, r, c] = (residuals[:, rows, cols] + prediction) % 256
-    return x[:, 1:, 1:].astype(np.uint8)
+        low, high = max(0, diagonal - width + 1), min(height - 1, diagonal) + 1  # the rows it crosses
+        left = codes[diagonal + 1, low + 1:high + 1]
+        up, up_left = codes[diagonal + 1, low:high], codes[diagonal, low:high]
+        prediction = _med_prediction(left, up, up_left)
+        codes[diagonal + 2, low + 1:high + 1] = (skewed[diagonal, low:high] + prediction) & 255
+    return codes[rows + cols + 2, rows + 1].transpose(2, 0, 1).astype(np.uint8)
 
 
 def store(latents: np.ndarray, fmt: LatentFormat) -> Stored:
@@ -118,19 +126,47 @@ def store(latents: np.ndarray, fmt: LatentFormat) -> Stored:
 
 def load(stored: Stored, fmt: LatentFormat, shape: tuple[int, ...]) -> np.ndarray:
     """Stored latents back to float32 [C, h, w]."""
-    if fmt.name == "float16":
-        return stored.data.astype(np.float32)
-    if fmt.name == "bfloat16":
-        return (stored.data.astype(np.uint32) << 16).view(np.float32).reshape(shape)
-    codes = stored.data
-    if fmt.zstd:
-        import zstandard
+    out = np.empty((1, *shape), np.float32)
+    load_batch([unpack(stored, fmt, shape)], fmt, out)
+    return out[0]
 
-        packed, expected = codes.tobytes(), int(np.prod(shape))
-        if zstandard.frame_content_size(packed) not in (-1, expected):  # never allocate what a header claims
-            raise ValueError(f"zstd frame holds {zstandard.frame_content_size(packed)} bytes, {expected} expected")
-        raw = zstandard.ZstdDecompressor().decompress(packed, max_output_size=expected)
-        codes = np.frombuffer(raw, np.uint8).reshape(shape)
-        if fmt.predictor == "med":
-            codes = med_codes(codes)
-    return dequantize_q8(codes.reshape(shape), stored.scale, stored.offset)
+
+def unpack(stored: Stored, fmt: LatentFormat, shape: tuple[int, ...]) -> Stored:
+    """The first, per-item stage of loading: zstd undone and sizes checked against `shape`, MED not yet."""
+    expected = math.prod(shape)
+    if fmt.quantized and any(a is None or a.shape != (shape[0],) for a in (stored.scale, stored.offset)):
+        raise ValueError(f"per-channel scale and offset must hold {shape[0]} values each")
+    if not fmt.zstd:
+        if stored.data.size != expected:
+            raise ValueError(f"stored latents hold {stored.data.size} values, shape {list(shape)} needs {expected}")
+        return stored
+    import zstandard
+
+    packed = stored.data.tobytes()
+    if zstandard.frame_content_size(packed) not in (-1, expected):  # never allocate what a header claims
+        raise ValueError(f"zstd frame holds {zstandard.frame_content_size(packed)} bytes, {expected} expected")
+    raw = zstandard.ZstdDecompressor().decompress(packed, max_output_size=expected)
+    if len(raw) != expected:
+        raise ValueError(f"zstd frame holds {len(raw)} bytes, {expected} expected")
+    return Stored(np.frombuffer(raw, np.uint8).reshape(shape), stored.scale, stored.offset)
+
+
+def load_batch(unpacked: list[Stored], fmt: LatentFormat, out: np.ndarray) -> None:
+    """Latents from `unpack` of one format and shape into `out` (float32 [n, C, h, w]).
+
+    The MED inverse runs once over all n: its cost is per anti-diagonal step, not per value, so
+    decoding a batch together costs about what one latent alone does."""
+    if fmt.name == "float16":
+        for index, stored in enumerate(unpacked):
+            out[index] = stored.data.reshape(out.shape[1:])
+        return
+    if fmt.name == "bfloat16":
+        for index, stored in enumerate(unpacked):
+            out[index] = (stored.data.astype(np.uint32) << 16).view(np.float32).reshape(out.shape[1:])
+        return
+    codes = np.stack([stored.data.reshape(out.shape[1:]) for stored in unpacked])
+    if fmt.predictor == "med":
+        codes = med_codes(codes.reshape(-1, *out.shape[2:])).reshape(codes.shape)
+    for index, stored in enumerate(unpacked):
+        np.multiply(codes[index], stored.scale[:, None, None], out=out[index], casting="unsafe")
+        out[index] += stored.offset[:, None, None]

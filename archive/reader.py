@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import math
 import os
 import re
 from collections import OrderedDict
@@ -18,7 +19,7 @@ from typing import Any, Iterator
 import numpy as np
 
 from .manifest import MANIFEST, ArchiveError, ItemRecord, Manifest
-from .quantize import Stored, get_format, load
+from .quantize import LatentFormat, Stored, get_format, load_batch, unpack
 from latentd.v1.errors import one_line
 
 from .sizing import SizePolicy
@@ -201,9 +202,17 @@ class Archive:
 
     def array(self, record: ItemRecord, tag: str, shape: Any) -> np.ndarray:
         """One stored array of an entry: its main latents (tag "") or one its `variants` name."""
+        stored, fmt = self.unpacked(record, tag, shape)
+        out = np.empty((1, *shape), np.float32)
+        load_batch([stored], fmt, out)
+        return finite(out[0])
+
+    def unpacked(self, record: ItemRecord, tag: str, shape: Any) -> tuple[Stored, LatentFormat]:
+        """The per-entry half of `array`: the stored array read and unpacked (`quantize.unpack`), and its
+        format, for `quantize.load_batch` to finish together with others of the same format and shape."""
         if not isinstance(tag, str) or not isinstance(shape, list) or len(shape) != 3 \
                 or not all(isinstance(n, int) and n > 0 for n in shape) \
-                or int(np.prod(shape, dtype=np.float64)) > MAX_LATENT_VALUES:
+                or math.prod(shape) > MAX_LATENT_VALUES:
             raise ArchiveError(f"variant {shown(tag)} of shape {shown(shape)} is not what the writer writes")
         shard = self._shard(record.shard)
         base = record.tensor[: -len("::data")]
@@ -214,12 +223,7 @@ class Archive:
         if fmt.quantized:
             stored.scale = shard.get_tensor(tensor_name(base, "scale", tag))
             stored.offset = shard.get_tensor(tensor_name(base, "offset", tag))
-        latents = load(stored, fmt, tuple(shape))
-        if list(latents.shape) != shape:
-            raise ArchiveError(f"latents of shape {list(latents.shape)}, the manifest says {shape}")
-        if not np.isfinite(latents).all():
-            raise ArchiveError("latents hold values that are not finite")
-        return latents
+        return unpack(stored, fmt, tuple(shape)), fmt
 
     def variants(self, record: ItemRecord) -> list[dict[str, Any]]:
         """What the archive holds for an entry, one dict per size (the main one first): size_policy,
@@ -239,6 +243,13 @@ class Archive:
                  "latent_shape": record.latent_shape, "tensors": {"latents": ""}}]
 
 
+def finite(latents: np.ndarray) -> np.ndarray:
+    """`latents`, or ArchiveError when they hold a value that is not finite."""
+    if not np.isfinite(latents).all():
+        raise ArchiveError("latents hold values that are not finite")
+    return latents
+
+
 def check_record(record: ItemRecord) -> None:
     """ArchiveError naming the first column of an encoded entry that cannot be what the writer wrote."""
     def positive_int(value: Any) -> bool:
@@ -250,7 +261,7 @@ def check_record(record: ItemRecord) -> None:
     if not isinstance(record.tensor, str) or not record.tensor.endswith("::data"):
         raise ArchiveError(f"manifest column tensor is {shown(record.tensor)}, not a tensor name")
     if not isinstance(shape, list) or len(shape) != 3 or not all(map(positive_int, shape)) \
-            or int(np.prod(shape, dtype=np.float64)) > MAX_LATENT_VALUES:
+            or math.prod(shape) > MAX_LATENT_VALUES:
         raise ArchiveError(f"manifest column latent_shape is {shown(shape)}, not 3 positive sizes "
                            f"of at most {MAX_LATENT_VALUES} values")
     if not (positive_int(record.encoded_width) and positive_int(record.encoded_height)):

@@ -2,7 +2,8 @@
 
 The anchor is the kohya-style cache layout: one `.npz` per image (latents, original size, crop),
 each loaded with `np.load` when its item is asked for. Both hold the same latents and go through the
-same DataLoader (batch size, workers, default collation) in the same run.
+same DataLoader (batch size, workers) in the same run: the archive read item by item with the default
+collation, and read batched (the worker stacks each batch itself, `batched=True`).
 """
 
 from __future__ import annotations
@@ -26,7 +27,7 @@ TARGET = 5.0  # the archive's rate over the anchor's
 
 @dataclass
 class ReaderRow:
-    layout: str  # "archive (FORMAT)" or "npz per image"
+    layout: str  # "archive (FORMAT)", "archive (FORMAT) batched" or "npz per image"
     workers: int
     items: int
     seconds: float
@@ -74,7 +75,7 @@ def write_layouts(root: Path, items: int, side: int, channels: int, fmt: str) ->
     return root / "bench.latents", paths
 
 
-def _time(dataset, workers: int, batch_size: int) -> tuple[int, float]:
+def _time(dataset, workers: int, batch_size: int | None) -> tuple[int, float]:
     loader = DataLoader(dataset, batch_size=batch_size, num_workers=workers,
                         persistent_workers=False, multiprocessing_context="fork" if workers else None)
     started = time.perf_counter()
@@ -89,9 +90,12 @@ def bench_reader(*, items: int = 2048, side: int = 64, channels: int = 4, fmt: s
     with tempfile.TemporaryDirectory(prefix="latentd-bench-reader-") as scratch:
         archive, paths = write_layouts(Path(scratch), items, side, channels, fmt)
         for count in workers:
-            for layout, dataset in ((f"archive ({fmt})", LatentIterableDataset(archive, batch_size=batch_size)),
-                                    ("npz per image", NpzDataset(paths))):
-                seen, seconds = _time(dataset, count, batch_size)
+            for layout, dataset, loader_batch in (
+                    (f"archive ({fmt})", LatentIterableDataset(archive, batch_size=batch_size), batch_size),
+                    (f"archive ({fmt}) batched",
+                     LatentIterableDataset(archive, batch_size=batch_size, batched=True), None),
+                    ("npz per image", NpzDataset(paths), batch_size)):
+                seen, seconds = _time(dataset, count, loader_batch)
                 rows.append(ReaderRow(layout, count, seen, seconds))
     return rows
 
@@ -99,8 +103,8 @@ def bench_reader(*, items: int = 2048, side: int = 64, channels: int = 4, fmt: s
 def table(rows: list[ReaderRow]) -> str:
     """One line per (layout, workers), with the archive's ratio over the anchor at the same workers."""
     anchors = {row.workers: row.items_per_s for row in rows if row.layout == "npz per image"}
-    lines = [f"{'layout':<20} {'workers':>7} {'items':>7} {'latents/s':>11} {'vs npz':>8}"]
+    lines = [f"{'layout':<28} {'workers':>7} {'items':>7} {'latents/s':>11} {'vs npz':>8}"]
     for row in rows:
         ratio = row.items_per_s / anchors[row.workers] if anchors.get(row.workers) else 0.0
-        lines.append(f"{row.layout:<20} {row.workers:>7} {row.items:>7} {row.items_per_s:>11.0f} {ratio:>7.1f}x")
+        lines.append(f"{row.layout:<28} {row.workers:>7} {row.items:>7} {row.items_per_s:>11.0f} {ratio:>7.1f}x")
     return "\n".join(lines)

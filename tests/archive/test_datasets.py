@@ -250,3 +250,49 @@ def test_sizes_need_a_policy_with_a_side(images, model_dir, tmp_path, capsys):
     assert main(["encode", str(images), "-o", str(tmp_path / "x"), "--model", str(model_dir), "--no-progress",
                  "--sizes", "16"]) == 2
     assert "several sizes need center-crop:S or buckets:S" in capsys.readouterr().err
+
+
+@pytest.fixture(scope="module")
+def zstd_cache(images, model_dir, tmp_path_factory):
+    out = tmp_path_factory.mktemp("zstd") / "train.latents"
+    _encode(images, model_dir, out, "--size", "center-crop:32", "--flip", "--logvar", "--format", "q8-zstd")
+    return out
+
+
+@pytest.mark.parametrize("workers", [0, 2])
+@pytest.mark.parametrize("options", [{}, {"flip": "random", "sample": True, "logvar": True}])
+@pytest.mark.parametrize("archive", ["cache", "zstd_cache"])
+def test_batched_reading_gives_the_default_collation_of_the_items(request, archive, options, workers):
+    path = request.getfixturevalue(archive)
+    common = dict(rank=0, world_size=1, seed=4, batch_size=4, **options)
+    items = DataLoader(LatentIterableDataset(path, **common), batch_size=4, num_workers=workers)
+    batches = DataLoader(LatentIterableDataset(path, batched=True, **common), batch_size=None, num_workers=workers)
+    expected, got = list(items), list(batches)
+    assert [len(b["key"]) for b in got] == [4, 4, 1]
+    assert len(got) == len(expected)
+    for want, have in zip(expected, got):
+        assert want.keys() == have.keys()
+        for name, value in want.items():
+            if isinstance(value, torch.Tensor):
+                assert value.dtype == have[name].dtype and torch.equal(value, have[name]), name
+            else:
+                assert value == have[name], name
+
+
+def test_batched_reading_skips_or_raises_one_damaged_entry_and_refuses_mixed_shapes(images, model_dir, tmp_path,
+                                                                                    caplog):
+    out = tmp_path / "damaged.latents"
+    _encode(images, model_dir, out, "--size", "center-crop:32")
+    key = _damage_one_entry(out)
+    with pytest.raises(ArchiveError, match=rf"{out}: {key}: latents hold values that are not finite"):
+        list(LatentIterableDataset(out, batched=True, batch_size=4))
+    skipping = LatentIterableDataset(out, batched=True, batch_size=4, on_error="skip", shuffle=False)
+    batches = list(skipping)
+    assert sum(len(b["key"]) for b in batches) == len(SHAPES) - 1 and key not in _keys(batches)
+    assert skipping.skipped == 1 and skipping.state_dict()["consumed"] == len(SHAPES)
+    assert all(len(b["key"]) == len(b["latents"]) == len(b["original_size"]) for b in batches)
+    mixed = tmp_path / "mixed.latents"
+    _encode(images, model_dir, mixed)  # the default size policy keeps each image's aspect
+    with pytest.raises(ArchiveError, match="latents of different shapes cannot be stacked"):
+        list(LatentIterableDataset(mixed, batched=True, batch_size=len(SHAPES)))
+    assert len(_keys(LatentIterableDataset(mixed, batched=True, batch_size=1))) == len(SHAPES)

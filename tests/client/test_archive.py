@@ -14,7 +14,7 @@ from PIL import Image
 
 from latentd.archive.manifest import MANIFEST
 from latentd.archive import manifest, quantize, writer
-from latentd.archive.quantize import (FORMATS, dequantize_q8, get_format, load, med_codes, med_residuals,
+from latentd.archive.quantize import (FORMAT_NAMES, FORMATS, dequantize_q8, get_format, load, med_codes, med_residuals,
                                              quantize_q8, store)
 from latentd.archive.reader import open_archive, safe_relative_path
 from latentd.client.cli import main
@@ -208,6 +208,22 @@ def test_med_prediction_is_exactly_invertible(shape):
     residuals = med_residuals(codes)
     assert residuals.dtype == np.uint8 and residuals.shape == shape
     np.testing.assert_array_equal(med_codes(residuals), codes)
+
+
+@pytest.mark.parametrize("name", FORMAT_NAMES)
+def test_loading_a_batch_together_gives_each_latent_as_loaded_alone(name):
+    fmt, rng = get_format(name), np.random.default_rng(1)
+    latents = [rng.standard_normal((4, 9, 13)).astype(np.float32) * (i + 1) for i in range(5)]
+    stored = [store(x, fmt) for x in latents]
+    out = np.empty((5, 4, 9, 13), np.float32)
+    quantize.load_batch([quantize.unpack(s, fmt, (4, 9, 13)) for s in stored], fmt, out)
+    for one, together in zip(stored, out):
+        np.testing.assert_array_equal(load(one, fmt, (4, 9, 13)), together)
+    with pytest.raises(ValueError, match="values|bytes"):  # the manifest's shape and the stored size disagree
+        quantize.unpack(stored[0], fmt, (4, 9, 14))
+    if fmt.quantized:
+        with pytest.raises(ValueError, match="scale and offset must hold 4 values"):
+            quantize.unpack(quantize.Stored(stored[0].data, stored[0].scale[:3], stored[0].offset), fmt, (4, 9, 13))
 
 
 def test_q8_zstd_is_q8_losslessly_and_prediction_shrinks_smooth_latents():
