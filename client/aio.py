@@ -59,10 +59,11 @@ class AsyncLatentClient:
 
     async def encode(self, images: Any, *, model: str | None = None, sample: bool = False, seed: int | None = None,
                      scaled: bool = True, dtype: str = "float16", tiling: str = "auto", output: str = "numpy",
-                     timeout: float | None = None, packed: bool = False, priority: str = "interactive") -> Any:
+                     timeout: float | None = None, packed: bool = False, priority: str = "interactive",
+                     refine: int = 0) -> Any:
         """See `LatentClient.encode`."""
         call = calls.encode_call(images, model=model, sample=sample, seed=seed, scaled=scaled, dtype=dtype,
-                                 tiling=tiling, output=output, packed=packed)
+                                 tiling=tiling, output=output, packed=packed, refine=refine)
         calls.prioritized(call, priority)
         return calls.encode_result(await self._unary(self._stub.Encode, call.request, timeout), call)
 

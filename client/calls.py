@@ -54,10 +54,13 @@ def prioritized(call: Call, priority: str) -> Call:
 
 
 def encode_call(images: Any, *, model: str | None, sample: bool, seed: int | None, scaled: bool, dtype: str,
-                tiling: str, output: str, packed: bool = False) -> Call:
+                tiling: str, output: str, packed: bool = False, refine: int = 0) -> Call:
     output = check_output(output, ("numpy", "tensor"))
+    if isinstance(refine, bool) or not isinstance(refine, int) or refine < 0:
+        raise InvalidInputError(f"refine must be a whole number of steps >= 0, got {refine!r}")
     options = pb.EncodeOptions(raw=not scaled, sample=sample, latent_dtype=_choice(dtype, LATENT_DTYPES, "dtype"),
-                               tiling=_choice(tiling, TILING, "tiling"), packed=bool(packed))
+                               tiling=_choice(tiling, TILING, "tiling"), packed=bool(packed),
+                               refine_steps=min(refine, 2**32 - 1))
     if seed is not None:
         if not sample:
             raise InvalidInputError("seed only applies with sample=True")

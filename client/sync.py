@@ -71,7 +71,8 @@ class LatentClient:
 
     def encode(self, images: Any, *, model: str | None = None, sample: bool = False, seed: int | None = None,
                scaled: bool = True, dtype: str = "float16", tiling: str = "auto", output: str = "numpy",
-               timeout: float | None = None, packed: bool = False, priority: str = "interactive") -> Any:
+               timeout: float | None = None, packed: bool = False, priority: str = "interactive",
+               refine: int = 0) -> Any:
         """Images -> latents [C, H/f, W/f] (diffusers-scaled unless `scaled=False`; the posterior mean
         unless `sample=True`, reproducible with `seed`), in the form given: one image -> one array, a
         list -> a list, an NHWC/NCHW batch -> a stacked array; numpy, or torch with `output="tensor"`
@@ -81,9 +82,12 @@ class LatentClient:
         tensors (CHW/NCHW in [-1, 1]). `priority="bulk"` queues it behind interactive work on the server.
 
         `packed=True`: FLUX.1's packed layout [(h/2) * (w/2), C * 4] per image (FluxPipeline's
-        `_pack_latents`; image sides must be multiples of twice the model's factor)."""
+        `_pack_latents`; image sides must be multiples of twice the model's factor).
+
+        `refine=N`: the server optimises each mean N steps (0-200) against its decoder before answering
+        (better latents for offline use, each step about three decodes; untiled images, no `sample`)."""
         call = calls.encode_call(images, model=model, sample=sample, seed=seed, scaled=scaled, dtype=dtype,
-                                 tiling=tiling, output=output, packed=packed)
+                                 tiling=tiling, output=output, packed=packed, refine=refine)
         calls.prioritized(call, priority)
         return calls.encode_result(self._unary(self._stub.Encode, call.request, timeout), call)
 

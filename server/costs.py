@@ -22,6 +22,14 @@ FLOAT32 = 4
 # A model call's fixed cost, as the pixels it could have computed meanwhile: every call counts at least
 # this many, so that thousands of sliver tiles (a 1 x 16777216 image) cost what they take.
 MIN_CALL_PIXELS = 64 * 64
+# Refinement (options.refine_steps): each step a decode, its backward pass (about twice a decode) and
+# the decoder's activations held for it. Held bytes per image pixel: REFINE_ACTIVATION_BYTES per unit of
+# sum(channels * (layers_per_block + 2) / 4**level) over the decoder's levels (level 0 at full size).
+# The default model (135 units) grew its peak RSS by 3.7-4.0 KB per pixel in encode(refine=1) at 256 and
+# 512 px (2 cores, CPU); 32 bytes a unit covers that. Unknown layouts count as SD's decoder (928 units).
+REFINE_MODEL_CALLS = 3
+REFINE_ACTIVATION_BYTES = 32
+REFINE_UNKNOWN_UNITS = 928
 ITEM_OVERHEAD = 64  # bytes of an item's message framing, shape and small fields, generously
 RESPONSE_OVERHEAD = 1024
 # Largest side each encoded output format can hold (Pillow refuses more).
@@ -128,6 +136,25 @@ def _latents_bytes(codec: Codec, height: int, width: int, itemsize: int = FLOAT3
     return codec.info.latent_channels * -(-height // f) * -(-width // f) * itemsize
 
 
+def refine_bytes_per_pixel(codec: Codec) -> int:
+    """Memory one refinement step holds per image pixel, from the decoder's layout (see REFINE_*)."""
+    config = getattr(codec.model, "config", None) or {}
+    channels, layers = config.get("block_out_channels"), config.get("layers_per_block")
+    if not channels or not isinstance(layers, int) or not all(isinstance(c, int) for c in channels):
+        return REFINE_ACTIVATION_BYTES * REFINE_UNKNOWN_UNITS
+    units = sum(c * (layers + 2) / 4**level for level, c in enumerate(channels))
+    return int(REFINE_ACTIVATION_BYTES * units) + 1
+
+
+def _refine_image(codec: Codec, height: int, width: int, steps: int, index: int, tiling: str) -> Cost:
+    """Refining one image's latent `steps` steps: untiled decodes and backward passes, its activations."""
+    if codec.is_tiled(height, width, decode=False, tiling=tiling):
+        raise InvalidInputError(f"options.refine_steps: refinement runs on untiled images only; images[{index}] "
+                                f"is {height}x{width}, which the server tiles", field="options.refine_steps")
+    decode = model_pixels(codec, height, width, decode=True, tiling="off")
+    return Cost(steps * REFINE_MODEL_CALLS * decode, 0, height * width * refine_bytes_per_pixel(codec))
+
+
 def _encode_image(codec: Codec, height: int, width: int, per_pixel: int, tiling: str) -> Cost:
     """Encoding one image: its decoded pixels, the float batch it joins, its posterior moments."""
     pixels = height * width
@@ -175,6 +202,8 @@ def encode_cost(request: pb.EncodeRequest, codec: Codec, settings: ServerSetting
         height, width, per_pixel = image_size(message, f"images[{index}]", settings.max_pixels)
         answer = outputs * _latents_bytes(codec, height, width, itemsize) + ITEM_OVERHEAD
         cost += _encode_image(codec, height, width, per_pixel, tiling) + Cost(0, answer, 2 * answer)
+        if request.options.refine_steps and height and width:
+            cost += _refine_image(codec, height, width, request.options.refine_steps, index, tiling)
     return check(cost, settings, "images", f"{len(request.images)} images")
 
 

@@ -30,6 +30,7 @@ class BatchKey:
     width: int
     tiling: str
     kind: bool | int = 0  # encode: whether the pixels are uint8 (else float); decode: latent channels
+    refine: int = 0  # encode: steps of refinement against the decoder (vae/refine.py)
 
     def image_pixels(self, factor: int) -> int:
         """Pixels of one image of the batch (a decode's output image)."""
@@ -105,7 +106,7 @@ def _predict(codec: Codec, key: BatchKey, jobs: list[Job]) -> list[Any]:
     op, tiling = key.op, key.tiling
     started = time.monotonic()
     if op == ENCODE:
-        outputs = codec.posterior([job.data for job in jobs], tiling=tiling)
+        outputs = codec.posterior([job.data for job in jobs], tiling=tiling, refine=key.refine)
     elif op == DECODE:
         latents = [codec.unscale(job.data.latents) if job.data.scaled else job.data.latents for job in jobs]
         outputs = codec.decode(latents, scaled=False, output="tensor", tiling=tiling,

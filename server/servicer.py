@@ -174,12 +174,14 @@ class LatentdServicer(pb_grpc.LatentdServicer):
             if getattr(options, flag) and not served.codec.info.has_posterior:
                 raise InvalidInputError(f"options.{flag}: model {served.name!r} is deterministic",
                                         field=f"options.{flag}")
+        refine = wire.refine_steps(options)
         cost = costs.encode_cost(request, served.codec, self.settings, tiling, dtype)
         async with self.budget.hold(cost.held_bytes):
-            return self._fits(await self._encode_admitted(request, served, tiling, dtype, deadline, log), "images")
+            return self._fits(await self._encode_admitted(request, served, tiling, dtype, refine, deadline, log),
+                              "images")
 
     async def _encode_admitted(self, request: pb.EncodeRequest, served: ServedModel, tiling: str, dtype: str,
-                               deadline: float | None, log: RequestLog) -> pb.EncodeResponse:
+                               refine: int, deadline: float | None, log: RequestLog) -> pb.EncodeResponse:
         options = request.options
         images = await self._off_loop(lambda: self._read_images(request.images), _has_files(request.images))
         sizes = [wire.image_size(image) for image in images]
@@ -191,7 +193,7 @@ class LatentdServicer(pb_grpc.LatentdServicer):
                                  scaled=not options.raw, packed=options.packed) for index in range(len(images))]
         # uint8 and float inputs go through the codec separately (its conversion differs per kind).
         def key(image) -> BatchKey:
-            return BatchKey(ENCODE, *wire.image_size(image), tiling, kind=isinstance(image, np.ndarray))
+            return BatchKey(ENCODE, *wire.image_size(image), tiling, kind=isinstance(image, np.ndarray), refine=refine)
 
         results = await self._run(served, key, images, deadline, log, finishes)
         items = [pb.EncodedImage(latents=wire.latents_message(latents, dtype), height=height, width=width,

@@ -14,6 +14,7 @@ from latentd.vae.convert import tensor_to_uint8
 from latentd.vae.errors import InvalidInputError
 from latentd.vae.imageio import check_pixel_limit, encode_image, open_image
 from latentd.vae.latent_ops import packed_latent_size, unpack_latents
+from latentd.vae.refine import MAX_REFINE_STEPS
 from latentd.v1.results import ModelInfo, ServedModelInfo
 
 from .echo import quoted
@@ -94,6 +95,17 @@ def tiling(value: int, field: str) -> str:
     if value not in TILING:
         raise InvalidInputError(f"{field} {value} is not a Tiling value", field=field)
     return TILING[value]
+
+
+def refine_steps(options: pb.EncodeOptions, field: str = "options.refine_steps") -> int:
+    """Encode's refinement steps: within MAX_REFINE_STEPS, and never with a posterior sample."""
+    steps = options.refine_steps
+    if steps > MAX_REFINE_STEPS:
+        raise InvalidInputError(f"{field} must be 0-{MAX_REFINE_STEPS}, got {steps}", field=field)
+    if steps and options.sample:
+        raise InvalidInputError(f"{field}: refinement improves the posterior mean; it does not combine with "
+                                "options.sample", field=field)
+    return steps
 
 
 def priority(value: int, field: str = "priority") -> str:

@@ -177,22 +177,26 @@ class Codec:
         if sample and not self.info.has_posterior:
             raise InvalidInputError(f"{self.info.model_class} {self.info.name!r} is deterministic: it has no "
                                     "posterior to sample from", field="sample")
-        check_refine_steps(refine)
         if refine and sample:
             raise InvalidInputError("refine improves the posterior mean; it does not combine with sample",
                                     field="refine")
-        if refine and any(self._tiling_predicate(tiling, 1)(*t.shape[-2:]) for t in items.tensors):
-            raise InvalidInputError(f"refine runs on untiled images only (sides up to {self.options.tile_threshold} "
-                                    "px, tiling auto or off)", field="refine")
         if sample and seed is None:
             seed = secrets.randbits(63)
-        posteriors = self._posteriors(items.tensors, tiling)
-        if refine:
-            posteriors = [(self._refined(mean, image, refine), logvar)
-                          for (mean, logvar), image in zip(posteriors, items.tensors)]
+        posteriors = self._refined_posteriors(items.tensors, tiling, refine)
         latents = [self.latents_from_posterior(mean, logvar, sample=sample, seed=seed, index=index, scaled=scaled)
                    for index, (mean, logvar) in enumerate(posteriors)]
         return format_latents([pack_latents(z) for z in latents] if packed else latents, items.form)
+
+    def _refined_posteriors(self, tensors: list[torch.Tensor], tiling: Tiling,
+                            refine: int) -> list[tuple[torch.Tensor, torch.Tensor | None]]:
+        check_refine_steps(refine)
+        if refine and any(self._tiling_predicate(tiling, 1)(*t.shape[-2:]) for t in tensors):
+            raise InvalidInputError(f"refine runs on untiled images only (sides up to {self.options.tile_threshold} "
+                                    "px, tiling auto or off)", field="refine")
+        posteriors = self._posteriors(tensors, tiling)
+        if not refine:
+            return posteriors
+        return [(self._refined(mean, image, refine), logvar) for (mean, logvar), image in zip(posteriors, tensors)]
 
     def _refined(self, mean: torch.Tensor, image: torch.Tensor, steps: int) -> torch.Tensor:
         """The raw latent `mean` of `image` [3, H, W] after `steps` steps against the decoder (float32)."""
@@ -211,11 +215,13 @@ class Codec:
             z = mean + torch.exp(0.5 * logvar) * gaussian_like(tuple(mean.shape), seed, index)
         return self.scale(z) if scaled else z
 
-    def posterior(self, images: Any, *, tiling: Tiling = "auto") -> list[tuple[torch.Tensor, torch.Tensor | None]]:
+    def posterior(self, images: Any, *, tiling: Tiling = "auto",
+                  refine: int = 0) -> list[tuple[torch.Tensor, torch.Tensor | None]]:
         """Raw posterior (mean, log-variance) per image, each [C, h, w]; log-variance is None for
-        deterministic models. Always a list, whatever form `images` has."""
+        deterministic models. Always a list, whatever form `images` has. `refine=N`: each mean after
+        N steps against the decoder, as in `encode`."""
         items = images_to_tensors(images, max_pixels=self.options.max_pixels, background=self.options.background)
-        return self._posteriors(items.tensors, tiling)
+        return self._refined_posteriors(items.tensors, tiling, refine)
 
     def _posteriors(self, tensors: list[torch.Tensor],
                     tiling: Tiling) -> list[tuple[torch.Tensor, torch.Tensor | None]]:
@@ -335,15 +341,20 @@ class Codec:
             scores.append(AnomalyScore(mse=mse(a, b), psnr=psnr(a, b)))
         return scores
 
+    def is_tiled(self, height: int, width: int, *, decode: bool, tiling: Tiling = "auto") -> bool:
+        """Whether encoding a height x width image (or decoding latents back to it) goes tile by tile."""
+        f = self.factor
+        if decode:
+            return self._tiling_predicate(tiling, f)(-(-height // f), -(-width // f))
+        return self._tiling_predicate(tiling, 1)(height, width)
+
     def model_calls(self, height: int, width: int, *, decode: bool, tiling: Tiling = "auto") -> dict[int, int]:
         """The model calls that encode a height x width image (or decode latents back to it), as
         {image pixels of one call: how many such calls}: one call of the size padded to the factor,
         or one per tile, each tile's overlap included. What the work costs, known before it runs."""
         f = self.factor
         grid_h, grid_w = -(-height // f), -(-width // f)
-        tiled = (self._tiling_predicate(tiling, f)(grid_h, grid_w) if decode
-                 else self._tiling_predicate(tiling, 1)(height, width))
-        if not tiled:
+        if not self.is_tiled(height, width, decode=decode, tiling=tiling):
             return {grid_h * grid_w * f * f: 1}
         tile, overlap = self.options.tile_size // f, self.options.tile_overlap // f
         rows = collections.Counter(end - start for start, end in tile_spans(grid_h, tile, overlap))

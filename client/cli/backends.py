@@ -84,9 +84,10 @@ class LocalBackend:
 class RemoteBackend:
     """A latentd server through `LatentClient` (no torch needed)."""
 
-    def __init__(self, client, model: str | None) -> None:
+    def __init__(self, client, model: str | None, refine: int = 0) -> None:
         info = client.model(model)
         self.client = client
+        self.refine = refine  # steps the server refines each latent (options.refine_steps)
         self.name = info.name
         self.where = f"server {client.target}"
         self.max_pixels = info.max_pixels
@@ -96,7 +97,8 @@ class RemoteBackend:
 
     # Archive encoding and decoding are bulk work: they yield to interactive callers on a shared server.
     def encode(self, images: Sequence[np.ndarray], tiling: str = "auto") -> list[np.ndarray]:
-        return self.client.encode(list(images), model=self.name, dtype="float32", tiling=tiling, priority="bulk")
+        return self.client.encode(list(images), model=self.name, dtype="float32", tiling=tiling, priority="bulk",
+                                  refine=self.refine)
 
     def posterior(self, images: Sequence[np.ndarray], tiling: str = "auto") -> list[tuple[np.ndarray, np.ndarray]]:
         means, logvars = self.client.posterior(list(images), model=self.name, dtype="float32", tiling=tiling)
@@ -110,7 +112,7 @@ class RemoteBackend:
     def roundtrip(self, original: np.ndarray, latent_dtype: str, tiling: str
                   ) -> tuple[int, np.ndarray, float, float]:
         started = time.perf_counter()
-        latents = self.client.encode(original, model=self.name, dtype=latent_dtype, tiling=tiling)
+        latents = self.client.encode(original, model=self.name, dtype=latent_dtype, tiling=tiling, refine=self.refine)
         encoded = time.perf_counter()
         reconstruction = self.client.decode(latents, model=self.name, sizes=original.shape[:2], tiling=tiling)
         return latents.size, reconstruction, encoded - started, time.perf_counter() - encoded
@@ -118,12 +120,11 @@ class RemoteBackend:
 
 def backend_for(server: str | None, model: str, *, client_options: dict[str, Any] | None = None,
                 load_local=None, refine: int = 0) -> Backend:
-    """A RemoteBackend for `server`, else a LocalBackend from `load_local()` (a codec factory) that
+    """A RemoteBackend for `server`, else a LocalBackend from `load_local()` (a codec factory); either
     refines each latent `refine` steps."""
-    if server and refine:
-        raise ValueError("refine runs in this process: it does not combine with a server")
     if server:
         from latentd.client.sync import LatentClient
 
-        return RemoteBackend(LatentClient(server, **(client_options or {})), None if model == "default" else model)
+        return RemoteBackend(LatentClient(server, **(client_options or {})), None if model == "default" else model,
+                             refine=refine)
     return LocalBackend(load_local(), refine=refine)

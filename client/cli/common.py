@@ -122,8 +122,6 @@ def backend_from_args(args: argparse.Namespace):
     from latentd.client.cli.backends import backend_for
 
     refine = getattr(args, "refine", 0)
-    if refine and args.server:
-        raise CommandError("--refine runs in this process; it does not combine with --server", EXIT_USAGE)
     options = dict(token=args.token, tls=args.tls_ca, timeout=args.timeout)
     return backend_for(args.server, args.model, client_options=options, load_local=lambda: load_codec_from_args(args),
                        refine=refine)
@@ -142,5 +140,5 @@ def _refine_steps(text: str) -> int:
 def add_refine_arg(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--refine", type=_refine_steps, default=0, metavar="STEPS",
                         help="optimise each latent STEPS steps against the decoder: better reconstructions for "
-                             "about three decodes' time per step (docs/library.md); in process only, images up "
-                             "to the tiling threshold (default: 0, off; at most 200)")
+                             "about three decodes' time per step (docs/library.md); in this process or on the "
+                             "--server, images up to the tiling threshold (default: 0, off; at most 200)")

@@ -215,7 +215,7 @@ def test_roundtrip_refine_improves_every_image(tmp_path, tiny_model_dir, capsys)
     assert all(after > before for before, after in zip(psnrs["0"], psnrs["8"]))
 
 
-@pytest.mark.parametrize("argv", [["roundtrip", "x.png", "-o", "o", "--refine", "2", "--server", "127.0.0.1:1"],
+@pytest.mark.parametrize("argv", [["roundtrip", "x.png", "-o", "o", "--refine", "-1", "--server", "127.0.0.1:1"],
                                   ["encode", "src", "-o", "arch", "--refine", "2", "--logvar"],
                                   ["roundtrip", "x.png", "-o", "o", "--refine", "201"]])
 def test_refine_usage_errors_exit_2_with_one_line(argv, tmp_path, monkeypatch, capsys):

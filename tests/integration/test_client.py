@@ -227,3 +227,20 @@ def test_a_deadline_with_no_time_left_is_deadline_exceeded(served):
 
     with pytest.raises(DeadlineExceededError):
         asyncio.run(run())
+
+
+def test_refinement_on_the_server_is_the_in_process_refinement(served):
+    harness, client = served
+    codec, image = harness.codec(), smooth_image(32, 40, seed=9)
+    refined = client.encode(image, dtype="float32", refine=4)
+    np.testing.assert_allclose(refined, codec.encode(image, refine=4).numpy(), atol=1e-4)
+    plain = client.encode(image, dtype="float32")
+    error = [np.mean((codec.decode(torch.from_numpy(z)).astype(np.float32) - image) ** 2) for z in (plain, refined)]
+    assert error[1] < error[0]
+    for kwargs, field in (({"refine": 201}, "options.refine_steps must be 0-200"),
+                          ({"refine": 2, "sample": True}, "options.refine_steps: refinement improves"),
+                          ({"refine": 2, "tiling": "on"}, "untiled images only")):
+        with pytest.raises(InvalidInputError, match=field):
+            client.encode(image, **kwargs)
+    with pytest.raises(InvalidInputError, match="refine must be a whole number"):
+        client.encode(image, refine=-1)

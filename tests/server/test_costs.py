@@ -151,3 +151,34 @@ def test_an_answer_larger_than_its_estimate_is_still_out_of_range_not_a_send_fai
     with pytest.raises(ResponseTooLargeError, match="max_message_mb 1") as raised:
         servicer._fits(pb.ImagesResponse(images=[pb.Image(encoded=bytes(2 * costs.MIB))]), "count")
     assert raised.value.field == "count"
+
+
+def _encode_request(steps: int, side: int = 64, tiling: int = pb.TILING_AUTO) -> pb.EncodeRequest:
+    return pb.EncodeRequest(images=[pb.Image(encoded=png(side, side))],
+                            options=pb.EncodeOptions(refine_steps=steps, tiling=tiling))
+
+
+def test_refinement_costs_three_decodes_a_step_and_the_decoders_activations(tiny_codec):
+    settings = SETTINGS
+    plain = costs.encode_cost(_encode_request(0), tiny_codec, settings, "auto", "float32")
+    refined = costs.encode_cost(_encode_request(5), tiny_codec, settings, "auto", "float32")
+    decode = costs.model_pixels(tiny_codec, 64, 64, decode=True, tiling="off")
+    assert refined.model_pixels - plain.model_pixels == 5 * costs.REFINE_MODEL_CALLS * decode
+    field = _encode_request(5).ByteSize() - _encode_request(0).ByteSize()  # the request holds its own bytes
+    assert refined.held_bytes - plain.held_bytes - field == 64 * 64 * costs.refine_bytes_per_pixel(tiny_codec)
+    with pytest.raises(InvalidInputError, match=r"options.refine_steps: .*untiled images only; images\[0\]") as raised:
+        costs.encode_cost(_encode_request(5, tiling=pb.TILING_ON), tiny_codec, settings, "on", "float32")
+    assert raised.value.field == "options.refine_steps"
+    with pytest.raises(InvalidInputError, match="max_request_pixels"):  # refinement's work counts against the limit
+        costs.encode_cost(_encode_request(200, side=512), tiny_codec, settings, "auto", "float32")
+
+
+def test_refinement_memory_follows_the_decoders_layout(tiny_codec):
+    from latentd.vae import load_codec
+
+    default = load_codec("default", device="cpu")
+    # the measured peak growth of a refinement step on the default model: 3.7-4.0 KB per pixel
+    assert 3700 <= costs.refine_bytes_per_pixel(default) <= 5000
+    assert costs.refine_bytes_per_pixel(tiny_codec) < costs.refine_bytes_per_pixel(default)
+    unknown = type("Unknown", (), {"model": object()})()
+    assert costs.refine_bytes_per_pixel(unknown) == costs.REFINE_ACTIVATION_BYTES * costs.REFINE_UNKNOWN_UNITS

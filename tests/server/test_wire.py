@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import re
+
 import pytest
 
 from latentd.server import wire
@@ -31,3 +33,15 @@ def test_nonempty_names_the_empty_field():
     with pytest.raises(InvalidInputError) as raised:
         wire.nonempty([], "items")
     assert raised.value.field == "items" and "items is empty" in str(raised.value)
+
+
+@pytest.mark.parametrize("options, message", [
+    (pb.EncodeOptions(refine_steps=201), "options.refine_steps must be 0-200, got 201"),
+    (pb.EncodeOptions(refine_steps=2**32 - 1), "options.refine_steps must be 0-200"),
+    (pb.EncodeOptions(refine_steps=3, sample=True), "options.refine_steps: refinement improves the posterior mean"),
+])
+def test_refine_steps_out_of_range_or_with_sample_are_refused_naming_the_field(options, message):
+    with pytest.raises(InvalidInputError, match=re.escape(message)) as raised:
+        wire.refine_steps(options)
+    assert raised.value.field == "options.refine_steps"
+    assert wire.refine_steps(pb.EncodeOptions(refine_steps=200)) == 200

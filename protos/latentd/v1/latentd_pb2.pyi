@@ -70,7 +70,7 @@ class Image(_message.Message):
     def __init__(self, encoded: _Optional[bytes] = ..., pixels: _Optional[_Union[Tensor, _Mapping]] = ...) -> None: ...
 
 class EncodeOptions(_message.Message):
-    __slots__ = ("raw", "sample", "seed", "latent_dtype", "tiling", "posterior", "packed")
+    __slots__ = ("raw", "sample", "seed", "latent_dtype", "tiling", "posterior", "packed", "refine_steps")
     RAW_FIELD_NUMBER: _ClassVar[int]
     SAMPLE_FIELD_NUMBER: _ClassVar[int]
     SEED_FIELD_NUMBER: _ClassVar[int]
@@ -78,6 +78,7 @@ class EncodeOptions(_message.Message):
     TILING_FIELD_NUMBER: _ClassVar[int]
     POSTERIOR_FIELD_NUMBER: _ClassVar[int]
     PACKED_FIELD_NUMBER: _ClassVar[int]
+    REFINE_STEPS_FIELD_NUMBER: _ClassVar[int]
     raw: bool
     sample: bool
     seed: int
@@ -85,7 +86,8 @@ class EncodeOptions(_message.Message):
     tiling: Tiling
     posterior: bool
     packed: bool
-    def __init__(self, raw: _Optional[bool] = ..., sample: _Optional[bool] = ..., seed: _Optional[int] = ..., latent_dtype: _Optional[_Union[DType, str]] = ..., tiling: _Optional[_Union[Tiling, str]] = ..., posterior: _Optional[bool] = ..., packed: _Optional[bool] = ...) -> None: ...
+    refine_steps: int
+    def __init__(self, raw: _Optional[bool] = ..., sample: _Optional[bool] = ..., seed: _Optional[int] = ..., latent_dtype: _Optional[_Union[DType, str]] = ..., tiling: _Optional[_Union[Tiling, str]] = ..., posterior: _Optional[bool] = ..., packed: _Optional[bool] = ..., refine_steps: _Optional[int] = ...) -> None: ...
 
 class EncodeRequest(_message.Message):
     __slots__ = ("model", "images", "options", "id", "priority")
