@@ -13,8 +13,11 @@ import numpy as np
 import torch
 
 # What each row runs: latentd with each tile's own GroupNorm statistics (its default), latentd with the
-# image's (tile_norms="image"), and diffusers' `enable_tiling()` on an unmodified copy of the same weights.
-METHODS = ("latentd, tile norms", "latentd, image norms", "diffusers")
+# image's (tile_norms="image": tiles side by side; "image-recompute": one tile at a time, rerun per
+# layer), and diffusers' `enable_tiling()` on an unmodified copy of the same weights.
+METHODS = ("latentd, tile norms", "latentd, image norms", "latentd, image norms recomputed", "diffusers")
+NORMS = {"latentd, tile norms": "tile", "latentd, image norms": "image",
+         "latentd, image norms recomputed": "image-recompute", "diffusers": "tile"}
 
 
 @dataclass
@@ -56,7 +59,7 @@ def bench_tiling(model: str = "default", *, sizes: tuple[int, ...] = (1024, 2048
                     result.rows.append(TilingRow(size, operation, f"untiled ({library})", None, ms, peak))
             for method in METHODS:
                 library = "diffusers" if method == "diffusers" else "latentd"
-                norms = "image" if method.endswith("image norms") else "tile"
+                norms = NORMS[method]
                 ms, peak, out = _in_child(spawn, _measure, model, seed, tile_size, tile_overlap, library, norms,
                                           operation, given)
                 reference = references.get(library)
@@ -89,11 +92,11 @@ def _image_latents(model: str, seed: int, tile_size: int, tile_overlap: int, pix
 def _measure(model: str, seed: int, tile_size: int, tile_overlap: int, library: str, tiling: str, operation: str,
              given: np.ndarray) -> tuple[float, float, np.ndarray]:
     """In a fresh process: load, warm up, then one timed pass; (ms, peak MB above the loaded model, output).
-    `tiling` is "off", or for latentd the GroupNorm statistics its tiles use ("image" or "tile"); `given` is
-    uint8 pixels [H, W, 3] to encode or scaled latents [C, h, w] to decode."""
+    `tiling` is "off", or for latentd the GroupNorm statistics its tiles use (a CodecOptions.tile_norms);
+    `given` is uint8 pixels [H, W, 3] to encode or scaled latents [C, h, w] to decode."""
     from .baseline import load_for_bench
 
-    codec = _codec(model, seed, tile_size, tile_overlap, "tile" if tiling == "tile" else "image")
+    codec = _codec(model, seed, tile_size, tile_overlap, "image" if tiling == "off" else tiling)
     tensor = torch.from_numpy(given)
     with torch.inference_mode():
         codec.decode(codec.encode(np.zeros((64, 64, 3), np.uint8), tiling="off"), tiling="off")  # warm-up

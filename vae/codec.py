@@ -52,7 +52,7 @@ logger = logging.getLogger(__name__)
 
 Tiling = Literal["auto", "on", "off"]
 TILING_MODES: tuple[str, ...] = ("auto", "on", "off")
-TILE_NORMS: tuple[str, ...] = ("image", "tile")
+TILE_NORMS: tuple[str, ...] = ("image", "image-recompute", "tile")
 
 
 @dataclass(frozen=True)
@@ -70,7 +70,8 @@ class CodecOptions:
     # GroupNorm statistics of tiles: "tile" (each its own: memory one tile's, seams visible on KL
     # models) or "image" (the whole image's: tiled equals untiled, but every tile's activations are
     # held at once, more memory than an untiled pass; for when an untiled pass fails for another
-    # reason than memory, such as a kernel's size limit).
+    # reason than memory, such as a kernel's size limit) or "image-recompute" (the same statistics in
+    # one tile's memory, for several times the compute: vae/tile_norms.py).
     tile_norms: str = "tile"
     optimize: bool = True
 
@@ -407,7 +408,7 @@ class Codec:
         # Tiles sharing statistics run together: a float32 retry reruns the whole image, not one tile.
         def whole(image: torch.Tensor, model: nn.Module | None) -> torch.Tensor:
             return tiled_map(image, lambda tiles: batch_fn(tiles, model), tile=tile, overlap=overlap,
-                             shared_norms=True, **scales)
+                             shared_norms=True, recompute_norms=opts.tile_norms == "image-recompute", **scales)
         return self._run(whole, source)
 
     def _tiling_predicate(self, tiling: Tiling, pixels_per_unit: int) -> Callable[[int, int], bool]:

@@ -8,9 +8,13 @@ each pixel counts once) and waits for the others; then all normalise with the me
 which are exactly the untiled pass's wherever the overlap covers what the tile edges disturb.
 
 Each tile keeps its activations while it waits, so memory grows with the image (the widest layer's
-activations once, plus one tile's working set) rather than staying one tile's; exact statistics
-cannot be had for less without running the network once per GroupNorm layer. Attention blocks
-(the SD decoder's mid-block) still attend within a tile and normalise within it.
+activations once, plus one tile's working set) rather than staying one tile's. `RecomputedStatistics`
+gets the same statistics in one tile's memory by running the network once per GroupNorm layer
+instead: pass k runs every tile, one after the other, up to layer k with the k layers before it
+normalised by the statistics already merged, adds its core of layer k and stops there; a last pass
+runs the tiles through. It computes more (the sum of every layer's prefix, several full passes),
+never holds more than one tile. Attention blocks (the SD decoder's mid-block) still attend within a
+tile and normalise within it.
 """
 
 from __future__ import annotations
@@ -145,6 +149,62 @@ class SharedStatistics:
         if errors:
             raise errors[0]
         return results  # type: ignore[return-value]
+
+
+class _Gathered(Exception):
+    """A tile's pass reached the layer whose statistics it was run for."""
+
+
+@dataclass
+class RecomputedStatistics:
+    """The GroupNorm statistics of one image, gathered layer by layer by rerunning its tiles, one
+    tile at a time (see the module docstring): the `SharedStatistics` results in one tile's memory."""
+
+    tiles: int
+    _target: int = 0  # the layer this pass gathers
+    _pending: _Moments = field(default_factory=_Moments)
+    _merged: dict[int, tuple[torch.Tensor, torch.Tensor] | None] = field(default_factory=dict)
+
+    def gather(self, tile: _Tile, x: torch.Tensor, groups: int) -> tuple[torch.Tensor, torch.Tensor] | None:
+        """The image's (mean, var) of a layer gathered in an earlier pass (None: off the tile grid, or
+        no tile on it); at this pass's layer, add the tile's core and stop the tile there."""
+        checkpoint()
+        key = tile.calls
+        tile.calls += 1
+        if key < self._target:
+            return self._merged[key]
+        grid_h, grid_w = tile.grid
+        height, width = x.shape[-2:]
+        if x.shape[0] == 1 and height % grid_h == 0 and width % grid_w == 0:
+            sy, sx = height // grid_h, width // grid_w
+            top, bottom, left, right = tile.core
+            self._pending.add(x[0, :, top * sy : bottom * sy, left * sx : right * sx].reshape(groups, -1))
+        raise _Gathered
+
+    def run(self, calls: list[tuple[Callable[[], torch.Tensor], tuple[int, int], tuple[int, int, int, int]]]
+            ) -> list[torch.Tensor]:
+        """Each tile's call (the call, its grid size, its core), rerun until every GroupNorm layer's
+        statistics are known; the results of the last pass, in order."""
+        if len(calls) != self.tiles:
+            raise ValueError(f"{len(calls)} tile calls for {self.tiles} tiles")
+        while True:
+            results: list[torch.Tensor] = []
+            for call, grid, core in calls:
+                _tile.current = _Tile(self, grid, core)
+                try:
+                    with torch.inference_mode():
+                        results.append(call())
+                except _Gathered:
+                    pass
+                finally:
+                    _tile.current = None
+            if len(results) == len(calls):
+                return results
+            if results:  # tiles of one model pass the same layers; anything else is a bug, not a result
+                raise RuntimeError(f"{len(results)} of {len(calls)} tiles ran through at layer {self._target}")
+            self._merged[self._target] = self._pending.mean_var() if self._pending.count else None
+            self._pending = _Moments()
+            self._target += 1
 
 
 class TileGroupNorm(nn.GroupNorm):

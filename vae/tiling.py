@@ -17,7 +17,7 @@ from typing import Callable
 import torch
 
 from .stopping import checkpoint
-from .tile_norms import SharedStatistics
+from .tile_norms import RecomputedStatistics, SharedStatistics
 
 # Tiles sharing statistics run as one thread each and hold their activations together; beyond this
 # many (a 4096-pixel sliver has thousands) each tile normalises alone, in bounded threads and memory.
@@ -71,6 +71,7 @@ def tiled_map(
     out_scale: int,
     batch_size: int = 1,
     shared_norms: bool = False,
+    recompute_norms: bool = False,
 ) -> torch.Tensor:
     """Apply `fn` (a batch [B, C, h, w] -> [B, C', h', w']) to `x` [C, H, W] tile by tile.
 
@@ -78,7 +79,8 @@ def tiled_map(
     has out_scale output pixels per grid unit (encode: in_scale=f, out_scale=1; decode: 1 and f).
     With `shared_norms`, every tile runs on its own (batch of one) and the GroupNorm layers of the
     model behind `fn` normalise with the whole image's statistics (`tile_norms.TileGroupNorm`), up to
-    MAX_SHARED_TILES tiles.
+    MAX_SHARED_TILES tiles: all tiles at once, or with `recompute_norms` one at a time, rerun once per
+    GroupNorm layer (`tile_norms.RecomputedStatistics`).
     """
     grid_h, grid_w = x.shape[-2] // in_scale, x.shape[-1] // in_scale
     rows, cols = tile_spans(grid_h, tile, overlap), tile_spans(grid_w, tile, overlap)
@@ -94,7 +96,7 @@ def tiled_map(
                   (rows[i][1] - rows[i][0], cols[j][1] - cols[j][0]),
                   (row_cores[i][0] - rows[i][0], row_cores[i][1] - rows[i][0],
                    col_cores[j][0] - cols[j][0], col_cores[j][1] - cols[j][0])) for i, j in cells]
-        results = SharedStatistics(len(calls)).run(calls)
+        results = (RecomputedStatistics if recompute_norms else SharedStatistics)(len(calls)).run(calls)
         # The tiles agree wherever their edges do not reach: each output pixel comes from its core.
         row_weights = [core_weight(rows, row_cores, i, out_scale) for i in range(len(rows))]
         col_weights = [core_weight(cols, col_cores, j, out_scale) for j in range(len(cols))]

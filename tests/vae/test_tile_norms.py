@@ -95,7 +95,7 @@ def test_tiled_codec_equals_untiled_with_image_statistics(operation):
     codec_options = dict(tile_size=64, tile_overlap=48, max_batch_pixels=1 << 20)
     image = torch.rand(3, 160, 144, generator=torch.Generator().manual_seed(0)) * 2 - 1
     errors = {}
-    for norms in ("image", "tile"):
+    for norms in ("image", "image-recompute", "tile"):
         codec = Codec(tiny_vae(mid_block_add_attention=False), options=CodecOptions(tile_norms=norms, **codec_options))
         latents = codec.encode(image, tiling="off")
         if operation == "decode":
@@ -104,7 +104,7 @@ def test_tiled_codec_equals_untiled_with_image_statistics(operation):
         else:
             tiled, untiled = codec.encode(image, tiling="on"), latents
         errors[norms] = float((tiled - untiled).abs().max())
-    assert errors["image"] < 1e-4
+    assert errors["image"] < 1e-4 and errors["image-recompute"] < 1e-4
     assert errors["tile"] > 1e-2  # the same tiles, each normalising alone
 
 
@@ -127,3 +127,40 @@ def test_beyond_the_shared_tile_limit_tiles_normalise_alone(monkeypatch):
         capped = tiled_map(x, norm, tile=16, overlap=4, in_scale=1, out_scale=1, shared_norms=True)
     assert threading.active_count() == before
     torch.testing.assert_close(capped, alone)
+
+
+def test_recomputed_statistics_run_one_tile_at_a_time_once_per_layer_and_match_the_shared_ones():
+    """Two GroupNorms in a row: three passes over the tiles (layer 0, layer 1, through), in this thread."""
+    first, second = _norm(), _norm()
+    model = nn.Sequential(first, nn.Conv2d(8, 8, 1), second)
+    x = torch.randn(8, 40, 56) * torch.linspace(0.2, 3.0, 56) + torch.linspace(-2, 2, 40)[:, None]
+    threads, live = [], []
+
+    def fn(batch: torch.Tensor) -> torch.Tensor:
+        threads.append(threading.current_thread().name)
+        live.append(batch.shape[0])
+        return model(batch)
+
+    with torch.inference_mode():
+        whole = model(x[None])[0]
+        shared = tiled_map(x, model, tile=16, overlap=4, in_scale=1, out_scale=1, shared_norms=True)
+        recomputed = tiled_map(x, fn, tile=16, overlap=4, in_scale=1, out_scale=1, shared_norms=True,
+                               recompute_norms=True)
+    tiles = len(tile_spans(40, 16, 4)) * len(tile_spans(56, 16, 4))
+    assert len(threads) == 3 * tiles and set(threads) == {threading.current_thread().name} and set(live) == {1}
+    torch.testing.assert_close(recomputed, shared, atol=1e-5, rtol=1e-5)
+    torch.testing.assert_close(recomputed, whole, atol=1e-5, rtol=1e-5)
+
+
+def test_recomputed_statistics_stop_between_layers_when_asked():
+    norm = _norm()
+    checks = []
+
+    def check() -> None:
+        checks.append(1)
+        if len(checks) > 3:
+            raise TimeoutError("deadline exceeded")
+
+    with pytest.raises(TimeoutError), stoppable(check), torch.inference_mode():
+        tiled_map(torch.randn(8, 40, 40), norm, tile=16, overlap=4, in_scale=1, out_scale=1, shared_norms=True,
+                  recompute_norms=True)
