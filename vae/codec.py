@@ -603,11 +603,12 @@ class Codec:
 
 
 def _compile(model: nn.Module, mode: str) -> None:
-    """torch.compile the encoder and decoder in place (their state_dict keys stay as they are)."""
+    """torch.compile the encoder and decoder in place (their state_dict keys stay as they are), for any
+    input size: the first call (a server's warm-up) compiles a graph that later sizes reuse."""
     for name in ("encoder", "decoder"):
         module = getattr(model, name, None)
         if isinstance(module, nn.Module):
-            module.compile(mode=None if mode == "default" else mode)
+            module.compile(mode=None if mode == "default" else mode, dynamic=True)
 
 
 def _statistics(info: ModelInfo) -> tuple[torch.Tensor, torch.Tensor] | None:
