@@ -428,11 +428,11 @@ class Codec:
         """[3, H, W] images -> per-image [C or 2C, h, w] posterior mean (and log-variance)."""
         f = self.factor
         limits = self.limits
-        if self._device_pixels:  # padded on the device, after the uint8 transfer
-            run_batch = lambda batch: self._run(self._encode_batch, batch, split=True)  # noqa: E731
-        else:
-            run_batch = lambda batch: self._run(self._encode_batch, _pad_to_multiple(batch, f),  # noqa: E731
-                                                split=True)
+
+        def run_batch(batch: torch.Tensor) -> torch.Tensor:
+            # Device pixels are padded on the device, after the uint8 transfer.
+            return self._run(self._encode_batch, batch if self._device_pixels else _pad_to_multiple(batch, f),
+                             split=True)
         return _map_grouped(
             images,
             run_batch,
@@ -539,7 +539,7 @@ class Codec:
     def _on_device(self, x: torch.Tensor) -> torch.Tensor:
         """A host batch on the device (pinned, asynchronous on CUDA), uint8 pixels normalised to float32 in
         [-1, 1] there; a tensor already there passes as it is."""
-        if x.device != self.placement.device:
+        if x.device.type != self.placement.device.type:  # "cuda" and "cuda:0" are one device
             x = from_host(x, self.placement.device)
         return normalise(x) if x.dtype == torch.uint8 else x
 

@@ -20,10 +20,10 @@ TOLERANCE = {torch.float32: 5e-3, torch.float16: 2e-2, torch.bfloat16: 5e-2}
 # The families' conventions on the tiny architecture: SD, SDXL (float16 overflows: force_upcast), FLUX.1
 # (16 channels, a shift, no quant convolutions).
 FAMILIES = {
-    "sd": dict(force_upcast=False),
-    "sdxl": dict(force_upcast=True, scaling_factor=0.13025, shift_factor=None),
-    "flux": dict(latent_channels=16, scaling_factor=0.3611, shift_factor=0.1159, use_quant_conv=False,
-                 use_post_quant_conv=False, force_upcast=False),
+    "sd": {"force_upcast": False},
+    "sdxl": {"force_upcast": True, "scaling_factor": 0.13025, "shift_factor": None},
+    "flux": {"latent_channels": 16, "scaling_factor": 0.3611, "shift_factor": 0.1159, "use_quant_conv": False,
+             "use_post_quant_conv": False, "force_upcast": False},
 }
 
 

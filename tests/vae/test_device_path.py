@@ -4,20 +4,21 @@ run on the CPU: the same code as on CUDA but for pinning and the asynchronous co
 from __future__ import annotations
 
 import dataclasses
+import itertools
 import shutil
 
 import numpy as np
 import pytest
 import torch
-
 from latentd.vae import Codec, CodecOptions, InvalidInputError
 from latentd.vae.convert import tensor_to_uint8
 from latentd.vae.device_io import denormalise, normalise
 from latentd.vae.devices import Placement, configure_cuda
 from latentd.vae.pass_limits import PassLimits, activation_bytes_per_pixel, plan_passes
+
 from tests.conftest import make_tiny_kl, make_tiny_taesd, smooth_image
 
-TILED = dict(tile_size=32, tile_overlap=8, tile_threshold=48)
+TILED = {"tile_size": 32, "tile_overlap": 8, "tile_threshold": 48}
 
 
 def codec_pair(make=make_tiny_kl, **options) -> tuple[Codec, Codec]:
@@ -139,7 +140,8 @@ def test_passes_and_tiles_from_free_memory(free_gib):
 def test_more_free_memory_never_gives_smaller_passes():
     per_pixel = activation_bytes_per_pixel(SD, torch.float16)
     plans = [plan_passes(gib << 30, per_pixel, fraction=0.8, factor=8, overlap=128) for gib in range(1, 160, 7)]
-    assert all(a.max_batch_pixels <= b.max_batch_pixels and a.tile_size <= b.tile_size for a, b in zip(plans, plans[1:]))
+    assert all(a.max_batch_pixels <= b.max_batch_pixels and a.tile_size <= b.tile_size
+               for a, b in itertools.pairwise(plans))
 
 
 def test_little_free_memory_still_gives_one_small_tile_per_pass():
