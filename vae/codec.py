@@ -85,7 +85,7 @@ class CodecOptions:
     cudnn_benchmark: bool = True
     # On CUDA: float32 matrix products and convolutions (the float32 retry, dtype float32) in TF32.
     tf32: bool = True
-    # torch.compile the encoder and decoder (one of COMPILE_MODES); the first call of each shape compiles.
+    # torch.compile the encoder and decoder (one of COMPILE_MODES); the first call compiles, for any size.
     compile: str = "off"
 
     def validate(self, factor: int) -> None:
