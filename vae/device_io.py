@@ -31,7 +31,7 @@ def to_host(result: torch.Tensor, output: torch.Tensor) -> tuple[torch.Tensor, b
 
     On CUDA the finiteness flag and the output travel together, asynchronously into pinned memory, and
     the host waits once for both: one synchronisation per batch, not one for the check and one for the
-    copy."""
+    copy. The result is returned in ordinary (pageable) memory."""
     finite = torch.isfinite(result).all()
     if output.device.type != "cuda":
         return output.cpu(), bool(finite)
@@ -40,4 +40,6 @@ def to_host(result: torch.Tensor, output: torch.Tensor) -> tuple[torch.Tensor, b
     flag = torch.empty((), dtype=torch.bool, pin_memory=True)
     flag.copy_(finite, non_blocking=True)
     torch.cuda.current_stream(output.device).synchronize()
-    return host, bool(flag)
+    # Into pageable memory for the caller (a host copy, fast beside the bus): results a caller keeps must
+    # not keep pages locked, and the pinned block goes back to torch's cache for the next batch.
+    return host.clone(), bool(flag)
