@@ -565,12 +565,13 @@ class Codec:
         except torch.OutOfMemoryError:
             if not split or batch.shape[0] < 2:
                 raise
-            logger.warning("%s: out of device memory on a batch of %d; running it in halves", self.info.name,
-                           batch.shape[0])
-            if self.placement.device.type == "cuda":
-                torch.cuda.empty_cache()
-            half = (batch.shape[0] + 1) // 2
-            return torch.cat([self._run(fn, part, pixels=pixels, split=True) for part in batch.split(half)])
+        # Outside the except block: its traceback held the failed attempt's frames and their activations.
+        logger.warning("%s: out of device memory on a batch of %d; running it in halves", self.info.name,
+                       batch.shape[0])
+        if self.placement.device.type == "cuda":
+            torch.cuda.empty_cache()
+        half = (batch.shape[0] + 1) // 2
+        return torch.cat([self._run(fn, part, pixels=pixels, split=True) for part in batch.split(half)])
 
     def _run_once(self, fn: Callable[..., torch.Tensor], batch: torch.Tensor, pixels: bool) -> torch.Tensor:
         with torch.inference_mode():
