@@ -440,6 +440,7 @@ class Codec:
             per_batch=lambda h, w: limits.max_batch_pixels // (h * w),
             tile=self._tiling_predicate(tiling, 1),
             stack=self._stack,
+            tile_on_oom=tiling == "auto",
         )
 
     def _decode_tensors(self, latents: list[torch.Tensor], tiling: Tiling, *, pixels: bool = False
@@ -454,6 +455,7 @@ class Codec:
             per_batch=lambda h, w: limits.max_batch_pixels // (h * w * f * f),
             tile=self._tiling_predicate(tiling, f),
             stack=self._stack,
+            tile_on_oom=tiling == "auto",
         )
 
     def _tiled(self, x: torch.Tensor, batch_fn: Callable[..., torch.Tensor], *, pad: bool,
@@ -653,9 +655,11 @@ def _map_grouped(
     per_batch: Callable[[int, int], int],
     tile: Callable[[int, int], bool],
     stack: Callable[[list[torch.Tensor]], torch.Tensor] = torch.stack,
+    tile_on_oom: bool = False,
 ) -> list[torch.Tensor]:
     """Group items by shape (and dtype: uint8 pixels and float tensors in one call), run each group in
-    memory-bounded batches (or tile by tile), and return the results in input order."""
+    memory-bounded batches (or tile by tile), and return the results in input order. `tile_on_oom`: a
+    batch out of device memory (after its halves, see Codec._run) runs its images tiled."""
     groups: dict[tuple[Any, ...], list[int]] = {}
     for index, item in enumerate(items):
         groups.setdefault((*item.shape, item.dtype), []).append(index)
@@ -670,7 +674,20 @@ def _map_grouped(
         for first in range(0, len(indices), size):
             checkpoint()
             chunk = indices[first : first + size]
-            outputs = batch_fn(stack([items[i] for i in chunk]))
+            try:
+                outputs = batch_fn(stack([items[i] for i in chunk]))
+            except torch.OutOfMemoryError:
+                # What the memory estimate let through untiled did not fit even alone (batches were
+                # halved already): with tiling="auto" those images run tiled instead.
+                if not tile_on_oom:
+                    raise
+                outputs = None
+            if outputs is None:
+                logger.warning("out of device memory on %d image(s) of %dx%d even one at a time; tiling them",
+                               len(chunk), height, width)
+                for index in chunk:
+                    results[index] = tiled_fn(items[index])
+                continue
             if outputs.shape[0] != len(chunk):
                 raise RuntimeError(f"model returned {outputs.shape[0]} outputs for {len(chunk)} inputs")
             for index, output in zip(chunk, outputs):

@@ -102,6 +102,25 @@ def test_a_batch_out_of_memory_runs_again_in_halves(pixels, caplog):
         codec.encode(smooth_image(48, 48))
 
 
+def test_an_image_out_of_memory_alone_runs_tiled_under_auto(caplog):
+    codec = Codec(make_tiny_kl(), name="tiny", options=CodecOptions(**TILED))
+    latents = torch.randn(4, 24, 24, generator=torch.Generator().manual_seed(0))  # 48 px: untiled by auto
+    tiled = codec.decode(latents, tiling="on", output="tensor")
+    original = codec._decode_batch
+
+    def tight(z, model=None):
+        if z.shape[-1] == 24:  # the whole latent does not fit; its tiles (16 of 24 each way) do
+            raise torch.OutOfMemoryError("CUDA out of memory. Tried to allocate 2.00 GiB")
+        return original(z, model)
+
+    codec._decode_batch = tight
+    with caplog.at_level("WARNING", logger="latentd.vae"):
+        assert torch.equal(codec.decode(latents, output="tensor"), tiled)
+    assert "tiling them" in caplog.text
+    with pytest.raises(torch.OutOfMemoryError):  # tiling="off" is what the caller asked for
+        codec.decode(latents, tiling="off")
+
+
 # ---- sizing passes by free memory ---------------------------------------------------------------
 
 class Config:
