@@ -102,7 +102,8 @@ class ModelPool:
 
     def load(self) -> None:
         """Load, start and warm up every model; raises LatentdError naming the model that failed."""
-        options = CodecOptions(max_pixels=self.settings.max_pixels, tile_norms=self.settings.tile_norms)
+        options = CodecOptions(max_pixels=self.settings.max_pixels, tile_norms=self.settings.tile_norms,
+                               compile=self.settings.compile)
         for name, source in self.settings.models.items():
             started = time.perf_counter()
             codec = self.run(functools.partial(load_codec, source, device=self.settings.device,

@@ -62,6 +62,9 @@ class ServerSettings:
                                       "memory, visible seams) or image (the whole image's: tiles equal the "
                                       "untiled result, with more memory than an untiled pass)",
                               choices=("image", "tile"))
+    compile: str = setting("off", "torch.compile each model's encoder and decoder (reduce-overhead: CUDA graphs, "
+                                  "one per input size); the warm-up compiles before health turns SERVING",
+                           choices=("off", "default", "reduce-overhead", "max-autotune"))
     max_request_pixels: int = setting(64 * 1024 * 1024, "model work one request may cost, in image pixels in and "
                                                         "out (padded to the model's factor, tile overlaps counted; "
                                                         "see costs.py); beyond it INVALID_ARGUMENT",
@@ -104,6 +107,9 @@ class ServerSettings:
             ("max_message_mb", self.max_message_mb >= 1, "must be at least 1"),
             ("max_pixels", self.max_pixels >= 64, "must be at least 64"),
             ("tile_norms", self.tile_norms in ("image", "tile"), "must be image or tile"),
+            ("compile", self.compile in ("off", "default", "reduce-overhead", "max-autotune"),
+             "must be off, default, reduce-overhead or max-autotune"),
+            ("compile", self.compile == "off" or self.tile_norms == "tile", "needs tile_norms tile"),
             ("max_request_pixels", self.max_request_pixels >= self.max_pixels, "must be at least max_pixels"),
             ("memory_budget_mb", self.memory_budget_mb >= 1, "must be at least 1"),
             ("admission_wait_ms", self.admission_wait_ms >= 0, "must be >= 0"),

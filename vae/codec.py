@@ -27,7 +27,8 @@ from .convert import (
     latents_to_tensors,
     tensor_to_uint8,
 )
-from .devices import Placement, native_bf16, resolve_placement
+from .device_io import denormalise, from_host, normalise, to_host
+from .devices import Placement, configure_cuda, native_bf16, resolve_placement
 from .errors import InvalidInputError, NumericalError
 from .fast_inference import optimize_for_inference
 from .imageio import DEFAULT_BACKGROUND, DEFAULT_MAX_PIXELS
@@ -43,6 +44,7 @@ from .latent_ops import (
 from .loading import load_model
 from .metrics import mse, psnr
 from .model_info import ModelInfo, describe_model, latent_shape
+from .pass_limits import PassLimits, activation_bytes_per_pixel, plan_passes
 from .refine import check_refine_steps, refine_latent
 from .stopping import checkpoint
 from .tile_norms import share_tile_norms
@@ -53,6 +55,8 @@ logger = logging.getLogger(__name__)
 Tiling = Literal["auto", "on", "off"]
 TILING_MODES: tuple[str, ...] = ("auto", "on", "off")
 TILE_NORMS: tuple[str, ...] = ("image", "image-recompute", "tile")
+# torch.compile modes; "reduce-overhead" records CUDA graphs, one per input shape: for small fixed shapes.
+COMPILE_MODES: tuple[str, ...] = ("off", "default", "reduce-overhead", "max-autotune")
 
 
 @dataclass(frozen=True)
@@ -74,11 +78,30 @@ class CodecOptions:
     # one tile's memory, for several times the compute: vae/tile_norms.py).
     tile_norms: str = "tile"
     optimize: bool = True
+    # On CUDA: the share of the device's free memory (when the codec loads) its forward passes may
+    # use; it sizes batches and tiles in place of max_batch_pixels, tile_size and tile_threshold
+    # (vae/pass_limits.py). 0: those three fields on CUDA too.
+    device_memory_fraction: float = 0.8
+    # On CUDA: let cuDNN time its convolution algorithms once per input shape and keep the fastest.
+    cudnn_benchmark: bool = True
+    # On CUDA: float32 matrix products and convolutions (the float32 retry, dtype float32) in TF32.
+    tf32: bool = True
+    # torch.compile the encoder and decoder (one of COMPILE_MODES); the first call compiles, for any size.
+    compile: str = "off"
 
     def validate(self, factor: int) -> None:
         for name in ("max_pixels", "max_batch_pixels", "tile_size", "tile_threshold"):
             if getattr(self, name) <= 0:
                 raise InvalidInputError(f"{name} must be positive", field=name)
+        if not 0 <= self.device_memory_fraction <= 1:
+            raise InvalidInputError(f"device_memory_fraction must be in [0, 1], got {self.device_memory_fraction}",
+                                    field="device_memory_fraction")
+        if self.compile not in COMPILE_MODES:
+            raise InvalidInputError(f"compile must be one of {', '.join(COMPILE_MODES)}, got {self.compile!r}",
+                                    field="compile")
+        if self.compile != "off" and self.tile_norms != "tile":
+            raise InvalidInputError("compile runs with tile_norms='tile' (shared tile statistics synchronise "
+                                    "threads inside the model)", field="compile")
         if self.tile_size % factor or self.tile_overlap % factor:
             raise InvalidInputError(f"tile_size and tile_overlap must be multiples of the model's factor {factor}",
                                     field="tile_size")
@@ -113,6 +136,13 @@ class Codec:
         # Read before the cast below: FLUX.2's latent statistics are BatchNorm buffers, which a
         # half-precision copy would round.
         info = describe_model(model, name)
+        self.options.validate(info.downsampling_factor)
+        on_cuda = self.placement.device.type == "cuda"
+        if on_cuda:
+            configure_cuda(benchmark=self.options.cudnn_benchmark, tf32=self.options.tf32)
+        # On CUDA pixels cross to and from the device as uint8 through pinned buffers, normalised and
+        # rounded there (vae/device_io.py); the CPU keeps its float path.
+        self._device_pixels = on_cuda
         # The module rewrites are measured on CPUs only; GPUs run diffusers' modules as they are.
         if self.options.optimize and self.placement.device.type == "cpu":
             optimize_for_inference(model)
@@ -133,7 +163,25 @@ class Codec:
         self._fp32_lock = threading.Lock()
         self.info: ModelInfo = dataclasses.replace(info, dtype=str(self.placement.dtype).removeprefix("torch."))
         self._statistics = _statistics(self.info)
-        self.options.validate(self.info.downsampling_factor)
+        self.limits: PassLimits = self._pass_limits(model)
+        if self.options.compile != "off":
+            _compile(self._model, self.options.compile)
+
+    def _pass_limits(self, model: nn.Module) -> PassLimits:
+        """The options' fixed limits, or on CUDA (unless device_memory_fraction is 0) limits sized by the
+        memory free on the device now that the weights are there."""
+        opts = self.options
+        fixed = PassLimits(max_batch_pixels=opts.max_batch_pixels, tile_size=opts.tile_size,
+                           tile_threshold=opts.tile_threshold)
+        if self.placement.device.type != "cuda" or not opts.device_memory_fraction:
+            return fixed
+        free, _ = torch.cuda.mem_get_info(self.placement.device)
+        limits = plan_passes(free, activation_bytes_per_pixel(model, self.placement.dtype),
+                             fraction=opts.device_memory_fraction, factor=self.factor, overlap=opts.tile_overlap)
+        logger.info("%s: %d MiB free on %s: up to %d pixels per pass, tiles of %d px, %d per pass", self.info.name,
+                    free >> 20, self.placement.device, limits.max_batch_pixels, limits.tile_size,
+                    limits.tiles_per_pass)
+        return limits
 
     @property
     def model(self) -> nn.Module:
@@ -167,7 +215,7 @@ class Codec:
         `refine=N`: the mean then takes N optimisation steps against the decoder (`vae/refine.py`;
         each costs about three decodes; untiled images only, no sampling).
         """
-        items = images_to_tensors(images, max_pixels=self.options.max_pixels, background=self.options.background)
+        items = self._images(images)
         if packed:
             for index, tensor in enumerate(items.tensors):
                 height, width = tensor.shape[-2:]
@@ -192,17 +240,28 @@ class Codec:
                             refine: int) -> list[tuple[torch.Tensor, torch.Tensor | None]]:
         check_refine_steps(refine)
         if refine and any(self._tiling_predicate(tiling, 1)(*t.shape[-2:]) for t in tensors):
-            raise InvalidInputError(f"refine runs on untiled images only (sides up to {self.options.tile_threshold} "
-                                    "px, tiling auto or off)", field="refine")
+            raise InvalidInputError("refine runs on untiled images only (tiling auto or off, and images that "
+                                    f"auto does not tile: {self._untiled_text()})", field="refine")
         posteriors = self._posteriors(tensors, tiling)
         if not refine:
             return posteriors
         return [(self._refined(mean, image, refine), logvar) for (mean, logvar), image in zip(posteriors, tensors)]
 
+    def _images(self, images: Any) -> Any:
+        return images_to_tensors(images, max_pixels=self.options.max_pixels, background=self.options.background,
+                                 keep_uint8=self._device_pixels)
+
+    def _untiled_text(self) -> str:
+        limits = self.limits
+        if limits.tile_above_pixels is not None:
+            return f"up to {limits.tile_above_pixels} pixels"
+        return f"sides up to {limits.tile_threshold} px"
+
     def _refined(self, mean: torch.Tensor, image: torch.Tensor, steps: int) -> torch.Tensor:
         """The raw latent `mean` of `image` [3, H, W] after `steps` steps against the decoder (float32)."""
         model = self._model if not self.placement.low_precision else self._float32_model()
-        refined = refine_latent(lambda z: self._decode_batch(z, model), image.to(self.placement.device), mean.to(
+        target = normalise(image) if image.dtype == torch.uint8 else image
+        refined = refine_latent(lambda z: self._decode_batch(z, model), target.to(self.placement.device), mean.to(
             self.placement.device), steps)
         return refined.detach().float().cpu()
 
@@ -221,7 +280,7 @@ class Codec:
         """Raw posterior (mean, log-variance) per image, each [C, h, w]; log-variance is None for
         deterministic models. Always a list, whatever form `images` has. `refine=N`: each mean after
         N steps against the decoder, as in `encode`."""
-        items = images_to_tensors(images, max_pixels=self.options.max_pixels, background=self.options.background)
+        items = self._images(images)
         return self._refined_posteriors(items.tensors, tiling, refine)
 
     def _posteriors(self, tensors: list[torch.Tensor],
@@ -255,7 +314,7 @@ class Codec:
         items = latents_to_tensors(latents, self.info.latent_channels)
         raw = [self.unscale(z) if scaled else z for z in items.tensors]
         crops = self._crop_sizes(sizes, raw)
-        decoded = self._decode_tensors(raw, tiling)
+        decoded = self._decode_tensors(raw, tiling, pixels=self._pixels_out(output))
         cropped = [image[:, :height, :width] for image, (height, width) in zip(decoded, crops)]
         return format_images(cropped, items.form, output)
 
@@ -285,8 +344,8 @@ class Codec:
 
     def roundtrip(self, images: Any, *, output: OutputKind = "numpy", tiling: Tiling = "auto") -> Any:
         """Encode then decode, cropping back to each image's original size."""
-        items = images_to_tensors(images, max_pixels=self.options.max_pixels, background=self.options.background)
-        reconstructed = self._roundtrip_tensors(items.tensors, tiling)
+        items = self._images(images)
+        reconstructed = self._roundtrip_tensors(items.tensors, tiling, pixels=self._pixels_out(output))
         return format_images(reconstructed, items.form, output)
 
     def scale(self, z: torch.Tensor) -> torch.Tensor:
@@ -308,8 +367,7 @@ class Codec:
     def interpolate(self, image_a: Any, image_b: Any, steps: int = 8, method: str = "slerp", *,
                     output: OutputKind = "numpy") -> list:
         """Decode `steps` points on the lerp or slerp path between the posterior means of two images."""
-        items = images_to_tensors([image_a, image_b], max_pixels=self.options.max_pixels,
-                                  background=self.options.background)
+        items = self._images([image_a, image_b])
         if items.tensors[0].shape != items.tensors[1].shape:
             raise InvalidInputError(f"interpolation needs two images of one size, got "
                                     f"{tuple(items.tensors[0].shape[1:])} and {tuple(items.tensors[1].shape[1:])}",
@@ -317,7 +375,7 @@ class Codec:
         (a, _), (b, _) = self._posteriors(items.tensors, "auto")
         path = interpolation_path(a, b, steps, method)
         height, width = items.tensors[0].shape[1:]
-        decoded = self._decode_tensors(list(path.unbind(0)), "auto")
+        decoded = self._decode_tensors(list(path.unbind(0)), "auto", pixels=self._pixels_out(output))
         return format_images([image[:, :height, :width] for image in decoded], "list", output)
 
     def sample_prior(self, n: int, height: int, width: int, seed: int = 0, *, output: OutputKind = "numpy") -> list:
@@ -329,13 +387,13 @@ class Codec:
                                     field="height")
         shape = latent_shape(self.info.latent_channels, self.factor, height, width)
         latents = [gaussian_like(shape, seed, index) for index in range(n)]
-        decoded = self._decode_tensors(latents, "auto")
+        decoded = self._decode_tensors(latents, "auto", pixels=self._pixels_out(output))
         return format_images([image[:, :height, :width] for image in decoded], "list", output)
 
     def anomaly_score(self, images: Any) -> list[AnomalyScore]:
         """Per-image reconstruction error (MSE and PSNR on 8-bit RGB)."""
-        items = images_to_tensors(images, max_pixels=self.options.max_pixels, background=self.options.background)
-        reconstructed = self._roundtrip_tensors(items.tensors, "auto")
+        items = self._images(images)
+        reconstructed = self._roundtrip_tensors(items.tensors, "auto", pixels=self._device_pixels)
         scores = []
         for original, reconstruction in zip(items.tensors, reconstructed):
             a, b = tensor_to_uint8(original), tensor_to_uint8(reconstruction)
@@ -357,7 +415,7 @@ class Codec:
         grid_h, grid_w = -(-height // f), -(-width // f)
         if not self.is_tiled(height, width, decode=decode, tiling=tiling):
             return {grid_h * grid_w * f * f: 1}
-        tile, overlap = self.options.tile_size // f, self.options.tile_overlap // f
+        tile, overlap = self.limits.tile_size // f, self.options.tile_overlap // f
         rows = collections.Counter(end - start for start, end in tile_spans(grid_h, tile, overlap))
         cols = collections.Counter(end - start for start, end in tile_spans(grid_w, tile, overlap))
         calls: collections.Counter[int] = collections.Counter()
@@ -368,55 +426,84 @@ class Codec:
 
     # ---- batching, padding, tiling ---------------------------------------------------------
 
-    def _roundtrip_tensors(self, tensors: list[torch.Tensor], tiling: Tiling) -> list[torch.Tensor]:
+    def _pixels_out(self, output: Any) -> bool:
+        """Whether decoded images may come back from the device as uint8 (the caller wants 8-bit pixels)."""
+        return self._device_pixels and output != "tensor" and output != "torch"
+
+    def _roundtrip_tensors(self, tensors: list[torch.Tensor], tiling: Tiling, *,
+                           pixels: bool = False) -> list[torch.Tensor]:
         means = [mean for mean, _ in self._posteriors(tensors, tiling)]
-        decoded = self._decode_tensors(means, tiling)
+        decoded = self._decode_tensors(means, tiling, pixels=pixels)
         return [image[:, : t.shape[1], : t.shape[2]] for image, t in zip(decoded, tensors)]
 
     def _encode_moments(self, images: list[torch.Tensor], tiling: Tiling) -> list[torch.Tensor]:
         """[3, H, W] images -> per-image [C or 2C, h, w] posterior mean (and log-variance)."""
         f = self.factor
-        opts = self.options
+        limits = self.limits
+
+        def run_batch(batch: torch.Tensor) -> torch.Tensor:
+            # Device pixels are padded on the device, after the uint8 transfer.
+            return self._run(self._encode_batch, batch if self._device_pixels else _pad_to_multiple(batch, f),
+                             split=True)
         return _map_grouped(
             images,
-            lambda batch: self._run(self._encode_batch, _pad_to_multiple(batch, f)),
-            lambda image: self._tiled(image, self._encode_batch, pad=True),
-            per_batch=lambda h, w: opts.max_batch_pixels // (h * w),
+            run_batch,
+            lambda image: self._tiled(image, self._encode_batch, pad=True, pixels=False),
+            per_batch=lambda h, w: limits.max_batch_pixels // (h * w),
             tile=self._tiling_predicate(tiling, 1),
+            stack=self._stack,
+            tile_on_oom=tiling == "auto",
         )
 
-    def _decode_tensors(self, latents: list[torch.Tensor], tiling: Tiling) -> list[torch.Tensor]:
+    def _decode_tensors(self, latents: list[torch.Tensor], tiling: Tiling, *, pixels: bool = False
+                        ) -> list[torch.Tensor]:
+        """Latents -> [3, H, W] images: float in [-1, 1], or with `pixels` (device pixels only) uint8."""
         f = self.factor
-        opts = self.options
+        limits = self.limits
         return _map_grouped(
             latents,
-            lambda batch: self._run(self._decode_batch, batch),
-            lambda latent: self._tiled(latent, self._decode_batch, pad=False),
-            per_batch=lambda h, w: opts.max_batch_pixels // (h * w * f * f),
+            lambda batch: self._run(self._decode_batch, batch, pixels=pixels, split=True),
+            lambda latent: self._tiled(latent, self._decode_batch, pad=False, pixels=pixels),
+            per_batch=lambda h, w: limits.max_batch_pixels // (h * w * f * f),
             tile=self._tiling_predicate(tiling, f),
+            stack=self._stack,
+            tile_on_oom=tiling == "auto",
         )
 
-    def _tiled(self, x: torch.Tensor, batch_fn: Callable[..., torch.Tensor], *, pad: bool) -> torch.Tensor:
+    def _tiled(self, x: torch.Tensor, batch_fn: Callable[..., torch.Tensor], *, pad: bool,
+               pixels: bool) -> torch.Tensor:
         """`batch_fn` over `x` [C, H, W] tile by tile: images (pad=True, padded to the factor) or latents."""
-        f, opts = self.factor, self.options
-        source = _pad_to_multiple(x[None], f)[0] if pad else x
+        f, opts, limits = self.factor, self.options, self.limits
         scales = {"in_scale": f, "out_scale": 1} if pad else {"in_scale": 1, "out_scale": f}
-        tile, overlap = opts.tile_size // f, opts.tile_overlap // f
-        if opts.tile_norms == "tile":
-            return tiled_map(source, lambda tiles: self._run(batch_fn, tiles), tile=tile, overlap=overlap, **scales)
+        tile, overlap = limits.tile_size // f, opts.tile_overlap // f
+        shared, recompute = opts.tile_norms != "tile", opts.tile_norms == "image-recompute"
+        if self._device_pixels:
+            # The whole image crosses once; its tiles are cut, batched and blended on the device, and
+            # a float32 retry reruns the whole image.
+            def on_device(image: torch.Tensor, model: nn.Module | None) -> torch.Tensor:
+                source = self._on_device(image[None])
+                source = (_pad_to_multiple(source, f) if pad else source)[0]
+                return tiled_map(source, lambda tiles: batch_fn(tiles, model), tile=tile, overlap=overlap,
+                                 batch_size=limits.tiles_per_pass, shared_norms=shared, recompute_norms=recompute,
+                                 **scales)
+            return self._run(on_device, x, pixels=pixels)
+        source = _pad_to_multiple(x[None], f)[0] if pad else x
+        if not shared:
+            return tiled_map(source, lambda tiles: self._run(batch_fn, tiles), tile=tile, overlap=overlap,
+                             batch_size=limits.tiles_per_pass, **scales)
 
         # Tiles sharing statistics run together: a float32 retry reruns the whole image, not one tile.
         def whole(image: torch.Tensor, model: nn.Module | None) -> torch.Tensor:
             return tiled_map(image, lambda tiles: batch_fn(tiles, model), tile=tile, overlap=overlap,
-                             shared_norms=True, recompute_norms=opts.tile_norms == "image-recompute", **scales)
+                             shared_norms=True, recompute_norms=recompute, **scales)
         return self._run(whole, source)
 
     def _tiling_predicate(self, tiling: Tiling, pixels_per_unit: int) -> Callable[[int, int], bool]:
         if tiling not in TILING_MODES:
             raise InvalidInputError(f"tiling must be one of {', '.join(TILING_MODES)}, got {tiling!r}", field="tiling")
-        threshold = self.options.tile_threshold
+        limits = self.limits
         return lambda h, w: tiling == "on" or (
-            tiling == "auto" and max(h, w) * pixels_per_unit > threshold
+            tiling == "auto" and limits.tiles(h * pixels_per_unit, w * pixels_per_unit)
         )
 
     def _crop_sizes(self, sizes: Any, latents: list[torch.Tensor]) -> list[tuple[int, int]]:
@@ -438,7 +525,7 @@ class Codec:
 
     def _encode_batch(self, x: torch.Tensor, model: nn.Module | None = None) -> torch.Tensor:
         model = model or self._model
-        output = model.encode(self._to_device(x, model))
+        output = model.encode(self._model_input(x, model, pad=self._device_pixels))
         patch = self.info.patch_size
         if hasattr(output, "latent_dist"):
             dist = output.latent_dist
@@ -449,29 +536,77 @@ class Codec:
 
     def _decode_batch(self, z: torch.Tensor, model: nn.Module | None = None) -> torch.Tensor:
         model = model or self._model
-        return model.decode(self._to_device(unpatchify(z, self.info.patch_size), model)).sample
+        return model.decode(self._model_input(unpatchify(z, self.info.patch_size), model)).sample
 
-    def _to_device(self, x: torch.Tensor, model: nn.Module) -> torch.Tensor:
+    def _model_input(self, x: torch.Tensor, model: nn.Module, *, pad: bool = False) -> torch.Tensor:
+        """A batch as the model takes it: on its device, in its dtype, channels last; device pixels:
+        uint8 normalised and (with `pad`) padded to the factor there."""
         dtype = next(model.parameters()).dtype
-        # One copy: device, dtype and memory format in a single conversion.
-        return x.to(device=self.placement.device, dtype=dtype, memory_format=torch.channels_last, non_blocking=True)
+        if not self._device_pixels:
+            # One copy: device, dtype and memory format in a single conversion.
+            return x.to(device=self.placement.device, dtype=dtype, memory_format=torch.channels_last,
+                        non_blocking=True)
+        x = self._on_device(x)
+        if pad:
+            x = _pad_to_multiple(x, self.factor)
+        return x.to(dtype=dtype, memory_format=torch.channels_last)
 
-    def _run(self, fn: Callable[..., torch.Tensor], batch: torch.Tensor) -> torch.Tensor:
+    def _on_device(self, x: torch.Tensor) -> torch.Tensor:
+        """A host batch on the device (pinned, asynchronous on CUDA), uint8 pixels normalised to float32 in
+        [-1, 1] there; a tensor already there passes as it is."""
+        if x.device.type != self.placement.device.type:  # "cuda" and "cuda:0" are one device
+            x = from_host(x, self.placement.device)
+        return normalise(x) if x.dtype == torch.uint8 else x
+
+    def _stack(self, items: list[torch.Tensor]) -> torch.Tensor:
+        """One batch of equal-shaped items; on CUDA straight into a pinned, channels-last host buffer."""
+        if self.placement.device.type != "cuda":
+            return torch.stack(items)
+        first = items[0]
+        layout = torch.channels_last if first.dim() == 3 else torch.contiguous_format
+        batch = torch.empty((len(items), *first.shape), dtype=first.dtype, pin_memory=True, memory_format=layout)
+        for row, item in zip(batch, items):
+            row.copy_(item)
+        return batch
+
+    def _run(self, fn: Callable[..., torch.Tensor], batch: torch.Tensor, *, pixels: bool = False,
+             split: bool = False) -> torch.Tensor:
         """Run `fn` on one batch; on NaN/inf in half precision, run it again in float32, and keep the
-        model in float32 from then on. One finiteness check (one device sync) when nothing overflows."""
+        model in float32 from then on. One finiteness check (one device sync) when nothing overflows.
+        `pixels`: the result comes back as uint8 (device pixels only). `split`: a batch that runs out of
+        device memory runs again in halves."""
+        try:
+            return self._run_once(fn, batch, pixels)
+        except torch.OutOfMemoryError:
+            if not split or batch.shape[0] < 2:
+                raise
+        # Outside the except block: its traceback held the failed attempt's frames and their activations.
+        logger.warning("%s: out of device memory on a batch of %d; running it in halves", self.info.name,
+                       batch.shape[0])
+        if self.placement.device.type == "cuda":
+            torch.cuda.empty_cache()
+        half = (batch.shape[0] + 1) // 2
+        return torch.cat([self._run(fn, part, pixels=pixels, split=True) for part in batch.split(half)])
+
+    def _run_once(self, fn: Callable[..., torch.Tensor], batch: torch.Tensor, pixels: bool) -> torch.Tensor:
         with torch.inference_mode():
             in_half = self.placement.low_precision and not self._fp32_for_good
-            result = fn(batch, self._float32_model() if self._fp32_for_good else None).float()
-            finite = bool(torch.isfinite(result).all())
+            result, finite = self._finish(fn(batch, self._float32_model() if self._fp32_for_good else None), pixels)
             if not finite and in_half:
                 logger.warning("%s: non-finite output in %s; this batch and the model's later ones run in float32",
                                self.info.name, self.placement.dtype)
                 self._fp32_for_good = True
-                result = fn(batch, self._float32_model()).float()
-                finite = bool(torch.isfinite(result).all())
+                result, finite = self._finish(fn(batch, self._float32_model()), pixels)
             if not finite:
                 raise NumericalError(f"model {self.info.name!r} produced NaN or infinite values")
-            return result.cpu()
+            return result
+
+    def _finish(self, result: torch.Tensor, pixels: bool) -> tuple[torch.Tensor, bool]:
+        """A model output on the host (float32, or with `pixels` uint8) and whether it was finite."""
+        if not self._device_pixels:
+            result = result.float()
+            return result.cpu(), bool(torch.isfinite(result).all())
+        return to_host(result, denormalise(result) if pixels else result.float())
 
     def _float32_model(self) -> nn.Module:
         assert self._fp32_model is not None  # kept whenever the codec runs in low precision
@@ -481,6 +616,15 @@ class Codec:
                     nn.Module.to(self._fp32_model, device=self.placement.device, memory_format=torch.channels_last)
                 self._fp32_ready = True
         return self._fp32_model
+
+
+def _compile(model: nn.Module, mode: str) -> None:
+    """torch.compile the encoder and decoder in place (their state_dict keys stay as they are), for any
+    input size: the first call (a server's warm-up) compiles a graph that later sizes reuse."""
+    for name in ("encoder", "decoder"):
+        module = getattr(model, name, None)
+        if isinstance(module, nn.Module):
+            module.compile(mode=None if mode == "default" else mode, dynamic=True)
 
 
 def _statistics(info: ModelInfo) -> tuple[torch.Tensor, torch.Tensor] | None:
@@ -523,15 +667,18 @@ def _map_grouped(
     *,
     per_batch: Callable[[int, int], int],
     tile: Callable[[int, int], bool],
+    stack: Callable[[list[torch.Tensor]], torch.Tensor] = torch.stack,
+    tile_on_oom: bool = False,
 ) -> list[torch.Tensor]:
-    """Group items by shape, run each group in memory-bounded batches (or tile by tile), and return
-    the results in input order."""
-    groups: dict[tuple[int, ...], list[int]] = {}
+    """Group items by shape (and dtype: uint8 pixels and float tensors in one call), run each group in
+    memory-bounded batches (or tile by tile), and return the results in input order. `tile_on_oom`: a
+    batch out of device memory (after its halves, see Codec._run) runs its images tiled."""
+    groups: dict[tuple[Any, ...], list[int]] = {}
     for index, item in enumerate(items):
-        groups.setdefault(tuple(item.shape), []).append(index)
+        groups.setdefault((*item.shape, item.dtype), []).append(index)
     results: list[torch.Tensor | None] = [None] * len(items)
-    for shape, indices in groups.items():
-        height, width = shape[-2:]
+    for key, indices in groups.items():
+        height, width = key[-3:-1]
         if tile(height, width):
             for index in indices:
                 results[index] = tiled_fn(items[index])
@@ -540,7 +687,20 @@ def _map_grouped(
         for first in range(0, len(indices), size):
             checkpoint()
             chunk = indices[first : first + size]
-            outputs = batch_fn(torch.stack([items[i] for i in chunk]))
+            try:
+                outputs = batch_fn(stack([items[i] for i in chunk]))
+            except torch.OutOfMemoryError:
+                # What the memory estimate let through untiled did not fit even alone (batches were
+                # halved already): with tiling="auto" those images run tiled instead.
+                if not tile_on_oom:
+                    raise
+                outputs = None
+            if outputs is None:
+                logger.warning("out of device memory on %d image(s) of %dx%d even one at a time; tiling them",
+                               len(chunk), height, width)
+                for index in chunk:
+                    results[index] = tiled_fn(items[index])
+                continue
             if outputs.shape[0] != len(chunk):
                 raise RuntimeError(f"model returned {outputs.shape[0]} outputs for {len(chunk)} inputs")
             for index, output in zip(chunk, outputs):

@@ -36,20 +36,22 @@ def images_to_tensors(
     *,
     max_pixels: int = DEFAULT_MAX_PIXELS,
     background: tuple[int, int, int] = DEFAULT_BACKGROUND,
+    keep_uint8: bool = False,
 ) -> Items:
     """Accept PIL images, paths, encoded bytes, uint8 arrays (HW, HWC, NHWC), uint8 or float
-    tensors (CHW, NCHW; float in [-1, 1]), or a list of any of these."""
+    tensors (CHW, NCHW; float in [-1, 1]), or a list of any of these. `keep_uint8`: 8-bit sources stay
+    uint8 [3, H, W] tensors (to be normalised on the device); float tensors are float either way."""
     if isinstance(images, (list, tuple)):
         if not images:
             raise InvalidInputError("no images given", field="images")
         tensors = []
         for index, item in enumerate(images):
-            batch = _one_input(item, f"images[{index}]", max_pixels, background)
+            batch = _one_input(item, f"images[{index}]", max_pixels, background, keep_uint8)
             if batch.dim() == 4:
                 raise InvalidInputError(f"images[{index}]: a list holds single images, not batches", field="images")
             tensors.append(batch)
         return Items(tensors, "list")
-    tensor = _one_input(images, "images", max_pixels, background)
+    tensor = _one_input(images, "images", max_pixels, background, keep_uint8)
     if tensor.dim() == 4:
         if tensor.shape[0] == 0:
             raise InvalidInputError("empty batch of images", field="images")
@@ -57,16 +59,17 @@ def images_to_tensors(
     return Items([tensor], "single")
 
 
-def _one_input(item: Any, label: str, max_pixels: int, background: tuple[int, int, int]) -> torch.Tensor:
-    """One input as a float tensor [3, H, W] or [N, 3, H, W] in [-1, 1]."""
+def _one_input(item: Any, label: str, max_pixels: int, background: tuple[int, int, int],
+               keep_uint8: bool = False) -> torch.Tensor:
+    """One input as a float tensor [3, H, W] or [N, 3, H, W] in [-1, 1] (or uint8, see images_to_tensors)."""
     if isinstance(item, (Image.Image, str, os.PathLike, bytes, bytearray, memoryview)):
         name = os.fspath(item) if isinstance(item, (str, os.PathLike)) else label
         pixels = np.array(open_image(item, name=name, max_pixels=max_pixels, background=background))
-        return _uint8_hwc_to_tensor(pixels)
+        return _uint8_hwc_to_tensor(pixels, keep_uint8)
     if isinstance(item, np.ndarray):
-        return _array_to_tensor(item, label, max_pixels, background)
+        return _array_to_tensor(item, label, max_pixels, background, keep_uint8)
     if isinstance(item, torch.Tensor):
-        return _tensor_to_tensor(item, label, max_pixels)
+        return _tensor_to_tensor(item, label, max_pixels, keep_uint8)
     raise InvalidInputError(
         f"{label}: unsupported image type {type(item).__name__} (expected PIL image, path, bytes, "
         "uint8 array or tensor)",
@@ -74,7 +77,8 @@ def _one_input(item: Any, label: str, max_pixels: int, background: tuple[int, in
     )
 
 
-def _array_to_tensor(array: np.ndarray, label: str, max_pixels: int, background: tuple[int, int, int]) -> torch.Tensor:
+def _array_to_tensor(array: np.ndarray, label: str, max_pixels: int, background: tuple[int, int, int],
+                     keep_uint8: bool = False) -> torch.Tensor:
     if array.dtype != np.uint8:
         raise InvalidInputError(
             f"{label}: arrays must be uint8 (got {array.dtype}); pass float pixels as a torch tensor in [-1, 1]",
@@ -94,7 +98,7 @@ def _array_to_tensor(array: np.ndarray, label: str, max_pixels: int, background:
         raise InvalidInputError(f"{label}: expected 1, 3 or 4 channels last, got shape {array.shape}", field="images")
     array = np.ascontiguousarray(array)
     tensor = torch.from_numpy(array if array.flags.writeable else array.copy())
-    return _uint8_hwc_to_tensor(tensor)
+    return _uint8_hwc_to_tensor(tensor, keep_uint8)
 
 
 def _composite(rgba: np.ndarray, background: tuple[int, int, int]) -> np.ndarray:
@@ -103,14 +107,14 @@ def _composite(rgba: np.ndarray, background: tuple[int, int, int]) -> np.ndarray
     return np.rint(blended).astype(np.uint8)
 
 
-def _tensor_to_tensor(tensor: torch.Tensor, label: str, max_pixels: int) -> torch.Tensor:
+def _tensor_to_tensor(tensor: torch.Tensor, label: str, max_pixels: int, keep_uint8: bool = False) -> torch.Tensor:
     if tensor.dim() not in (3, 4) or tensor.shape[-3] != 3:
         raise InvalidInputError(f"{label}: expected a CHW or NCHW tensor with 3 channels, got {tuple(tensor.shape)}",
                                 field="images")
     check_pixel_limit(tensor.shape[-1], tensor.shape[-2], max_pixels, label)
     tensor = tensor.detach().cpu()
     if tensor.dtype == torch.uint8:
-        return tensor.float().div_(127.5).sub_(1.0)
+        return tensor if keep_uint8 else tensor.float().div_(127.5).sub_(1.0)
     if not tensor.is_floating_point():
         raise InvalidInputError(f"{label}: tensors must be uint8 or floating point, got {tensor.dtype}", field="images")
     tensor = tensor.float()
@@ -119,14 +123,17 @@ def _tensor_to_tensor(tensor: torch.Tensor, label: str, max_pixels: int) -> torc
     return tensor
 
 
-def _uint8_hwc_to_tensor(pixels: np.ndarray | torch.Tensor) -> torch.Tensor:
+def _uint8_hwc_to_tensor(pixels: np.ndarray | torch.Tensor, keep_uint8: bool = False) -> torch.Tensor:
     tensor = torch.as_tensor(pixels)
     tensor = tensor.movedim(-1, -3)  # HWC -> CHW, NHWC -> NCHW
-    return tensor.float().div_(127.5).sub_(1.0)
+    return tensor if keep_uint8 else tensor.float().div_(127.5).sub_(1.0)
 
 
 def tensor_to_uint8(image: torch.Tensor) -> np.ndarray:
-    """A [3, H, W] float tensor in [-1, 1] as an HWC uint8 array (diffusers' rounding)."""
+    """A [3, H, W] float tensor in [-1, 1] (or uint8 pixels, rounded already) as an HWC uint8 array
+    (diffusers' rounding)."""
+    if image.dtype == torch.uint8:
+        return image.permute(1, 2, 0).contiguous().numpy()
     scaled = ((image.float().clamp(-1.0, 1.0) + 1.0) * 127.5).round_()
     return scaled.to(torch.uint8).permute(1, 2, 0).contiguous().numpy()
 

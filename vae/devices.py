@@ -81,3 +81,18 @@ def resolve_placement(device: str | torch.device | None = None, dtype: str | tor
         else:
             chosen = torch.float32
     return Placement(resolved, chosen)
+
+
+def configure_cuda(*, benchmark: bool, tf32: bool) -> None:
+    """Process-wide CUDA backend switches, set when a codec is placed on a CUDA device (never at import):
+    cuDNN times its algorithms per input shape and keeps the fastest (`benchmark`: worth it where shapes
+    repeat, as a server's buckets do), and float32 convolutions and matrix products run in TF32 (`tf32`:
+    Ampere and later; what the float32 retry and dtype float32 compute in)."""
+    torch.backends.cudnn.benchmark = benchmark
+    precision = "tf32" if tf32 else "ieee"
+    if hasattr(torch.backends.cuda.matmul, "fp32_precision"):
+        torch.backends.cuda.matmul.fp32_precision = precision
+        torch.backends.cudnn.conv.fp32_precision = precision
+    else:  # torch before 2.9
+        torch.backends.cuda.matmul.allow_tf32 = tf32
+        torch.backends.cudnn.allow_tf32 = tf32

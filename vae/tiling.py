@@ -3,7 +3,8 @@
 Tiles are laid out on the latent grid so that every tile edge falls on a latent pixel in both the
 input and the output. Overlapping outputs are blended with linear ramps normalised by their summed
 weight, so each output pixel is a convex combination of the tiles that cover it and no seam shows.
-Memory is bounded by the tile size: only one batch of tiles is alive at a time. With
+Memory is bounded by the tile size: only one batch of tiles is alive at a time. Tiles blend where
+the model's outputs are (on a GPU, on the device). With
 `shared_norms`, the model's GroupNorm layers use the whole image's statistics instead of each
 tile's (see `tile_norms`), which removes what makes tiles visible at the cost of holding every
 tile's activations at once.
@@ -129,17 +130,20 @@ def core_weight(spans: list[tuple[int, int]], cores: list[tuple[int, int]], inde
 def _blend(results, rows: list[tuple[int, int]], cols: list[tuple[int, int]], grid_h: int, grid_w: int,
            out_scale: int, weights: tuple[list[torch.Tensor], list[torch.Tensor]]) -> torch.Tensor:
     """Sum the tiles' outputs ((i, j), [C', h', w']) under their 1-D row and column weights and normalise."""
-    out: torch.Tensor | None = None  # allocated once the first tile tells the output channels
-    total = torch.zeros(1, grid_h * out_scale, grid_w * out_scale)
+    out: torch.Tensor | None = None  # allocated once the first tile tells the output channels and device
+    total: torch.Tensor | None = None
     row_ramps, col_ramps = weights
     for (i, j), result in results:
-        result = result.float().cpu()
+        result = result.float()
         if out is None:
-            out = torch.zeros(result.shape[0], grid_h * out_scale, grid_w * out_scale)
+            out = torch.zeros(result.shape[0], grid_h * out_scale, grid_w * out_scale, device=result.device)
+            total = torch.zeros(1, grid_h * out_scale, grid_w * out_scale, device=result.device)
+            row_ramps = [ramp.to(result.device) for ramp in row_ramps]
+            col_ramps = [ramp.to(result.device) for ramp in col_ramps]
         weight = row_ramps[i][:, None] * col_ramps[j][None, :]
         ys = slice(rows[i][0] * out_scale, rows[i][1] * out_scale)
         xs = slice(cols[j][0] * out_scale, cols[j][1] * out_scale)
         out[:, ys, xs] += result * weight
-        total[:, ys, xs] += weight
-    assert out is not None  # the grid always has at least one tile
+        total[:, ys, xs] += weight  # type: ignore[index]
+    assert out is not None and total is not None  # the grid always has at least one tile
     return out.div_(total)

@@ -151,3 +151,30 @@ def test_tile_norms_from_flag_and_environment():
     with pytest.raises(InvalidInputError) as raised:
         load_settings(environ={"LATENTD_TILE_NORMS": "global"})
     assert raised.value.field == "tile_norms"
+
+
+def test_compile_from_flag_and_environment_reaches_the_codec_options(monkeypatch):
+    from latentd.server import models
+
+    args = build_parser().parse_args(["serve", "--compile", "reduce-overhead"])
+    assert settings_from_args(args, environ={}).compile == "reduce-overhead"
+    settings = load_settings(environ={"LATENTD_COMPILE": "default"})
+    assert settings.compile == "default" and ServerSettings().compile == "off"
+    for values in ({"compile": "fast"}, {"compile": "default", "tile_norms": "image"}):
+        with pytest.raises(InvalidInputError) as raised:
+            ServerSettings(**values)
+        assert raised.value.field == "compile"
+    seen = []
+
+    def load_codec(source, **kwargs):
+        seen.append(kwargs["options"])
+        raise InvalidInputError("stop here", field="models")
+
+    monkeypatch.setattr(models, "load_codec", load_codec)
+    pool = models.ModelPool(settings)
+    try:
+        with pytest.raises(InvalidInputError, match="stop here"):
+            pool.load()
+    finally:
+        pool.stop()
+    assert [options.compile for options in seen] == ["default"]
