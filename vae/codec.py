@@ -1,5 +1,5 @@
-"""`Codec`: images to latents and back with a diffusers AutoencoderKL, AutoencoderTiny, AutoencoderDC or
-AutoencoderKLFlux2."""
+"""`Codec`: images to latents (or VQ codebook indices) and back with a diffusers AutoencoderKL, AutoencoderTiny,
+AutoencoderDC, AutoencoderKLFlux2 or VQModel."""
 
 from __future__ import annotations
 
@@ -19,6 +19,7 @@ from torch import nn
 
 from latentd.v1.results import AnomalyScore
 
+from .codes import are_indices, indices_to_tensors, lookup, nearest
 from .convert import (
     OutputKind,
     format_images,
@@ -112,6 +113,9 @@ class Codec:
         # Read before the cast below: FLUX.2's latent statistics are BatchNorm buffers, which a
         # half-precision copy would round.
         info = describe_model(model, name)
+        # VQ models: the codebook in float32 on the CPU, where indices are chosen and looked up.
+        self._codebook: torch.Tensor | None = (model.quantize.embedding.weight.detach().float().cpu().clone()
+                                               if info.codebook_size else None)
         # The module rewrites are measured on CPUs only; GPUs run diffusers' modules as they are.
         if self.options.optimize and self.placement.device.type == "cpu":
             optimize_for_inference(model)
@@ -155,6 +159,7 @@ class Codec:
         tiling: Tiling = "auto",
         packed: bool = False,
         refine: int = 0,
+        indices: bool = False,
     ) -> torch.Tensor | list[torch.Tensor]:
         """Images -> latents (float32 CPU tensors [C, ceil(H/8), ceil(W/8)] in the caller's form).
 
@@ -165,7 +170,11 @@ class Codec:
         packed layout [(h/2) * (w/2), C * 4] per image (sides multiples of twice the factor).
         `refine=N`: the mean then takes N optimisation steps against the decoder (`vae/refine.py`;
         each costs about three decodes; untiled images only, no sampling).
+        VQ models: the latents are the quantiser's input; `indices=True` returns the codebook index of
+        each position instead, int64 [ceil(H/8), ceil(W/8)] per image (`decode` takes either).
         """
+        if indices:
+            self._check_indices_request(sample=sample, packed=packed, refine=refine)
         items = images_to_tensors(images, max_pixels=self.options.max_pixels, background=self.options.background)
         if packed:
             for index, tensor in enumerate(items.tensors):
@@ -187,12 +196,22 @@ class Codec:
         if sample and seed is None:
             seed = secrets.randbits(63)
         posteriors = self._posteriors(items.tensors, tiling)
+        if indices:
+            return format_latents([nearest(mean, self._codebook) for mean, _ in posteriors], items.form)
         if refine:
             posteriors = [(self._refined(mean, image, refine), logvar)
                           for (mean, logvar), image in zip(posteriors, items.tensors)]
         latents = [self.latents_from_posterior(mean, logvar, sample=sample, seed=seed, index=index, scaled=scaled)
                    for index, (mean, logvar) in enumerate(posteriors)]
         return format_latents([pack_latents(z) for z in latents] if packed else latents, items.form)
+
+    def _check_indices_request(self, *, sample: bool, packed: bool, refine: int) -> None:
+        if self._codebook is None:
+            raise InvalidInputError(f"{self.info.model_class} {self.info.name!r} has no codebook: indices need a "
+                                    "VQ model", field="indices")
+        for name, value in (("sample", sample), ("packed", packed), ("refine", refine)):
+            if value:
+                raise InvalidInputError(f"indices do not combine with {name}", field=name)
 
     def _refined(self, mean: torch.Tensor, image: torch.Tensor, steps: int) -> torch.Tensor:
         """The raw latent `mean` of `image` [3, H, W] after `steps` steps against the decoder (float32)."""
@@ -242,11 +261,19 @@ class Codec:
         `packed=True`: FLUX.1's packed latents [tokens, C * 4] ([N, tokens, C * 4], or a list), unpacked
         by `sizes` (required) as FluxPipeline does: each side rounded down to a multiple of twice the
         factor, the size the images come back in.
+        VQ models also take integer codebook indices [h, w] ([N, h, w], or a list): their codebook
+        vectors are decoded (`scaled` does not apply; `packed` does not combine).
         """
-        if packed:
-            latents, sizes = self._unpack(latents, sizes)
-        items = latents_to_tensors(latents, self.info.latent_channels)
-        raw = [self.unscale(z) if scaled else z for z in items.tensors]
+        if are_indices(latents):
+            if packed:
+                raise InvalidInputError("codebook indices do not combine with packed", field="packed")
+            items = indices_to_tensors(latents, self.info.codebook_size)
+            raw = [lookup(codes, self._codebook) for codes in items.tensors]
+        else:
+            if packed:
+                latents, sizes = self._unpack(latents, sizes)
+            items = latents_to_tensors(latents, self.info.latent_channels)
+            raw = [self.unscale(z) if scaled else z for z in items.tensors]
         crops = self._crop_sizes(sizes, raw)
         decoded = self._decode_tensors(raw, tiling)
         cropped = [image[:, :height, :width] for image, (height, width) in zip(decoded, crops)]
