@@ -264,7 +264,7 @@ class Codec:
         VQ models also take integer codebook indices [h, w] ([N, h, w], or a list): their codebook
         vectors are decoded (`scaled` does not apply; `packed` does not combine).
         """
-        if are_indices(latents):
+        if self._codebook is not None and are_indices(latents):
             if packed:
                 raise InvalidInputError("codebook indices do not combine with packed", field="packed")
             items = indices_to_tensors(latents, self.info.codebook_size)
