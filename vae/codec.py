@@ -147,6 +147,18 @@ class Codec:
     def factor(self) -> int:
         return self.info.downsampling_factor
 
+    @property
+    def codebook(self) -> torch.Tensor | None:
+        """A VQ model's codebook [codebook_size, codebook_dim] (float32, CPU); None for other models."""
+        return self._codebook
+
+    def nearest_indices(self, z: torch.Tensor) -> torch.Tensor:
+        """A raw latent [C, h, w] of a VQ model -> the index of its nearest codebook vector at each
+        position, int64 [h, w] (what `encode(indices=True)` returns for that latent)."""
+        if self._codebook is None:
+            raise InvalidInputError(f"{self.info.model_class} {self.info.name!r} has no codebook", field="indices")
+        return nearest(z, self._codebook)
+
     # ---- public API -------------------------------------------------------------------------
 
     def encode(
@@ -197,7 +209,7 @@ class Codec:
             seed = secrets.randbits(63)
         posteriors = self._posteriors(items.tensors, tiling)
         if indices:
-            return format_latents([nearest(mean, self._codebook) for mean, _ in posteriors], items.form)
+            return format_latents([self.nearest_indices(mean) for mean, _ in posteriors], items.form)
         if refine:
             posteriors = [(self._refined(mean, image, refine), logvar)
                           for (mean, logvar), image in zip(posteriors, items.tensors)]
