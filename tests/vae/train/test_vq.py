@@ -215,3 +215,37 @@ def test_bad_vq_settings_are_clear_errors(write_config):
     with pytest.raises(InvalidInputError, match="model.architecture"):
         training_function(load_config(write_config(model={"type": "vq", "architecture": {"bogus": 1}})),
                           progress=False)
+
+
+def test_a_vq_model_starts_from_a_kl_model_with_its_posterior_means_and_decoder():
+    from latentd.vae.train.vq_init import vq_from_kl
+    from tests.conftest import make_tiny_kl
+
+    kl = make_tiny_kl()
+    architecture = {key: kl.config[key] for key in ("block_out_channels", "down_block_types", "up_block_types",
+                                                    "layers_per_block", "latent_channels", "norm_num_groups")}
+    vq = vq_from_kl(kl, {**architecture, "num_vq_embeddings": 16}).eval()
+    x = torch.rand(1, 3, 16, 16) * 2 - 1
+    with torch.no_grad():
+        torch.testing.assert_close(vq.encode(x).latents, kl.encode(x).latent_dist.mean, rtol=1e-4, atol=1e-5)
+        z = torch.randn(1, 4, 8, 8)
+        torch.testing.assert_close(vq.decode(z, force_not_quantize=True).sample, kl.decode(z).sample)
+    with pytest.raises(InvalidInputError, match="latent channels"):
+        vq_from_kl(kl, {**architecture, "vq_embed_dim": 3})
+    with pytest.raises(InvalidInputError, match="layout differs"):
+        vq_from_kl(kl, {**architecture, "block_out_channels": [16, 16]})
+
+
+def test_the_vq_recipe_starts_from_the_default_model():
+    from pathlib import Path
+
+    from latentd.vae.train.prepare import build_model
+
+    recipe = Path(__file__).resolve().parents[3] / "vae" / "train" / "configs" / "vq-f8.yaml"
+    config = load_config(recipe)
+    vq = build_model(config).eval()
+    assert type(vq).__name__ == "VQModel" and vq.quantize.embedding.num_embeddings == 16384
+    kl = load_model("default").model.float().eval()
+    x = torch.rand(1, 3, 32, 32) * 2 - 1
+    with torch.no_grad():
+        torch.testing.assert_close(vq.encode(x).latents, kl.encode(x).latent_dist.mean, rtol=1e-4, atol=1e-4)
