@@ -75,11 +75,11 @@ def build_model(config: TrainConfig) -> nn.Module:
         from ..loading import load_model
         from ..model_info import model_class_name
 
-        model = load_model(config.model.init_from).model.float()
+        model = load_model(config.model.init_from).model
         if wanted == "VQModel" and model_class_name(model) == "AutoencoderKL":
             from .vq_init import vq_from_kl
 
-            return vq_from_kl(model, config.model.architecture).train()
+            return vq_from_kl(model.float(), config.model.architecture).train()
         if model_class_name(model) != wanted:
             raise InvalidInputError(f"model.init_from is a {model_class_name(model)}; model.type "
                                     f"{config.model.type} trains a {wanted}", field="model.init_from")
