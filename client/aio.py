@@ -67,6 +67,13 @@ class AsyncLatentClient:
         calls.prioritized(call, priority)
         return calls.encode_result(await self._unary(self._stub.Encode, call.request, timeout), call)
 
+    async def encode_indices(self, images: Any, *, model: str | None = None, tiling: str = "auto",
+                             output: str = "numpy", timeout: float | None = None,
+                             priority: str = "interactive") -> Any:
+        """See `LatentClient.encode_indices`."""
+        call = calls.prioritized(calls.indices_call(images, model=model, tiling=tiling, output=output), priority)
+        return calls.encode_result(await self._unary(self._stub.Encode, call.request, timeout), call)
+
     async def posterior(self, images: Any, *, model: str | None = None, dtype: str = "float32",
                         tiling: str = "auto", output: str = "numpy", timeout: float | None = None,
                         priority: str = "interactive") -> tuple[Any, Any]:

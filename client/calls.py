@@ -76,6 +76,15 @@ def posterior_call(images: Any, *, model: str | None, dtype: str, tiling: str, o
     return call
 
 
+def indices_call(images: Any, *, model: str | None, tiling: str, output: str) -> Call:
+    """Encode asking a VQ model for codebook indices (their dtype is always INT32: no latent_dtype)."""
+    call = encode_call(images, model=model, sample=False, seed=None, scaled=True, dtype="float32", tiling=tiling,
+                       output=output)
+    call.request.options.indices = True
+    call.request.options.latent_dtype = pb.DTYPE_UNSPECIFIED
+    return call
+
+
 def posterior_result(response: pb.EncodeResponse, call: Call) -> Any:
     """(mean, logvar) pairs in the caller's form and kind."""
     means = [from_tensor(item.latents, "latents") for item in response.items]

@@ -94,15 +94,20 @@ def prepare_images(images: Any) -> Prepared:
     return Prepared([_image_message(images, "images")], "single")
 
 
+def _integers(array: np.ndarray) -> bool:
+    return bool(np.issubdtype(array.dtype, np.integer))
+
+
 def prepare_latents(latents: Any, sizes: Any = None, *, packed: bool = False) -> Prepared:
     """[C, h, w] or [N, C, h, w] float arrays/tensors, or a list of [C, h, w]; optional crop sizes,
     one (height, width) for all items or one per item. `packed`: FLUX.1's [tokens, C * 4] per item
-    ([N, tokens, C * 4] a batch), with the image sizes required."""
-    rank = 2 if packed else 3
+    ([N, tokens, C * 4] a batch), with the image sizes required. Integer arrays are a VQ model's
+    codebook indices, [h, w] per item ([N, h, w] a batch), sent as INT32."""
     if isinstance(latents, (list, tuple)):
         arrays, form = [_numpy(item) for item in latents], "list"
     else:
         array = _numpy(latents)
+        rank = 2 if packed or _integers(array) else 3
         arrays, form = (list(array), "batch") if array.ndim == rank + 1 else ([array], "single")
     if not arrays:
         raise InvalidInputError("latents: nothing to decode")
@@ -118,6 +123,10 @@ def prepare_latents(latents: Any, sizes: Any = None, *, packed: bool = False) ->
             raise InvalidInputError(f"sizes: {len(crop)} sizes for {len(arrays)} latents")
     messages = []
     for index, (array, (height, width)) in enumerate(zip(arrays, crop)):
+        if _integers(array) and not packed:
+            messages.append(pb.Latents(latents=_indices_tensor(array, index), height=int(height), width=int(width)))
+            continue
+        rank = 2 if packed else 3
         if not np.issubdtype(array.dtype, np.floating) or array.ndim != rank:
             expected = "[tokens, C * 4] (packed)" if packed else "[C, h, w]"
             raise InvalidInputError(f"latents[{index}]: expected a float {expected} array, got {array.dtype} "
@@ -125,6 +134,14 @@ def prepare_latents(latents: Any, sizes: Any = None, *, packed: bool = False) ->
         wire = "float16" if array.dtype == np.float16 else "float32"
         messages.append(pb.Latents(latents=to_tensor(array, wire), height=int(height), width=int(width)))
     return Prepared(messages, form)
+
+
+def _indices_tensor(array: np.ndarray, index: int) -> pb.Tensor:
+    if array.ndim != 2:
+        raise InvalidInputError(f"latents[{index}]: codebook indices must be [h, w], got shape {array.shape}")
+    if array.size and (array.min() < np.iinfo(np.int32).min or array.max() > np.iinfo(np.int32).max):
+        raise InvalidInputError(f"latents[{index}]: codebook indices beyond the int32 range")
+    return to_tensor(array, "int32")
 
 
 def latents_output(arrays: list[np.ndarray], form: Form, output: str) -> Any:

@@ -91,6 +91,13 @@ class LatentClient:
         calls.prioritized(call, priority)
         return calls.encode_result(self._unary(self._stub.Encode, call.request, timeout), call)
 
+    def encode_indices(self, images: Any, *, model: str | None = None, tiling: str = "auto",
+                       output: str = "numpy", timeout: float | None = None, priority: str = "interactive") -> Any:
+        """Images -> a VQ model's codebook indices: int32 [ceil(H/f), ceil(W/f)] per image, in the form given
+        (`decode` takes them back). Other models answer InvalidInputError."""
+        call = calls.prioritized(calls.indices_call(images, model=model, tiling=tiling, output=output), priority)
+        return calls.encode_result(self._unary(self._stub.Encode, call.request, timeout), call)
+
     def posterior(self, images: Any, *, model: str | None = None, dtype: str = "float32",
                   tiling: str = "auto", output: str = "numpy", timeout: float | None = None,
                   priority: str = "interactive") -> tuple[Any, Any]:

@@ -218,6 +218,10 @@ def decode_cost(request: pb.DecodeRequest, codec: Codec, settings: ServerSetting
             if len(shape) != 2 or min(shape) < 1 or min(item.height, item.width) < 2 * f:
                 continue  # wire.read_latents refuses it, naming the field
             height, width = packed_image_size(item, f"items[{index}]", f)
+        elif item.latents.dtype == pb.INT32:  # a VQ model's codebook indices [h, w]
+            if len(shape) != 2 or min(shape) < 1:
+                continue  # wire.read_latents refuses it, naming the field
+            height, width = shape[0] * f, shape[1] * f
         elif len(shape) != 3 or min(shape) < 1:
             continue  # wire.read_latents refuses it, naming the field
         else:

@@ -48,9 +48,12 @@ class EncodeFinish:
     index: int = 0  # the image's place in its request: its stream of the seed (Codec.latents_from_posterior)
     scaled: bool = True
     packed: bool = False  # FLUX.1's packed layout (latent_ops.pack_latents) instead of [C, h, w]
+    indices: bool = False  # a VQ model's codebook indices [h, w] (int32) instead of latents
 
     def __call__(self, codec: Codec, output: tuple) -> tuple[np.ndarray, np.ndarray | None]:
         mean, logvar = output
+        if self.indices:
+            return codec.nearest_indices(mean).numpy().astype(np.int32), None
         if self.posterior:
             return self._array(mean), self._array(logvar)
         latents = codec.latents_from_posterior(mean, logvar, sample=self.sample, seed=self.seed, index=self.index,

@@ -170,6 +170,9 @@ class LatentdServicer(pb_grpc.LatentdServicer):
         tiling = wire.tiling(options.tiling, "options.tiling")
         dtype = wire.latent_dtype(options.latent_dtype, "options.latent_dtype")
         wire.nonempty(request.images, "images")
+        if options.indices:
+            wire.index_options(options, served.codec.info)
+            dtype = "int32"
         for flag in ("sample", "posterior"):
             if getattr(options, flag) and not served.codec.info.has_posterior:
                 raise InvalidInputError(f"options.{flag}: model {served.name!r} is deterministic",
@@ -190,7 +193,8 @@ class LatentdServicer(pb_grpc.LatentdServicer):
             wire.check_packable(sizes, served.codec.factor)
         seed = options.seed if options.HasField("seed") else secrets.randbits(63)
         finishes = [EncodeFinish(posterior=options.posterior, sample=options.sample, seed=seed, index=index,
-                                 scaled=not options.raw, packed=options.packed) for index in range(len(images))]
+                                 scaled=not options.raw, packed=options.packed, indices=options.indices)
+                    for index in range(len(images))]
         # uint8 and float inputs go through the codec separately (its conversion differs per kind).
         def key(image) -> BatchKey:
             return BatchKey(ENCODE, *wire.image_size(image), tiling, kind=isinstance(image, np.ndarray), refine=refine)
@@ -217,9 +221,10 @@ class LatentdServicer(pb_grpc.LatentdServicer):
                                output: wire.OutputFormat, deadline: float | None, log: RequestLog) -> pb.DecodeResponse:
         options = request.options
         codec = served.codec
-        items = [dataclasses.replace(wire.read_latents(item, f"items[{i}]", codec.info, self.settings.max_pixels,
-                                                       packed=options.packed), scaled=not options.raw)
-                 for i, item in enumerate(request.items)]
+        read = [wire.read_latents(item, f"items[{i}]", codec.info, self.settings.max_pixels, packed=options.packed,
+                                  codebook=codec.codebook) for i, item in enumerate(request.items)]
+        # Codebook indices arrive as raw codebook vectors: options.raw has nothing to change on them.
+        items = [dataclasses.replace(item, scaled=item.scaled and not options.raw) for item in read]
         log.items, log.sizes = len(items), _sizes([item.size for item in items])
         def key(item: wire.DecodeItem) -> BatchKey:
             channels, height, width = item.latents.shape

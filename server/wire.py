@@ -13,6 +13,7 @@ from latentd.v1 import latentd_pb2 as pb
 from latentd.vae.convert import tensor_to_uint8
 from latentd.vae.errors import InvalidInputError
 from latentd.vae.imageio import check_pixel_limit, encode_image, open_image
+from latentd.vae.codes import lookup
 from latentd.vae.latent_ops import packed_latent_size, unpack_latents
 from latentd.vae.refine import MAX_REFINE_STEPS
 from latentd.v1.results import ModelInfo, ServedModelInfo
@@ -124,6 +125,22 @@ def latent_dtype(value: int, field: str) -> str:
     return name
 
 
+def index_options(options: pb.EncodeOptions, info: ModelInfo) -> None:
+    """Check an Encode asking for codebook indices: a VQ model, and none of the latent-only options."""
+    if not info.codebook_size:
+        raise InvalidInputError(f"options.indices: model {info.name!r} ({info.model_class}) has no codebook; "
+                                "indices need a VQ model", field="options.indices")
+    for flag in ("raw", "sample", "posterior", "packed"):
+        if getattr(options, flag):
+            raise InvalidInputError(f"options.{flag} does not combine with options.indices", field=f"options.{flag}")
+    if options.latent_dtype != pb.DTYPE_UNSPECIFIED:
+        raise InvalidInputError("options.latent_dtype does not apply to options.indices (always INT32)",
+                                field="options.latent_dtype")
+    if options.refine_steps:
+        raise InvalidInputError("options.refine_steps does not combine with options.indices (it refines "
+                                "continuous latents)", field="options.refine_steps")
+
+
 @dataclass(frozen=True)
 class DecodeItem:
     latents: torch.Tensor  # float32 [C, h, w]
@@ -217,13 +234,20 @@ def _unpacked(array: np.ndarray, message: pb.Latents, field: str, info: ModelInf
 
 
 def read_latents(message: pb.Latents, field: str, info: ModelInfo, max_pixels: int,
-                 packed: bool = False) -> DecodeItem:
+                 packed: bool = False, codebook: torch.Tensor | None = None) -> DecodeItem:
     """A Latents message as raw-or-scaled float32 latents [C, h, w] plus the size to crop to; `packed`:
-    the message holds FLUX.1's packed layout, unpacked here."""
+    the message holds FLUX.1's packed layout, unpacked here. INT32 latents are a VQ model's codebook
+    indices [h, w], replaced here by their (raw) codebook vectors from `codebook`."""
     array = _tensor(message.latents, f"{field}.latents")
     label = f"{field}.latents"
+    if array.dtype == np.int32:
+        return _read_indices(array, message, field, info, max_pixels, packed, codebook)
+    indices_too = " (or INT32 codebook indices)" if info.codebook_size else ""
     if array.dtype not in (np.float32, np.float16):
-        raise InvalidInputError(f"{label}.dtype must be FLOAT32, FLOAT16 or BFLOAT16, got {array.dtype.name}",
+        raise InvalidInputError(f"{label}.dtype must be FLOAT32, FLOAT16 or BFLOAT16{indices_too}, got "
+                                f"{array.dtype.name}", field=f"{label}.dtype")
+    if info.codebook_size and array.ndim == 2 and not packed:  # indices [h, w] sent as floats
+        raise InvalidInputError(f"{label}.dtype must be INT32 for codebook indices [h, w], got {array.dtype.name}",
                                 field=f"{label}.dtype")
     if packed:
         array = _unpacked(array, message, field, info)
@@ -244,6 +268,33 @@ def read_latents(message: pb.Latents, field: str, info: ModelInfo, max_pixels: i
                                     field=f"{field}.{name}")
     check_pixel_limit(full[1], full[0], max_pixels, label)
     return DecodeItem(torch.from_numpy(array.astype(np.float32)), (height, width))
+
+
+def _read_indices(array: np.ndarray, message: pb.Latents, field: str, info: ModelInfo, max_pixels: int,
+                  packed: bool, codebook: torch.Tensor | None) -> DecodeItem:
+    label = f"{field}.latents"
+    size = info.codebook_size
+    if not size or codebook is None:
+        raise InvalidInputError(f"{label}.dtype INT32 holds codebook indices; model {info.name!r} "
+                                f"({info.model_class}) has no codebook: send FLOAT32, FLOAT16 or BFLOAT16 latents",
+                                field=f"{label}.dtype")
+    if packed:
+        raise InvalidInputError("options.packed does not apply to codebook indices", field="options.packed")
+    if array.ndim != 2 or 0 in array.shape:
+        raise InvalidInputError(f"{label}.shape must be [h, w] (codebook indices) for model {info.name!r}, got "
+                                f"{list(array.shape)}", field=f"{label}.shape")
+    low, high = int(array.min()), int(array.max())
+    if low < 0 or high >= size:
+        raise InvalidInputError(f"{label} holds index {low if low < 0 else high}, outside the codebook [0, {size})",
+                                field=label)
+    full = (array.shape[0] * info.downsampling_factor, array.shape[1] * info.downsampling_factor)
+    height, width = message.height or full[0], message.width or full[1]
+    for name, value, limit in (("height", height, full[0]), ("width", width, full[1])):
+        if not 0 < value <= limit:
+            raise InvalidInputError(f"{field}.{name} must be 1-{limit} for these indices, got {value}",
+                                    field=f"{field}.{name}")
+    check_pixel_limit(full[1], full[0], max_pixels, label)
+    return DecodeItem(lookup(torch.from_numpy(array.astype(np.int64)), codebook), (height, width), scaled=False)
 
 
 def latents_array(latents: torch.Tensor) -> np.ndarray:

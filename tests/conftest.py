@@ -49,6 +49,20 @@ TINY_FLUX2_CONFIG = {
     "norm_num_groups": 8,
 }
 
+# A two-level VQModel: factor 2, 64 codes of dimension 3 (the pre-quantisation latent channels).
+TINY_VQ_CONFIG = {
+    "block_out_channels": [16, 16],
+    "down_block_types": ["DownEncoderBlock2D"] * 2,
+    "up_block_types": ["UpDecoderBlock2D"] * 2,
+    "layers_per_block": 1,
+    "latent_channels": 4,
+    "vq_embed_dim": 3,
+    "num_vq_embeddings": 64,
+    "norm_num_groups": 8,
+    "mid_block_add_attention": False,
+    "scaling_factor": 1.0,
+}
+
 
 def _seeded(class_name: str, config: dict, seed: int, overrides: dict):
     """A diffusers model of `class_name` from `config` with `overrides`, its weights drawn from `seed`."""
@@ -70,6 +84,17 @@ def make_tiny_taesd(seed: int = 0, **overrides):
 
 def make_tiny_dc(seed: int = 0, **overrides):
     return _seeded("AutoencoderDC", TINY_DC_CONFIG, seed, overrides)
+
+
+def make_tiny_vq(seed: int = 0, **overrides):
+    """With a codebook spread like its encoder's outputs (diffusers draws it from +-1/K), so images use many codes."""
+    import torch
+
+    model = _seeded("VQModel", TINY_VQ_CONFIG, seed, overrides)
+    generator = torch.Generator().manual_seed(seed)
+    weight = model.quantize.embedding.weight
+    weight.data.copy_(torch.randn(weight.shape, generator=generator) * 0.3)
+    return model
 
 
 def make_tiny_flux2(seed: int = 0, **overrides):

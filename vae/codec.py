@@ -1,5 +1,5 @@
-"""`Codec`: images to latents and back with a diffusers AutoencoderKL, AutoencoderTiny, AutoencoderDC or
-AutoencoderKLFlux2."""
+"""`Codec`: images to latents (or VQ codebook indices) and back with a diffusers AutoencoderKL, AutoencoderTiny,
+AutoencoderDC, AutoencoderKLFlux2 or VQModel."""
 
 from __future__ import annotations
 
@@ -19,6 +19,7 @@ from torch import nn
 
 from latentd.v1.results import AnomalyScore
 
+from .codes import are_indices, indices_to_tensors, lookup, nearest
 from .convert import (
     OutputKind,
     format_images,
@@ -143,6 +144,9 @@ class Codec:
         # On CUDA pixels cross to and from the device as uint8 through pinned buffers, normalised and
         # rounded there (vae/device_io.py); the CPU keeps its float path.
         self._device_pixels = on_cuda
+        # VQ models: the codebook in float32 on the CPU, where indices are chosen and looked up.
+        self._codebook: torch.Tensor | None = (model.quantize.embedding.weight.detach().float().cpu().clone()
+                                               if info.codebook_size else None)
         # The module rewrites are measured on CPUs only; GPUs run diffusers' modules as they are.
         if self.options.optimize and self.placement.device.type == "cpu":
             optimize_for_inference(model)
@@ -192,6 +196,18 @@ class Codec:
     def factor(self) -> int:
         return self.info.downsampling_factor
 
+    @property
+    def codebook(self) -> torch.Tensor | None:
+        """A VQ model's codebook [codebook_size, codebook_dim] (float32, CPU); None for other models."""
+        return self._codebook
+
+    def nearest_indices(self, z: torch.Tensor) -> torch.Tensor:
+        """A raw latent [C, h, w] of a VQ model -> the index of its nearest codebook vector at each
+        position, int64 [h, w] (what `encode(indices=True)` returns for that latent)."""
+        if self._codebook is None:
+            raise InvalidInputError(f"{self.info.model_class} {self.info.name!r} has no codebook", field="indices")
+        return nearest(z, self._codebook)
+
     # ---- public API -------------------------------------------------------------------------
 
     def encode(
@@ -204,6 +220,7 @@ class Codec:
         tiling: Tiling = "auto",
         packed: bool = False,
         refine: int = 0,
+        indices: bool = False,
     ) -> torch.Tensor | list[torch.Tensor]:
         """Images -> latents (float32 CPU tensors [C, ceil(H/8), ceil(W/8)] in the caller's form).
 
@@ -214,7 +231,11 @@ class Codec:
         packed layout [(h/2) * (w/2), C * 4] per image (sides multiples of twice the factor).
         `refine=N`: the mean then takes N optimisation steps against the decoder (`vae/refine.py`;
         each costs about three decodes; untiled images only, no sampling).
+        VQ models: the latents are the quantiser's input; `indices=True` returns the codebook index of
+        each position instead, int64 [ceil(H/8), ceil(W/8)] per image (`decode` takes either).
         """
+        if indices:
+            self._check_indices_request(sample=sample, packed=packed, refine=refine)
         items = self._images(images)
         if packed:
             for index, tensor in enumerate(items.tensors):
@@ -232,6 +253,8 @@ class Codec:
         if sample and seed is None:
             seed = secrets.randbits(63)
         posteriors = self._refined_posteriors(items.tensors, tiling, refine)
+        if indices:
+            return format_latents([self.nearest_indices(mean) for mean, _ in posteriors], items.form)
         latents = [self.latents_from_posterior(mean, logvar, sample=sample, seed=seed, index=index, scaled=scaled)
                    for index, (mean, logvar) in enumerate(posteriors)]
         return format_latents([pack_latents(z) for z in latents] if packed else latents, items.form)
@@ -256,6 +279,14 @@ class Codec:
         if limits.tile_above_pixels is not None:
             return f"up to {limits.tile_above_pixels} pixels"
         return f"sides up to {limits.tile_threshold} px"
+
+    def _check_indices_request(self, *, sample: bool, packed: bool, refine: int) -> None:
+        if self._codebook is None:
+            raise InvalidInputError(f"{self.info.model_class} {self.info.name!r} has no codebook: indices need a "
+                                    "VQ model", field="indices")
+        for name, value in (("sample", sample), ("packed", packed), ("refine", refine)):
+            if value:
+                raise InvalidInputError(f"indices do not combine with {name}", field=name)
 
     def _refined(self, mean: torch.Tensor, image: torch.Tensor, steps: int) -> torch.Tensor:
         """The raw latent `mean` of `image` [3, H, W] after `steps` steps against the decoder (float32)."""
@@ -308,11 +339,19 @@ class Codec:
         `packed=True`: FLUX.1's packed latents [tokens, C * 4] ([N, tokens, C * 4], or a list), unpacked
         by `sizes` (required) as FluxPipeline does: each side rounded down to a multiple of twice the
         factor, the size the images come back in.
+        VQ models also take integer codebook indices [h, w] ([N, h, w], or a list): their codebook
+        vectors are decoded (`scaled` does not apply; `packed` does not combine).
         """
-        if packed:
-            latents, sizes = self._unpack(latents, sizes)
-        items = latents_to_tensors(latents, self.info.latent_channels)
-        raw = [self.unscale(z) if scaled else z for z in items.tensors]
+        if self._codebook is not None and are_indices(latents):
+            if packed:
+                raise InvalidInputError("codebook indices do not combine with packed", field="packed")
+            items = indices_to_tensors(latents, self.info.codebook_size)
+            raw = [lookup(codes, self._codebook) for codes in items.tensors]
+        else:
+            if packed:
+                latents, sizes = self._unpack(latents, sizes)
+            items = latents_to_tensors(latents, self.info.latent_channels)
+            raw = [self.unscale(z) if scaled else z for z in items.tensors]
         crops = self._crop_sizes(sizes, raw)
         decoded = self._decode_tensors(raw, tiling, pixels=self._pixels_out(output))
         cropped = [image[:, :height, :width] for image, (height, width) in zip(decoded, crops)]

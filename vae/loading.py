@@ -9,7 +9,7 @@ from pathlib import Path
 from typing import Any, Mapping
 
 import torch
-from diffusers import AutoencoderDC, AutoencoderKL, AutoencoderKLFlux2, AutoencoderTiny
+from diffusers import AutoencoderDC, AutoencoderKL, AutoencoderKLFlux2, AutoencoderTiny, VQModel
 from torch import nn
 
 from .errors import ModelLoadError, ModelNotFoundError
@@ -18,7 +18,8 @@ from .model_info import SUPPORTED_CLASSES
 from .registry import MODELS, ModelSpec, get_spec, is_registered
 
 _CLASSES: dict[str, type[nn.Module]] = {"AutoencoderKL": AutoencoderKL, "AutoencoderTiny": AutoencoderTiny,
-                                        "AutoencoderDC": AutoencoderDC, "AutoencoderKLFlux2": AutoencoderKLFlux2}
+                                        "AutoencoderDC": AutoencoderDC, "AutoencoderKLFlux2": AutoencoderKLFlux2,
+                                        "VQModel": VQModel}
 SINGLE_FILE_SUFFIXES = (".safetensors", ".ckpt", ".pt", ".pth", ".bin")
 _CONFIG_NAME = "config.json"
 

@@ -9,7 +9,7 @@ from torch import nn
 
 from .errors import ModelLoadError
 
-SUPPORTED_CLASSES = ("AutoencoderKL", "AutoencoderTiny", "AutoencoderDC", "AutoencoderKLFlux2")
+SUPPORTED_CLASSES = ("AutoencoderKL", "AutoencoderTiny", "AutoencoderDC", "AutoencoderKLFlux2", "VQModel")
 # The classes with a Gaussian posterior (the others encode deterministically).
 POSTERIOR_CLASSES = ("AutoencoderKL", "AutoencoderKLFlux2")
 
@@ -71,7 +71,8 @@ def latent_statistics(model: nn.Module, channels: int) -> tuple[tuple[float, ...
 
 
 def describe_model(model: nn.Module, name: str) -> ModelInfo:
-    """Read a `ModelInfo` off a diffusers AutoencoderKL, AutoencoderTiny, AutoencoderDC or AutoencoderKLFlux2."""
+    """Read a `ModelInfo` off a diffusers AutoencoderKL, AutoencoderTiny, AutoencoderDC, AutoencoderKLFlux2 or
+    VQModel."""
     config = model.config
     model_class = model_class_name(model)
     if model_class == "AutoencoderDC":
@@ -82,6 +83,10 @@ def describe_model(model: nn.Module, name: str) -> ModelInfo:
         factor = 2 ** (len(config.block_out_channels) - 1)
     patch = patch_size(model)
     channels = int(config.latent_channels) * patch * patch
+    codebook_size = codebook_dim = 0
+    if model_class == "VQModel":  # its latents are the quantiser's input: vq_embed_dim channels
+        codebook_size, codebook_dim = model.quantize.embedding.weight.shape
+        channels = int(codebook_dim)
     mean, std = latent_statistics(model, channels)
     return ModelInfo(
         name=name,
@@ -96,4 +101,6 @@ def describe_model(model: nn.Module, name: str) -> ModelInfo:
         latents_mean=mean,
         latents_std=std,
         patch_size=patch,
+        codebook_size=int(codebook_size),
+        codebook_dim=int(codebook_dim),
     )

@@ -28,7 +28,8 @@ def add_parser(subparsers: argparse._SubParsersAction) -> None:
     export = subparsers.add_parser(
         "export", help="export a checkpoint's EMA weights as a diffusers model folder",
         description="Write the EMA weights of a training checkpoint (or a run's newest one) in diffusers format, "
-                    "with scaling_factor and shift_factor measured on the training data.")
+                    "with scaling_factor and shift_factor measured on the training data (KL models; VQ models keep "
+                    "scaling_factor 1).")
     export.add_argument("checkpoint", type=Path, help="checkpoint folder or run folder")
     export.add_argument("-o", "--output", type=Path, required=True, help="model folder to write")
     export.add_argument("--stat-images", type=int, help="training crops for the latent statistics")

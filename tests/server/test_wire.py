@@ -45,3 +45,93 @@ def test_refine_steps_out_of_range_or_with_sample_are_refused_naming_the_field(o
         wire.refine_steps(options)
     assert raised.value.field == "options.refine_steps"
     assert wire.refine_steps(pb.EncodeOptions(refine_steps=200)) == 200
+
+
+# ---- VQ codebook indices ----------------------------------------------------------------------
+
+def _vq_info(**changes):
+    from latentd.v1.results import ModelInfo
+
+    values = dict(name="vq", model_class="VQModel", latent_channels=3, downsampling_factor=2, scaling_factor=1.0,
+                  shift_factor=0.0, dtype="float32", parameters=1, has_posterior=False, codebook_size=8,
+                  codebook_dim=3)
+    return ModelInfo(**{**values, **changes})
+
+
+def _indices(array, **fields):
+    from latentd.v1.tensors import to_tensor
+
+    return pb.Latents(latents=to_tensor(array, "int32"), **fields)
+
+
+def test_indices_decode_to_their_codebook_vectors():
+    import numpy as np
+    import torch
+
+    codebook = torch.arange(24.0).reshape(8, 3)
+    item = wire.read_latents(_indices(np.array([[7, 0], [1, 2]]), height=3), "items[0]", _vq_info(), 1 << 20,
+                             codebook=codebook)
+    assert item.latents.shape == (3, 2, 2) and item.latents[:, 0, 0].tolist() == [21.0, 22.0, 23.0]
+    assert item.size == (3, 4) and not item.scaled
+
+
+@pytest.mark.parametrize(("array", "fields", "info", "field", "words"), [
+    ([[0, 8]], {}, {}, "items[0].latents", "index 8, outside the codebook [0, 8)"),
+    ([[-1, 0]], {}, {}, "items[0].latents", "index -1"),
+    ([0, 1, 2], {}, {}, "items[0].latents.shape", "must be [h, w]"),
+    ([[[0]]], {}, {}, "items[0].latents.shape", "must be [h, w]"),
+    ([[0, 1]], {"height": 3}, {}, "items[0].height", "must be 1-2"),
+    ([[0, 1]], {}, {"codebook_size": 0, "codebook_dim": 0, "model_class": "AutoencoderKL"},
+     "items[0].latents.dtype", "has no codebook"),
+])
+def test_bad_indices_name_the_field(array, fields, info, field, words):
+    import numpy as np
+    import torch
+
+    with pytest.raises(InvalidInputError, match=words.replace("[", r"\[").replace("(", r"\(").replace(")", r"\)")) \
+            as raised:
+        wire.read_latents(_indices(np.array(array), **fields), "items[0]", _vq_info(**info), 1 << 20,
+                          codebook=torch.zeros(8, 3))
+    assert raised.value.field == field
+
+
+def test_packed_indices_are_refused():
+    import numpy as np
+    import torch
+
+    with pytest.raises(InvalidInputError) as raised:
+        wire.read_latents(_indices(np.zeros((2, 2)), height=4, width=4), "items[0]", _vq_info(), 1 << 20,
+                          packed=True, codebook=torch.zeros(8, 3))
+    assert raised.value.field == "options.packed"
+
+
+@pytest.mark.parametrize(("options", "info", "field"), [
+    ({}, {"codebook_size": 0}, "options.indices"),
+    ({"raw": True}, {}, "options.raw"),
+    ({"packed": True}, {}, "options.packed"),
+    ({"posterior": True}, {}, "options.posterior"),
+    ({"latent_dtype": pb.FLOAT16}, {}, "options.latent_dtype"),
+    ({"refine_steps": 2}, {}, "options.refine_steps"),
+])
+def test_index_requests_refuse_latent_only_options(options, info, field):
+    wire.index_options(pb.EncodeOptions(indices=True), _vq_info())
+    with pytest.raises(InvalidInputError) as raised:
+        wire.index_options(pb.EncodeOptions(indices=True, **options), _vq_info(**info))
+    assert raised.value.field == field
+
+
+def test_float_latents_for_a_vq_model_are_still_latents_and_int32_is_no_latent_dtype():
+    import numpy as np
+    from latentd.v1.tensors import to_tensor
+
+    item = wire.read_latents(pb.Latents(latents=to_tensor(np.zeros((3, 2, 2), np.float32))), "items[0]", _vq_info(),
+                             1 << 20)
+    assert item.latents.shape == (3, 2, 2) and item.scaled
+    with pytest.raises(InvalidInputError) as raised:
+        wire.latent_dtype(pb.INT32, "options.latent_dtype")
+    assert raised.value.field == "options.latent_dtype"
+    for dtype, shape, words in (("float32", (2, 2), "must be INT32 for codebook indices"), ("uint8", (2, 2), "or INT32")):
+        message = pb.Latents(latents=to_tensor(np.zeros(shape, dtype)))
+        with pytest.raises(InvalidInputError, match=words) as raised:
+            wire.read_latents(message, "items[0]", _vq_info(), 1 << 20)
+        assert raised.value.field == "items[0].latents.dtype"

@@ -102,8 +102,8 @@ def test_autoencoder_tiny_folder(tmp_path):
 def test_unsupported_model_class_is_refused(tmp_path):
     folder = save_model(make_tiny_kl(), tmp_path / "other")
     config = json.loads((folder / "config.json").read_text())
-    (folder / "config.json").write_text(json.dumps({**config, "_class_name": "VQModel"}))
-    with pytest.raises(ModelLoadError, match="VQModel is not supported"):
+    (folder / "config.json").write_text(json.dumps({**config, "_class_name": "UNet2DModel"}))
+    with pytest.raises(ModelLoadError, match="UNet2DModel is not supported"):
         load_model(folder)
 
 

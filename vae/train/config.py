@@ -16,9 +16,15 @@ import yaml
 from ..errors import InvalidInputError
 
 
+MODEL_TYPES = ("kl", "vq")
+
+
 @dataclass
 class ModelConfig:
-    # Any diffusers AutoencoderKL keyword; the defaults are latentd's compact CPU-servable f8 model.
+    # kl: a diffusers AutoencoderKL (Gaussian posterior); vq: a diffusers VQModel (codebook, docs/vq.md).
+    type: str = "kl"
+    # Any keyword of that class (VQModel adds num_vq_embeddings and vq_embed_dim); the defaults are
+    # latentd's compact CPU-servable f8 model.
     architecture: dict[str, Any] = field(
         default_factory=lambda: {
             "block_out_channels": [24, 48, 96, 192],
@@ -72,6 +78,21 @@ class DiscriminatorConfig:
 
 
 @dataclass
+class VQConfig:
+    """The codebook terms of `model.type: vq` (van den Oord et al. 2017; EMA updates from Razavi et al. 2019)."""
+
+    # beta of the commitment loss ||z - sg[e]||^2, which keeps the encoder near its codes.
+    commitment: float = 0.25
+    # ema: the codebook follows an exponential average of the encoder outputs assigned to each code (no
+    # codebook loss); false: the codebook loss ||sg[z] - e||^2 trains it by gradient.
+    ema: bool = True
+    ema_decay: float = 0.99
+    # A code no encoder output chose for this many batches in a row restarts at a random encoder
+    # output of the current batch (dead-code restarts against codebook collapse); 0 disables.
+    restart_after: int = 100
+
+
+@dataclass
 class LossConfig:
     reconstruction: str = "l1"  # l1 | l2
     ms_ssim_weight: float = 0.0
@@ -81,6 +102,7 @@ class LossConfig:
     discriminator: DiscriminatorConfig = field(default_factory=DiscriminatorConfig)
     lpips_weight: float = 0.0
     lpips_weights: str | None = None  # local safetensors file; LPIPS weights cannot be downloaded here
+    vq: VQConfig = field(default_factory=VQConfig)
 
 
 @dataclass
@@ -134,7 +156,12 @@ class TrainConfig:
         Path(path).write_text(yaml.safe_dump(self.to_dict(), sort_keys=False))
 
     def validate(self) -> "TrainConfig":
+        vq = self.loss.vq
         checks = [
+            (self.model.type in MODEL_TYPES, f"model.type must be one of {', '.join(MODEL_TYPES)}"),
+            (vq.commitment >= 0, "loss.vq.commitment must be non-negative"),
+            (0 < vq.ema_decay < 1, "loss.vq.ema_decay must be in (0, 1)"),
+            (vq.restart_after >= 0, "loss.vq.restart_after must be non-negative (0 disables restarts)"),
             (self.loss.reconstruction in ("l1", "l2"), "loss.reconstruction must be l1 or l2"),
             (self.loss.beta.schedule in ("constant", "linear", "cyclical"),
              "loss.beta.schedule must be constant, linear or cyclical"),

@@ -1,4 +1,4 @@
-"""Export a training checkpoint: EMA weights in diffusers format with measured latent scale and shift."""
+"""Export a training checkpoint: EMA weights in diffusers format (KL models with measured latent scale and shift)."""
 
 from __future__ import annotations
 
@@ -38,18 +38,19 @@ def resolve_export_source(path: str | Path) -> Path:
 
 
 def _trained_model(checkpoint: Path, config: TrainConfig) -> tuple[nn.Module, bool]:
-    """The checkpoint's AutoencoderKL with its EMA weights (or the raw weights when it has no EMA)."""
-    from diffusers import AutoencoderKL
+    """The checkpoint's AutoencoderKL or VQModel with its EMA weights (or the raw weights when it has no EMA)."""
+    from diffusers import AutoencoderKL, VQModel
     from safetensors.torch import load_file
 
-    model = AutoencoderKL(**config.model.architecture)
+    model = (VQModel if config.model.type == "vq" else AutoencoderKL)(**config.model.architecture)
     if (checkpoint / EMA_FILE).is_file():
         names = [name for name, _ in model.named_parameters()]
         weights = {**model.state_dict(), **ema_weights(checkpoint / EMA_FILE, names)}
         used_ema = True
     else:
         raw = load_file(str(checkpoint / "model.safetensors"))
-        weights = {key.removeprefix("vae."): value for key, value in raw.items()}
+        # The training wrapper's own state (a VQ codebook's statistics) is not part of the model.
+        weights = {key.removeprefix("vae."): value for key, value in raw.items() if key.startswith("vae.")}
         used_ema = False
     model.load_state_dict(weights, strict=True)
     return model.eval(), used_ema
@@ -85,16 +86,23 @@ def latent_statistics(model: nn.Module, files: list[Path], *, count: int, crop: 
 
 def export_checkpoint(checkpoint: str | Path, output: str | Path, *, stat_images: int | None = None,
                       dtype: str | None = None, data_dirs: list[str] | None = None) -> ExportResult:
-    """Write the checkpoint's EMA weights to `output` as a diffusers AutoencoderKL folder."""
+    """Write the checkpoint's EMA weights to `output` as a diffusers AutoencoderKL or VQModel folder.
+
+    KL models get the scaling and shift that give their latents zero mean and unit variance; VQ models
+    keep scaling 1 (as LDM's VQ autoencoders), since their latents are what the codebook quantises."""
     source = resolve_export_source(checkpoint)
     config = load_config(source / CONFIG_FILE)
     model, used_ema = _trained_model(source, config)
-    count = config.export.stat_images if stat_images is None else stat_images
-    dirs = data_dirs or config.data.train_dirs
-    mean, std = latent_statistics(model, scan_images(dirs).files, count=max(1, count),
-                                  crop=max(config.data.crop_size, 256), seed=config.runtime.seed)
-    scaling, shift = 1.0 / std, mean
-    model.register_to_config(scaling_factor=scaling, shift_factor=shift)
+    scaling, shift = 1.0, 0.0
+    if config.model.type == "kl":
+        count = config.export.stat_images if stat_images is None else stat_images
+        dirs = data_dirs or config.data.train_dirs
+        mean, std = latent_statistics(model, scan_images(dirs).files, count=max(1, count),
+                                      crop=max(config.data.crop_size, 256), seed=config.runtime.seed)
+        scaling, shift = 1.0 / std, mean
+        model.register_to_config(scaling_factor=scaling, shift_factor=shift)
+    else:
+        model.register_to_config(scaling_factor=scaling)
     target_dtype = parse_dtype(dtype or config.export.dtype)
     step = json.loads((source / STATE_FILE).read_text())["step"]
     record = json.dumps({"step": step, "schedule": config.optim.schedule, "max_steps": config.optim.max_steps})

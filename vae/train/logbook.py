@@ -13,6 +13,7 @@ from .losses import LossParts
 COLUMNS = (
     "step", "loss", "reconstruction", "kl", "beta", "lr", "ms_ssim_loss", "lpips", "gan", "gan_weight", "d_loss",
     "steps_per_s", "skipped_files", "bad_steps", "val_psnr", "val_ms_ssim", "val_active_units", "val_kl_per_channel",
+    "codebook_loss", "commitment_loss", "perplexity", "codes_used", "val_perplexity", "val_codes_used",
 )
 
 
@@ -81,23 +82,30 @@ class Logbook:
             "kl": _number(parts.kl), "beta": parts.beta, "lr": lr, "ms_ssim_loss": _number(parts.ms_ssim),
             "lpips": _number(parts.lpips), "gan": _number(parts.gan), "gan_weight": _number(parts.gan_weight),
             "d_loss": _number(d_loss), "steps_per_s": self._rate, "skipped_files": state.skipped_files,
-            "bad_steps": state.bad_steps_total,
+            "bad_steps": state.bad_steps_total, "codebook_loss": _number(parts.codebook),
+            "commitment_loss": _number(parts.commitment), "perplexity": _number(parts.perplexity),
+            "codes_used": parts.codes_used,
         }
         self._write(row)
         if self._bar is not None:
-            self._bar.set_postfix(loss=f"{row['loss']:.4f}", kl=f"{row['kl']:.1f}", it_s=f"{self._rate:.2f}")
+            latent = {"kl": f"{row['kl']:.1f}"} if parts.kl is not None else {"codes": parts.codes_used}
+            self._bar.set_postfix(loss=f"{row['loss']:.4f}", **latent, it_s=f"{self._rate:.2f}")
 
     def validation(self, step: int, result) -> None:
         if not self.main:
             return
-        row = {"step": step, "val_psnr": result.psnr, "val_ms_ssim": result.ms_ssim,
-               "val_active_units": result.active_units,
-               "val_kl_per_channel": " ".join(f"{v:.4g}" for v in result.kl_per_channel)}
+        row = {"step": step, "val_psnr": result.psnr, "val_ms_ssim": result.ms_ssim}
+        if result.codes_used is not None:
+            row.update(val_perplexity=result.perplexity, val_codes_used=result.codes_used)
+            latent = f"{result.codes_used} codes used, perplexity {result.perplexity:.1f}"
+        else:
+            row.update(val_active_units=result.active_units,
+                       val_kl_per_channel=" ".join(f"{v:.4g}" for v in result.kl_per_channel))
+            latent = f"active units {result.active_units}/{len(result.kl_per_channel)}"
         self._write(row)
         if self._bar is not None:
             ms_ssim = result.ms_ssim or float("nan")
-            self._bar.write(f"step {step}: val PSNR {result.psnr:.2f} dB, MS-SSIM {ms_ssim:.4f}, "
-                            f"active units {result.active_units}/{len(result.kl_per_channel)}")
+            self._bar.write(f"step {step}: val PSNR {result.psnr:.2f} dB, MS-SSIM {ms_ssim:.4f}, {latent}")
 
     def _write(self, row: dict) -> None:
         self._writer.writerow(row)

@@ -1,8 +1,9 @@
-"""The VAE objective: reconstruction + beta * KL (schedules, free bits) + optional MS-SSIM, LPIPS and GAN terms.
+"""The autoencoder objectives: reconstruction + a KL or VQ latent term + optional MS-SSIM, LPIPS and GAN terms.
 
 Scaling follows the Stable Diffusion autoencoder: the reconstruction error and the KL are both sums
 per image, so `beta` means what LDM's `kl_weight` means (1e-6 there). The total is then divided by
-the number of pixel values, which changes the step size but not the optimum.
+the number of pixel values, which changes the step size but not the optimum. The VQ terms are means
+over latent values (as in van den Oord et al.), scaled to the same per-image footing.
 """
 
 from __future__ import annotations
@@ -15,6 +16,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from .config import BetaConfig, LossConfig, OptimConfig
+from .quantizer import code_usage
 
 
 def kl_per_element(mean: torch.Tensor, logvar: torch.Tensor) -> torch.Tensor:
@@ -150,12 +152,16 @@ class LossParts:
 
     total: torch.Tensor
     reconstruction: torch.Tensor
-    kl: torch.Tensor
-    beta: float
+    kl: torch.Tensor | None = None  # KL models
+    beta: float | None = None
     ms_ssim: torch.Tensor | None = None
     lpips: torch.Tensor | None = None
     gan: torch.Tensor | None = None
     gan_weight: torch.Tensor | None = None
+    codebook: torch.Tensor | None = None  # VQ models: the codebook and commitment losses, code usage
+    commitment: torch.Tensor | None = None
+    perplexity: torch.Tensor | None = None
+    codes_used: int | None = None
 
 
 def generator_loss(
@@ -170,19 +176,39 @@ def generator_loss(
     discriminator: nn.Module | None = None,
     last_layer: torch.Tensor | None = None,
 ) -> LossParts:
-    values = x[0].numel()
+    """The KL-VAE's objective: reconstruction + beta * KL (+ the optional terms)."""
     beta = beta_at(step, config.beta)
-    rec = reconstruction_sum(x, reconstruction, config.reconstruction)
     kl = kl_term(mean, logvar, config.free_bits)
+    parts = LossParts(total=kl, reconstruction=kl, kl=kl, beta=beta)
+    return complete_loss(x, reconstruction, beta * kl, parts, step=step, config=config, lpips=lpips,
+                         discriminator=discriminator, last_layer=last_layer)
+
+
+def complete_loss(
+    x: torch.Tensor,
+    reconstruction: torch.Tensor,
+    penalty: torch.Tensor,
+    parts: LossParts,
+    *,
+    step: int,
+    config: LossConfig,
+    lpips: nn.Module | None = None,
+    discriminator: nn.Module | None = None,
+    last_layer: torch.Tensor | None = None,
+) -> LossParts:
+    """Reconstruction (per-image sum) + the latent `penalty` (on the same scale) + MS-SSIM, LPIPS and the
+    adaptive GAN term, divided by the values per image; fills in `parts` and returns it."""
+    values = x[0].numel()
+    rec = reconstruction_sum(x, reconstruction, config.reconstruction)
     nll = rec
-    parts = LossParts(total=rec, reconstruction=rec / values, kl=kl, beta=beta)
+    parts.reconstruction = rec / values
     if config.ms_ssim_weight > 0:
         parts.ms_ssim = ms_ssim_loss(x, reconstruction)
         nll = nll + config.ms_ssim_weight * parts.ms_ssim * values
     if lpips is not None and config.lpips_weight > 0:
         parts.lpips = lpips(x, reconstruction).mean()
         nll = nll + config.lpips_weight * parts.lpips * values
-    total = nll + beta * kl
+    total = nll + penalty
     disc = config.discriminator
     if discriminator is not None and disc.enabled and step >= disc.start_step and last_layer is not None:
         parts.gan = -discriminator(reconstruction).mean()
@@ -190,3 +216,30 @@ def generator_loss(
         total = total + parts.gan_weight * parts.gan
     parts.total = total / values
     return parts
+
+
+def vq_generator_loss(
+    x: torch.Tensor,
+    reconstruction: torch.Tensor,
+    codebook: torch.Tensor,
+    commitment: torch.Tensor,
+    indices: torch.Tensor,
+    codebook_size: int,
+    *,
+    step: int,
+    config: LossConfig,
+    lpips: nn.Module | None = None,
+    discriminator: nn.Module | None = None,
+    last_layer: torch.Tensor | None = None,
+) -> LossParts:
+    """The VQ-VAE's objective: reconstruction + codebook loss (unless the codebook follows an EMA) +
+    beta * commitment loss, the latter two means over latent values as in van den Oord et al., so
+    scaled by the values per image to sit beside the per-image reconstruction sum."""
+    values = x[0].numel()
+    vq = config.vq
+    penalty = commitment * vq.commitment if vq.ema else codebook + commitment * vq.commitment
+    perplexity, used = code_usage(indices.detach(), codebook_size)
+    parts = LossParts(total=penalty, reconstruction=penalty, codebook=codebook, commitment=commitment,
+                      perplexity=perplexity, codes_used=used)
+    return complete_loss(x, reconstruction, penalty * values, parts, step=step, config=config, lpips=lpips,
+                         discriminator=discriminator, last_layer=last_layer)

@@ -67,13 +67,37 @@ def ignore_stop_signals(worker_id: int) -> None:
 
 
 def build_model(config: TrainConfig) -> nn.Module:
-    from diffusers import AutoencoderKL
+    """The AutoencoderKL or VQModel to train: `model.init_from`'s weights, else a fresh `architecture`."""
+    from diffusers import AutoencoderKL, VQModel
 
+    wanted = "VQModel" if config.model.type == "vq" else "AutoencoderKL"
     if config.model.init_from:
         from ..loading import load_model
+        from ..model_info import model_class_name
 
-        return load_model(config.model.init_from).model.train()
-    return AutoencoderKL(**config.model.architecture).train()
+        model = load_model(config.model.init_from).model
+        if wanted == "VQModel" and model_class_name(model) == "AutoencoderKL":
+            from .vq_init import vq_from_kl
+
+            return vq_from_kl(model.float(), config.model.architecture).train()
+        if model_class_name(model) != wanted:
+            raise InvalidInputError(f"model.init_from is a {model_class_name(model)}; model.type "
+                                    f"{config.model.type} trains a {wanted}", field="model.init_from")
+        return model.train()
+    cls = VQModel if config.model.type == "vq" else AutoencoderKL
+    try:
+        return cls(**config.model.architecture).train()
+    except (TypeError, ValueError) as exc:
+        raise InvalidInputError(f"model.architecture does not build a {wanted}: {exc}",
+                                field="model.architecture") from exc
+
+
+def wrap_for_training(vae: nn.Module, config: TrainConfig) -> nn.Module:
+    if config.model.type == "vq":
+        from .quantizer import VQAutoencoderForTraining
+
+        return VQAutoencoderForTraining(vae, config.loss.vq)
+    return AutoencoderForTraining(vae)
 
 
 def _precision(requested: str, device: torch.device) -> str:
@@ -122,7 +146,7 @@ class TrainingRun:
     config: TrainConfig
     accelerator: Any
     module: nn.Module  # the prepared AutoencoderForTraining: what DDP synchronises
-    vae: nn.Module  # the AutoencoderKL inside it
+    vae: nn.Module  # the AutoencoderKL or VQModel inside it
     optimizer: torch.optim.Optimizer
     train_loader: DataLoader
     validation: list
@@ -145,12 +169,12 @@ def start_run(config: TrainConfig, resume: str | None) -> TrainingRun:
     run_dir = Path(config.runtime.output_dir)
     accelerator = _make_accelerator(config, run_dir)
     set_seed(config.runtime.seed)
-    module = AutoencoderForTraining(build_model(config))
+    module = wrap_for_training(build_model(config), config)
     if config.runtime.channels_last:
         module = module.to(memory_format=torch.channels_last)
     optim = config.optim
-    optimizer = torch.optim.AdamW(module.parameters(), lr=optim.lr, betas=tuple(optim.betas),
-                                  weight_decay=optim.weight_decay)
+    trained = [p for p in module.parameters() if p.requires_grad]  # not an EMA-updated codebook
+    optimizer = torch.optim.AdamW(trained, lr=optim.lr, betas=tuple(optim.betas), weight_decay=optim.weight_decay)
     loaders = get_dataloaders(config)
     lpips = None
     if config.loss.lpips_weight > 0:

@@ -1,4 +1,4 @@
-"""The accelerate training loop of the KL-VAE: `training_function` runs a run that `prepare.start_run` built."""
+"""The accelerate training loop of the KL- and VQ-VAEs: `training_function` runs a run that `prepare.start_run` built."""
 
 from __future__ import annotations
 
@@ -15,7 +15,7 @@ import torch
 from .checkpoint import save_checkpoint
 from .config import TrainConfig
 from .logbook import Logbook
-from .losses import LossParts, generator_loss, hinge_d_loss, schedule_lr
+from .losses import LossParts, generator_loss, hinge_d_loss, schedule_lr, vq_generator_loss
 from .prepare import TrainingRun, start_run
 from .validate import validate, write_grid
 
@@ -23,8 +23,9 @@ logger = logging.getLogger(__name__)
 
 
 def step_generator(seed: int, step: int, micro: int, process: int, device: torch.device) -> torch.Generator:
-    """The posterior noise of one micro-batch depends on (seed, step, micro-batch, process) only, so a
-    resumed run draws exactly what an uninterrupted one would, whatever else used the global RNG."""
+    """The posterior noise (KL) or codebook restarts (VQ) of one micro-batch depend on (seed, step,
+    micro-batch, process) only, so a resumed run draws exactly what an uninterrupted one would,
+    whatever else used the global RNG."""
     mixed = (seed * 1_000_003 + step) * 1_009 + micro
     return torch.Generator(device=device).manual_seed((mixed * 65_537 + process) % (2**63))
 
@@ -140,10 +141,13 @@ def _train_step(run: TrainingRun, x: torch.Tensor, micro: int) -> StepResult:
     with accelerator.accumulate(run.module):
         noise = step_generator(config.runtime.seed, state.step, micro % optim.grad_accum,
                                accelerator.process_index, accelerator.device)
-        reconstruction, mean, logvar = run.module(x, noise)
-        parts = generator_loss(x, reconstruction, mean, logvar, step=state.step, config=config.loss,
-                               lpips=run.lpips, discriminator=run.discriminator,
-                               last_layer=run.vae.decoder.conv_out.weight)
+        reconstruction, *latent = run.module(x, noise)
+        extras = {"step": state.step, "config": config.loss, "lpips": run.lpips, "discriminator": run.discriminator,
+                  "last_layer": run.vae.decoder.conv_out.weight}
+        if config.model.type == "vq":
+            parts = vq_generator_loss(x, reconstruction, *latent, run.vae.quantize.embedding.num_embeddings, **extras)
+        else:
+            parts = generator_loss(x, reconstruction, *latent, **extras)
         finite = accelerator.reduce(torch.isfinite(parts.total.detach()).float(), "min").item() > 0
         if finite:
             accelerator.backward(parts.total)

@@ -1,4 +1,4 @@
-"""Validation during training: PSNR, MS-SSIM, KL per channel, active latent units and an image grid."""
+"""Validation during training: PSNR, MS-SSIM, KL per channel and active units (KL) or code usage (VQ), a grid."""
 
 from __future__ import annotations
 
@@ -17,6 +17,7 @@ from ..fileio import write_atomic
 from ..imageio import encode_image
 from ..metrics import mean_of, ms_ssim, psnr
 from .losses import kl_per_element
+from .quantizer import code_usage
 
 # Burda et al. (2016): a latent unit is active when Cov_x(E_q[z_u | x]) exceeds this.
 ACTIVE_UNIT_THRESHOLD = 0.01
@@ -29,6 +30,8 @@ class ValidationResult:
     kl_per_channel: list[float] = field(default_factory=list)
     active_units: int = 0
     grid: Image.Image | None = None
+    perplexity: float | None = None  # VQ models: code usage over the validation latents
+    codes_used: int | None = None
 
 
 def validate(model: nn.Module, images: Sequence[tuple[str, np.ndarray]], *, grid_images: int = 8) -> ValidationResult:
@@ -38,6 +41,8 @@ def validate(model: nn.Module, images: Sequence[tuple[str, np.ndarray]], *, grid
     device = next(model.parameters()).device  # where training runs: a GPU validates on the GPU
     codec = Codec(copy.deepcopy(model).float(), name="validation", device=device, dtype="float32")
     pixels = [image for _, image in images]
+    if codec.info.codebook_size:
+        return _validate_vq(codec, pixels, grid_images)
     posteriors = codec.posterior(pixels)
     # The posterior mean is raw z: decode it as such (the model's scaling_factor is not trained yet).
     reconstructions = codec.decode([mean for mean, _ in posteriors], sizes=[p.shape[:2] for p in pixels],
@@ -57,6 +62,18 @@ def validate(model: nn.Module, images: Sequence[tuple[str, np.ndarray]], *, grid
         kl_per_channel=(kl_sums / kl_count).tolist(),
         active_units=int((unit_variance > ACTIVE_UNIT_THRESHOLD).sum()),
         grid=comparison_grid(pixels[:grid_images], reconstructions[:grid_images]),
+    )
+
+
+def _validate_vq(codec: Codec, pixels: list[np.ndarray], grid_images: int) -> ValidationResult:
+    codes = codec.encode(pixels, indices=True)
+    reconstructions = codec.decode(codes, sizes=[p.shape[:2] for p in pixels])
+    perplexity, used = code_usage(torch.cat([c.flatten() for c in codes]), codec.info.codebook_size)
+    return ValidationResult(
+        psnr=mean_of([psnr(a, b) for a, b in zip(pixels, reconstructions)]),
+        ms_ssim=mean_of([ms_ssim(a, b) for a, b in zip(pixels, reconstructions)]),
+        grid=comparison_grid(pixels[:grid_images], reconstructions[:grid_images]),
+        perplexity=float(perplexity), codes_used=used,
     )
 
 

@@ -14,6 +14,7 @@ class DType(int, metaclass=_enum_type_wrapper.EnumTypeWrapper):
     FLOAT16: _ClassVar[DType]
     BFLOAT16: _ClassVar[DType]
     FLOAT32: _ClassVar[DType]
+    INT32: _ClassVar[DType]
 
 class Priority(int, metaclass=_enum_type_wrapper.EnumTypeWrapper):
     __slots__ = ()
@@ -39,6 +40,7 @@ UINT8: DType
 FLOAT16: DType
 BFLOAT16: DType
 FLOAT32: DType
+INT32: DType
 INTERACTIVE: Priority
 BULK: Priority
 TILING_AUTO: Tiling
@@ -70,7 +72,7 @@ class Image(_message.Message):
     def __init__(self, encoded: _Optional[bytes] = ..., pixels: _Optional[_Union[Tensor, _Mapping]] = ...) -> None: ...
 
 class EncodeOptions(_message.Message):
-    __slots__ = ("raw", "sample", "seed", "latent_dtype", "tiling", "posterior", "packed", "refine_steps")
+    __slots__ = ("raw", "sample", "seed", "latent_dtype", "tiling", "posterior", "packed", "indices", "refine_steps")
     RAW_FIELD_NUMBER: _ClassVar[int]
     SAMPLE_FIELD_NUMBER: _ClassVar[int]
     SEED_FIELD_NUMBER: _ClassVar[int]
@@ -78,6 +80,7 @@ class EncodeOptions(_message.Message):
     TILING_FIELD_NUMBER: _ClassVar[int]
     POSTERIOR_FIELD_NUMBER: _ClassVar[int]
     PACKED_FIELD_NUMBER: _ClassVar[int]
+    INDICES_FIELD_NUMBER: _ClassVar[int]
     REFINE_STEPS_FIELD_NUMBER: _ClassVar[int]
     raw: bool
     sample: bool
@@ -86,8 +89,9 @@ class EncodeOptions(_message.Message):
     tiling: Tiling
     posterior: bool
     packed: bool
+    indices: bool
     refine_steps: int
-    def __init__(self, raw: _Optional[bool] = ..., sample: _Optional[bool] = ..., seed: _Optional[int] = ..., latent_dtype: _Optional[_Union[DType, str]] = ..., tiling: _Optional[_Union[Tiling, str]] = ..., posterior: _Optional[bool] = ..., packed: _Optional[bool] = ..., refine_steps: _Optional[int] = ...) -> None: ...
+    def __init__(self, raw: _Optional[bool] = ..., sample: _Optional[bool] = ..., seed: _Optional[int] = ..., latent_dtype: _Optional[_Union[DType, str]] = ..., tiling: _Optional[_Union[Tiling, str]] = ..., posterior: _Optional[bool] = ..., packed: _Optional[bool] = ..., indices: _Optional[bool] = ..., refine_steps: _Optional[int] = ...) -> None: ...
 
 class EncodeRequest(_message.Message):
     __slots__ = ("model", "images", "options", "id", "priority")
@@ -204,7 +208,7 @@ class GetModelRequest(_message.Message):
     def __init__(self, name: _Optional[str] = ...) -> None: ...
 
 class ModelInfo(_message.Message):
-    __slots__ = ("name", "model_class", "latent_channels", "downsampling_factor", "scaling_factor", "shift_factor", "dtype", "device", "parameters", "has_posterior", "max_pixels", "max_batch_size", "latents_mean", "latents_std", "patch_size")
+    __slots__ = ("name", "model_class", "latent_channels", "downsampling_factor", "scaling_factor", "shift_factor", "dtype", "device", "parameters", "has_posterior", "max_pixels", "max_batch_size", "latents_mean", "latents_std", "patch_size", "codebook_size", "codebook_dim")
     NAME_FIELD_NUMBER: _ClassVar[int]
     MODEL_CLASS_FIELD_NUMBER: _ClassVar[int]
     LATENT_CHANNELS_FIELD_NUMBER: _ClassVar[int]
@@ -220,6 +224,8 @@ class ModelInfo(_message.Message):
     LATENTS_MEAN_FIELD_NUMBER: _ClassVar[int]
     LATENTS_STD_FIELD_NUMBER: _ClassVar[int]
     PATCH_SIZE_FIELD_NUMBER: _ClassVar[int]
+    CODEBOOK_SIZE_FIELD_NUMBER: _ClassVar[int]
+    CODEBOOK_DIM_FIELD_NUMBER: _ClassVar[int]
     name: str
     model_class: str
     latent_channels: int
@@ -235,7 +241,9 @@ class ModelInfo(_message.Message):
     latents_mean: _containers.RepeatedScalarFieldContainer[float]
     latents_std: _containers.RepeatedScalarFieldContainer[float]
     patch_size: int
-    def __init__(self, name: _Optional[str] = ..., model_class: _Optional[str] = ..., latent_channels: _Optional[int] = ..., downsampling_factor: _Optional[int] = ..., scaling_factor: _Optional[float] = ..., shift_factor: _Optional[float] = ..., dtype: _Optional[str] = ..., device: _Optional[str] = ..., parameters: _Optional[int] = ..., has_posterior: _Optional[bool] = ..., max_pixels: _Optional[int] = ..., max_batch_size: _Optional[int] = ..., latents_mean: _Optional[_Iterable[float]] = ..., latents_std: _Optional[_Iterable[float]] = ..., patch_size: _Optional[int] = ...) -> None: ...
+    codebook_size: int
+    codebook_dim: int
+    def __init__(self, name: _Optional[str] = ..., model_class: _Optional[str] = ..., latent_channels: _Optional[int] = ..., downsampling_factor: _Optional[int] = ..., scaling_factor: _Optional[float] = ..., shift_factor: _Optional[float] = ..., dtype: _Optional[str] = ..., device: _Optional[str] = ..., parameters: _Optional[int] = ..., has_posterior: _Optional[bool] = ..., max_pixels: _Optional[int] = ..., max_batch_size: _Optional[int] = ..., latents_mean: _Optional[_Iterable[float]] = ..., latents_std: _Optional[_Iterable[float]] = ..., patch_size: _Optional[int] = ..., codebook_size: _Optional[int] = ..., codebook_dim: _Optional[int] = ...) -> None: ...
 
 class InterpolateRequest(_message.Message):
     __slots__ = ("model", "image_a", "image_b", "steps", "method", "format", "quality")

@@ -20,8 +20,8 @@ class ModelInfo:
     shift_factor: float
     dtype: str
     parameters: int
-    # AutoencoderKL (and FLUX.2's) has a Gaussian posterior to sample from; AutoencoderTiny and
-    # AutoencoderDC are deterministic.
+    # AutoencoderKL (and FLUX.2's) has a Gaussian posterior to sample from; AutoencoderTiny,
+    # AutoencoderDC and VQModel are deterministic.
     has_posterior: bool
     # Per-channel latent statistics; empty: none. Scaled latents are (z - mean) * scaling_factor / std
     # with them, (z - shift_factor) * scaling_factor without (docs/models.md).
@@ -29,6 +29,9 @@ class ModelInfo:
     latents_std: tuple[float, ...] = ()
     # p > 1: the latents are z in p x p patches (FLUX.2); channels and factor describe the patched grid.
     patch_size: int = 1
+    # VQ models: codebook vectors and their dimension (= latent_channels); 0 without a codebook.
+    codebook_size: int = 0
+    codebook_dim: int = 0
 
     def to_dict(self) -> dict:
         return asdict(self)

@@ -35,8 +35,9 @@ DTYPES: tuple[WireDType, ...] = (
     WireDType(pb.FLOAT16, "float16", "<f2", 2),
     WireDType(pb.BFLOAT16, "bfloat16", "<u2", 2),
     WireDType(pb.FLOAT32, "float32", "<f4", 4),
+    WireDType(pb.INT32, "int32", "<i4", 4),
 )
-# The dtypes latents may travel in (uint8 is for pixels only).
+# The dtypes latents may travel in (uint8 is for pixels only, int32 for a VQ model's codebook indices).
 LATENT_DTYPES: tuple[str, ...] = ("float32", "float16", "bfloat16")
 _BY_PROTO = {d.proto: d for d in DTYPES}
 MAX_DIMS = 8  # latentd's tensors have 3 or 4 (numpy stops at 64)
