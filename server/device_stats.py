@@ -91,7 +91,7 @@ class ComputeCollector:
             weights.add_metric(values, monitor.weights_bytes)
             if monitor.peak_bytes is not None:
                 peaks.add_metric(values, monitor.peak_bytes)
-        yield from (busy_seconds, busy_fraction, weights, peaks)
+        yield from (family for family in (busy_seconds, busy_fraction, weights, peaks) if family.samples)
         yield from self._devices([monitor for monitor in monitors if monitor.on_cuda])
 
     def _devices(self, monitors: list[ComputeMonitor]) -> Iterator[Metric]:
@@ -110,7 +110,7 @@ class ComputeCollector:
                 continue
             for key, value in values.items():
                 families[key].add_metric([name], value)
-        yield from families.values()
+        yield from (family for family in families.values() if family.samples)  # none off CUDA
 
     def _read(self, device: torch.device, model_peaks: list[int], name: str) -> dict[str, float]:
         cuda = self._cuda
