@@ -1,4 +1,4 @@
-"""Prometheus metrics of one server: requests, queue and compute time, batch sizes, items, queue depth, load time, device use."""
+"""Prometheus metrics of one server: requests, queue and compute time, batches, items, queue depth, load, device use."""
 
 from __future__ import annotations
 

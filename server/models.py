@@ -85,9 +85,10 @@ class ModelPool:
     """Loads every configured model, owns their batchers, and hands them to the servicer by name.
 
     All torch work of the server (loading, warm-up, batches, the latent-space RPCs) runs on the
-    compute lanes, reached through `submit` and `run`: one batch at a time with every intra-op thread,
-    or on a CPU, when batches of small images meet, `cpu_compute_lanes` of them side by side with a
-    share of the threads each (see compute.ComputeLanes and _hold). Why not a thread pool: on CPU,
+    compute lanes (with `overlap`, a batch's host stages run on its batcher's workers instead),
+    reached through `submit` and `run`: one batch at a time with every intra-op thread, or on a CPU,
+    when batches of small images meet, `cpu_compute_lanes` of them side by side with a share of the
+    threads each (see compute.ComputeLanes and _hold). Why not a thread pool: on CPU,
     libgomp gives each thread that starts parallel work its own OpenMP team, and once a process holds
     more team threads than cores, every team stops spin-waiting, so each parallel region pays a
     wake-up: encoding a 64x64 image took twice as long on a second thread as on the first (2 cores).
