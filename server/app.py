@@ -98,6 +98,7 @@ async def create_server(settings: ServerSettings, *, load: bool = True) -> tuple
     """
     metrics = ServerMetrics()
     pool = ModelPool(settings, on_batch=metrics.observe_batch)
+    metrics.track_compute(pool.monitors)
     interceptors: list[grpc.aio.ServerInterceptor] = []
     if settings.auth_tokens:
         interceptors.append(AuthInterceptor(settings.auth_tokens))

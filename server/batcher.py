@@ -34,6 +34,10 @@ __all__ = [
 logger = logging.getLogger(__name__)
 
 Predict = Callable[[Hashable, list[Any]], list[Any]]
+# Host work around predict (see Batcher): prepare(key, payloads) -> what predict takes, one per payload;
+# finish(key, payloads, outputs) -> each item's result. An Exception in either list fails that item alone.
+Prepare = Callable[[Hashable, list[Any]], list[Any]]
+Finish = Callable[[Hashable, list[Any], list[Any]], list[Any]]
 ItemsPerCall = Callable[[Hashable], int]
 # The compute slot for a call of a key: entered (perhaps waiting) before the call's items are admitted;
 # yields run(fn, *args), through which the call's predict runs (see models.ModelPool._hold).
@@ -70,6 +74,14 @@ class BatchSizeMismatchError(Exception):
     """predict returned a different number of outputs than it was given inputs."""
 
 
+class _BadOutputs(Exception):
+    """A stage returned something other than one output per input: the call fails as a whole, unsplit."""
+
+    def __init__(self, error: Exception) -> None:
+        super().__init__(str(error))
+        self.error = error
+
+
 @dataclass
 class WorkItem:
     key: Hashable
@@ -78,6 +90,16 @@ class WorkItem:
     deadline: float | None = None
     enqueued: float = 0.0
     priority: str = INTERACTIVE
+
+
+@dataclass
+class _Call:
+    """One predict call that returned an output per item: what is left is finishing and delivering them."""
+
+    items: list[WorkItem]
+    outputs: list[Any]
+    start: float
+    seconds: float
 
 
 @dataclass(frozen=True)
@@ -292,6 +314,9 @@ class Batcher:
         busy_delay_s: float | None = None,
         bulk_every: int = BULK_EVERY,
         bulk_batch_size: int | None = None,
+        prepare: Prepare | None = None,
+        finish: Finish | None = None,
+        overlap: bool = False,
     ) -> None:
         """`items_per_call(key)` caps the items of one key in one predict call below max_batch_size
         (for example by pixels: on a CPU, big images gain nothing from sharing a call). `hold(key)` is
@@ -299,13 +324,22 @@ class Batcher:
         is held, so nothing expires between that check and the model. `busy_delay_s` (default:
         max_delay_s) is how long a batch waits for company while another worker's batch computes.
         Items wait by priority (`submit(..., priority=)`; see PriorityQueues, whose starvation bound
-        is `bulk_every`; `bulk_batch_size` caps the batches bulk work leads)."""
+        is `bulk_every`; `bulk_batch_size` caps the batches bulk work leads).
+
+        `prepare` and `finish` are a call's host work before and after predict. Without `overlap`
+        they run with predict, in its compute slot. With `overlap`, a worker prepares its batch
+        before it waits for the slot and finishes it after leaving the slot, so that with two
+        workers one batch's host work runs while the other's predict holds the slot: a pipeline
+        that keeps a device busy (see models.ModelPool)."""
         _check_settings(max_batch_size, max_delay_s, queue_limit, busy_delay_s, workers)
         self._busy_delay_s = max_delay_s if busy_delay_s is None else busy_delay_s
         self._workers = workers
         self._hold = hold or (lambda key: contextlib.nullcontext(_call_here))
         self.name = name
         self._predict = predict
+        self._prepare = prepare
+        self._finish = finish
+        self._overlap = overlap
         self._max_batch_size = max_batch_size
         self._items_per_call = items_per_call
         self._max_delay_s = max_delay_s
@@ -448,12 +482,7 @@ class Batcher:
         try:
             limit = self._limit(group[0].key)
             for start in range(0, len(group), limit):
-                # Admitted per call, once its compute slot is held, so a deadline that passes while
-                # an earlier call runs still counts.
-                with self._hold(group[0].key) as run:
-                    live = self._admit(group[start:start + limit])
-                    if live:
-                        self._compute(group[0].key, live, run)
+                self._run_call(group[0].key, group[start:start + limit])
         except BatcherClosedError as exc:  # the compute slot closed (shutdown): expected, no traceback
             for item in group:
                 if not item.future.done():
@@ -463,6 +492,87 @@ class Batcher:
             for item in group:
                 if not item.future.done():
                     _settle(item.future, error=exc)
+
+    def _run_call(self, key: Hashable, chunk: list[WorkItem]) -> None:
+        """One predict call's items: admitted once its compute slot is held (so a deadline that
+        passes while an earlier call runs still counts), computed there, then delivered."""
+        if not self._overlap:
+            with self._hold(key) as run:
+                live = self._admit(chunk)
+                if live:
+                    self._compute(key, [(item, item.payload) for item in live], run, self._whole, self._delivered)
+            return
+        prepared = self._prepared(key, chunk)  # while another worker's batch holds the slot
+        with self._hold(key) as run:
+            live = {id(item) for item in self._admit(chunk)}
+            admitted = [(item, made) for item, made in zip(chunk, prepared) if id(item) in live]
+            failed = [(item, made) for item, made in admitted if isinstance(made, Exception)]
+            ready = [(item, made) for item, made in admitted if not isinstance(made, Exception)]
+            calls: list[_Call] = []
+            if ready:
+                self._compute(key, ready, run, self._predict, lambda key, call: calls.append(call))
+        for item, error in failed:
+            _settle(item.future, error=error)
+        for call in calls:  # the slot is free: the next batch computes meanwhile
+            call.outputs = self._finished(key, call.items, call.outputs)
+            self._delivered(key, call)
+
+    def _delivered(self, key: Hashable, call: _Call) -> None:
+        self._report(key, call, failed=self._deliver(call.items, call.outputs))
+
+    def _prepared(self, key: Hashable, chunk: list[WorkItem]) -> list[Any]:
+        """What predict takes for each item, or the Exception that fails it."""
+        try:
+            return self._stage_outputs("prepare", self._prepare, key, [item.payload for item in chunk], len(chunk))
+        except _BadOutputs as exc:
+            return [exc.error] * len(chunk)
+        except Exception as exc:  # a failing prepare fails its call's items, not the worker
+            return [exc] * len(chunk)
+
+    def _finished(self, key: Hashable, items: list[WorkItem], outputs: list[Any]) -> list[Any]:
+        """Each item's result from its output, or the Exception that fails it."""
+        good = [i for i, output in enumerate(outputs) if not isinstance(output, Exception)]
+        results = list(outputs)
+        try:
+            done = self._stage_outputs("finish", self._finish, key, [items[i].payload for i in good],
+                                       len(good), [outputs[i] for i in good])
+        except _BadOutputs as exc:
+            done = [exc.error] * len(good)
+        except Exception as exc:
+            done = [exc] * len(good)
+        for i, result in zip(good, done):
+            results[i] = result
+        return results
+
+    @staticmethod
+    def _stage_outputs(name: str, stage: Callable[..., Any] | None, key: Hashable, payloads: list[Any],
+                       count: int, *outputs: list[Any]) -> list[Any]:
+        """stage(key, payloads, *outputs), checked to give one result per item (no stage: the last given)."""
+        if stage is None:
+            return list(outputs[0] if outputs else payloads)
+        if not count:
+            return []
+        results = stage(key, payloads, *outputs)
+        error = _outputs_error(name, results, count)
+        if error is not None:
+            raise _BadOutputs(error)
+        return list(results)
+
+    def _whole(self, key: Hashable, payloads: list[Any]) -> list[Any]:
+        """prepare, predict and finish as one call, in the compute slot (no overlap)."""
+        if self._prepare is None and self._finish is None:
+            return self._predict(key, payloads)
+        prepared = self._stage_outputs("prepare", self._prepare, key, payloads, len(payloads))
+        good = [i for i, made in enumerate(prepared) if not isinstance(made, Exception)]
+        outputs = self._predict(key, [prepared[i] for i in good]) if good else []
+        error = _outputs_error("predict", outputs, len(good))
+        if error is not None:
+            raise _BadOutputs(error)
+        done = self._stage_outputs("finish", self._finish, key, [payloads[i] for i in good], len(good),
+                                   list(outputs))
+        for i, result in zip(good, done):
+            prepared[i] = result
+        return prepared
 
     def _admit(self, group: list[WorkItem]) -> list[WorkItem]:
         """Drop cancelled items and fail expired ones, so predict never spends time on them."""
@@ -477,31 +587,39 @@ class Batcher:
             live.append(item)
         return live
 
-    def _compute(self, key: Hashable, items: list[WorkItem], run: Callable[..., Any]) -> None:
-        """predict on items (through `run`); if it raises for several, retry each half so a bad item fails alone."""
+    def _compute(self, key: Hashable, pairs: list[tuple[WorkItem, Any]], run: Callable[..., Any],
+                 fn: Callable[[Hashable, list[Any]], list[Any]], done: Callable[..., None]) -> None:
+        """fn(key, payloads) on the (item, payload) pairs through `run`; if it raises for several, retry
+        each half so a bad item fails alone. Each call that returned an output per item goes to
+        `done(key, call)` at once (the items' results, unless they still need finishing)."""
+        items = [item for item, _ in pairs]
         start = self._clock()
         try:
-            outputs = run(self._predict, key, [item.payload for item in items])
+            outputs = run(fn, key, [payload for _, payload in pairs])
+        except _BadOutputs as exc:
+            self._report(key, _Call(items, [], start, self._clock() - start), failed=self._fail_all(items, exc.error))
+            return
         except Exception as exc:
+            call = _Call(items, [], start, self._clock() - start)
             if len(items) == 1 or isinstance(exc, (BatchStoppedError, BatcherClosedError, DeadlineExpiredError)):
-                self._report(key, items, start, failed=self._fail_all(items, exc))
+                self._report(key, call, failed=self._fail_all(items, exc))
                 return
             # failed=0: these items are not finished; the retries report how each of them ends.
-            self._report(key, items, start, failed=0)
-            middle = len(items) // 2
-            self._compute(key, items[:middle], run)
-            self._compute(key, items[middle:], run)
+            self._report(key, call, failed=0)
+            middle = len(pairs) // 2
+            self._compute(key, pairs[:middle], run, fn, done)
+            self._compute(key, pairs[middle:], run, fn, done)
             return
-        self._report(key, items, start, failed=self._deliver(items, outputs))
+        call = _Call(items, outputs, start, self._clock() - start)
+        error = _outputs_error("predict", outputs, len(items))
+        if error is not None:
+            self._report(key, call, failed=self._fail_all(items, error))
+            return
+        call.outputs = list(outputs)
+        done(key, call)
 
-    def _deliver(self, items: list[WorkItem], outputs: Any) -> int:
+    def _deliver(self, items: list[WorkItem], outputs: list[Any]) -> int:
         """Hand each item its output; returns how many items ended with an exception."""
-        if not isinstance(outputs, (list, tuple)):
-            error: Exception = TypeError(f"predict must return a list, got {type(outputs).__name__}")
-            return self._fail_all(items, error)
-        if len(outputs) != len(items):
-            error = BatchSizeMismatchError(f"predict returned {len(outputs)} outputs for {len(items)} inputs")
-            return self._fail_all(items, error)
         failed = 0
         for item, output in zip(items, outputs):
             if isinstance(output, Exception):
@@ -517,16 +635,16 @@ class Batcher:
             _settle(item.future, error=error)
         return len(items)
 
-    def _report(self, key: Hashable, items: list[WorkItem], start: float, *, failed: int) -> None:
+    def _report(self, key: Hashable, call: _Call, *, failed: int) -> None:
         if self._on_batch is None:
             return
         stats = BatchStats(
             key=key,
-            size=len(items),
-            queue_seconds=tuple(start - item.enqueued for item in items),
-            compute_seconds=self._clock() - start,
+            size=len(call.items),
+            queue_seconds=tuple(call.start - item.enqueued for item in call.items),
+            compute_seconds=call.seconds,
             failed=failed,
-            priorities=tuple(item.priority for item in items),
+            priorities=tuple(item.priority for item in call.items),
         )
         try:
             self._on_batch(stats)
@@ -545,6 +663,15 @@ class Batcher:
             self._taken(1)
             if _claim(item.future):
                 _settle(item.future, error=BatcherClosedError(f"batcher {self.name!r} stopped"))
+
+
+def _outputs_error(stage: str, outputs: Any, count: int) -> Exception | None:
+    """Why `outputs` is not one output per input of a stage's call, or None."""
+    if not isinstance(outputs, (list, tuple)):
+        return TypeError(f"{stage} must return a list, got {type(outputs).__name__}")
+    if len(outputs) != count:
+        return BatchSizeMismatchError(f"{stage} returned {len(outputs)} outputs for {count} inputs")
+    return None
 
 
 def _call_here(fn: Callable[..., Any], *args: Any) -> Any:

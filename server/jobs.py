@@ -1,4 +1,4 @@
-"""One batch of one key through a codec: the jobs it carries, what each wants of its output, and `predict`."""
+"""One batch of one key through a codec: its jobs and its stages (prepare, compute, finish; `predict`: all three)."""
 
 from __future__ import annotations
 
@@ -8,6 +8,7 @@ from dataclasses import dataclass
 from typing import Any, Callable
 
 import numpy as np
+import torch
 
 from latentd.vae.codec import Codec
 from latentd.vae.latent_ops import pack_latents
@@ -79,7 +80,7 @@ class Job:
     """One image (encode: uint8 [H, W, 3]) or latent (decode: wire.DecodeItem) on its way through a
     batch; `finish(codec, output)` turns its model output into plain arrays where the batch runs; the
     batch stamps its compute window on it for the request's log line. `watch` says when nobody
-    wants it any more (see predict); `priority` is its request's, the batcher queue it waits in."""
+    wants it any more (see compute); `priority` is its request's, the batcher queue it waits in."""
 
     data: Any
     finish: Callable[[Codec, Any], Any] | None = None
@@ -89,10 +90,37 @@ class Job:
     finished: float = 0.0
 
 
-def predict(codec: Codec, key: BatchKey, jobs: list[Job], running: Callable[[], None] | None = None) -> list[Any]:
-    """One batch of one key through the codec: posteriors for encode, float images for decode, each
-    passed through its job's `finish`. Between model calls and tiles the batch stops when none of its
-    jobs is wanted any more, or when `running()` raises (the server is stopping)."""
+@dataclass
+class Prepared:
+    """A job with its data as the model call takes it (see `prepare`)."""
+
+    job: Job
+    data: Any
+
+
+def prepare(codec: Codec, key: BatchKey, jobs: list[Job]) -> list[Prepared]:
+    """The host work before a batch's model call, which may run while another batch computes: latents
+    unscaled; on a GPU, uint8 [H, W, 3] images made contiguous uint8 [3, H, W] tensors, the layout the
+    model takes, so that only that copy's bytes cross to the device (the codec converts them there
+    when it can). On a CPU images stay as they are: the codec converts them in one pass."""
+    on_gpu = codec.placement.device.type != "cpu"
+    return [Prepared(job, _model_input(codec, key, job.data, on_gpu)) for job in jobs]
+
+
+def _model_input(codec: Codec, key: BatchKey, data: Any, on_gpu: bool) -> Any:
+    if key.op == DECODE:
+        return codec.unscale(data.latents) if data.scaled else data.latents
+    if on_gpu and isinstance(data, np.ndarray) and data.dtype == np.uint8 and data.ndim == 3 and data.shape[2] == 3:
+        return torch.from_numpy(np.ascontiguousarray(data)).permute(2, 0, 1).contiguous()
+    return data
+
+
+def compute(codec: Codec, key: BatchKey, batch: list[Prepared], running: Callable[[], None] | None = None) -> list[Any]:
+    """A prepared batch through the model: posteriors for encode, float images for decode. Between
+    model calls and tiles the batch stops when none of its jobs is wanted any more, or when
+    `running()` raises (the server is stopping)."""
+    jobs = [item.job for item in batch]
+
     def check() -> None:
         if running is not None:
             running()
@@ -102,25 +130,38 @@ def predict(codec: Codec, key: BatchKey, jobs: list[Job], running: Callable[[], 
 
     with stoppable(check):
         check()  # before the batch's images are even converted
-        return _predict(codec, key, jobs)
-
-
-def _predict(codec: Codec, key: BatchKey, jobs: list[Job]) -> list[Any]:
-    op, tiling = key.op, key.tiling
-    started = time.monotonic()
-    if op == ENCODE:
-        outputs = codec.posterior([job.data for job in jobs], tiling=tiling, refine=key.refine)
-    elif op == DECODE:
-        latents = [codec.unscale(job.data.latents) if job.data.scaled else job.data.latents for job in jobs]
-        outputs = codec.decode(latents, scaled=False, output="tensor", tiling=tiling,
-                               sizes=[job.data.size for job in jobs])
-    else:
-        raise ValueError(f"unknown operation {op!r}")
-    outputs = [job.finish(codec, output) if job.finish else output for job, output in zip(jobs, outputs)]
-    finished = time.monotonic()
+        started = time.monotonic()
+        outputs = _model_call(codec, key, batch)
+        finished = time.monotonic()
     for job in jobs:
         job.started, job.finished = started, finished
     return outputs
+
+
+def _model_call(codec: Codec, key: BatchKey, batch: list[Prepared]) -> list[Any]:
+    if key.op == ENCODE:
+        return codec.posterior([item.data for item in batch], tiling=key.tiling, refine=key.refine)
+    if key.op == DECODE:
+        return codec.decode([item.data for item in batch], scaled=False, output="tensor", tiling=key.tiling,
+                            sizes=[item.job.data.size for item in batch])
+    raise ValueError(f"unknown operation {key.op!r}")
+
+
+def finish(codec: Codec, key: BatchKey, jobs: list[Job], outputs: list[Any]) -> list[Any]:
+    """The host work after a batch's model call: each output through its job's `finish` (an error
+    fails that job alone)."""
+    results: list[Any] = []
+    for job, output in zip(jobs, outputs, strict=True):
+        try:
+            results.append(job.finish(codec, output) if job.finish else output)
+        except Exception as exc:  # noqa: BLE001 - that job's answer; its neighbours go on
+            results.append(exc)
+    return results
+
+
+def predict(codec: Codec, key: BatchKey, jobs: list[Job], running: Callable[[], None] | None = None) -> list[Any]:
+    """A batch's three stages in one call: `prepare`, `compute`, `finish`."""
+    return finish(codec, key, jobs, compute(codec, key, prepare(codec, key, jobs), running=running))
 
 
 def warm_up(codec: Codec) -> None:

@@ -1,4 +1,4 @@
-"""Prometheus metrics of one server: requests, queue and compute time, batch sizes, items, queue depth, load time."""
+"""Prometheus metrics of one server: requests, queue and compute time, batches, items, queue depth, load, device use."""
 
 from __future__ import annotations
 
@@ -7,6 +7,7 @@ from typing import Callable
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, ProcessCollector
 
 from .batcher import INTERACTIVE, PRIORITIES, BatchStats
+from .device_stats import ComputeCollector, ComputeMonitor
 
 _SECONDS = (0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0)
 
@@ -52,6 +53,10 @@ class ServerMetrics:
         """`depth_of(priority)`: items of that priority waiting for a batch."""
         for priority in PRIORITIES:
             self.queue_depth.labels(model, priority).set_function(lambda priority=priority: depth_of(priority))
+
+    def track_compute(self, monitors: Callable[[], list[ComputeMonitor]]) -> None:
+        """Busy time per model and device memory, read from `monitors()` at each scrape (device_stats.py)."""
+        self.registry.register(ComputeCollector(monitors))
 
     def track_held_bytes(self, held: Callable[[], int]) -> None:
         self.held_bytes.set_function(held)

@@ -99,10 +99,10 @@ class LatentdServicer(pb_grpc.LatentdServicer):
                 job.watch.abandoned = True  # a batch already computing stops at its next chunk
             log.note_jobs([job for job in jobs if job.finished], submitted)
 
-    async def _compute(self, fn: Callable[[], Any], deadline: float | None) -> Any:
-        """fn() on the pool's wide compute lane, where torch work outside batches runs (see ModelPool).
-        It stops between its chunks (model calls, tiles) once the caller leaves, its deadline passes
-        or the server stops."""
+    async def _compute(self, fn: Callable[[], Any], deadline: float | None, served: ServedModel) -> Any:
+        """fn() on the pool's wide compute lane, where torch work outside batches runs (see ModelPool),
+        counted as `served`'s compute. It stops between its chunks (model calls, tiles) once the caller
+        leaves, its deadline passes or the server stops."""
         watch = Watch(deadline)
 
         def check() -> None:
@@ -114,7 +114,7 @@ class LatentdServicer(pb_grpc.LatentdServicer):
                 check()
                 return fn()
         try:
-            return await asyncio.wrap_future(self.pool.submit(work))
+            return await asyncio.wrap_future(self.pool.submit(work, model=served.name))
         finally:
             watch.abandoned = True
 
@@ -355,7 +355,7 @@ class LatentdServicer(pb_grpc.LatentdServicer):
             def work():
                 frames = served.codec.interpolate(a, b, steps=steps, method=method, output="tensor")
                 return [wire.image_array(frame, output) for frame in frames]
-            arrays = await self._compute(work, deadline)
+            arrays = await self._compute(work, deadline, served)
             return pb.ImagesResponse(model=served.name, images=await self._image_messages(arrays, output))
         return await self._observed("Interpolate", "", handle)
 
@@ -375,7 +375,7 @@ class LatentdServicer(pb_grpc.LatentdServicer):
                                                    output="tensor")
                 return [wire.image_array(image, output) for image in images]
             async with self.budget.hold(cost.held_bytes):
-                arrays = await self._compute(work, deadline)
+                arrays = await self._compute(work, deadline, served)
                 return self._fits(pb.ImagesResponse(model=served.name,
                                                     images=await self._image_messages(arrays, output)), "count")
         return await self._observed("SamplePrior", "", handle)
@@ -391,7 +391,7 @@ class LatentdServicer(pb_grpc.LatentdServicer):
             cost = costs.anomaly_cost(request, served.codec, self.settings)
             async with self.budget.hold(cost.held_bytes):
                 images = await self._off_loop(lambda: self._read_images(request.images), _has_files(request.images))
-                scores = await self._compute(lambda: served.codec.anomaly_score(images), deadline)
+                scores = await self._compute(lambda: served.codec.anomaly_score(images), deadline, served)
             return pb.AnomalyScoreResponse(model=served.name,
                                            scores=[pb.Score(mse=s.mse, psnr=s.psnr) for s in scores])
         return await self._observed("AnomalyScore", "", handle)

@@ -53,6 +53,10 @@ class ServerSettings:
     # Small images use threads better side by side; a lone batch gets every thread.
     cpu_compute_lanes: int = setting(2, "on a CPU, batches of small images that meet run side by side on this "
                                         "many lanes, each with an equal share of the threads; 1: one at a time")
+    # A device idles while its one lane's batch converts inputs and outputs; a CPU computes with the same cores.
+    overlap: str = setting("auto", "run a batch's host work (input and output conversion) beside another batch's "
+                                   "model call, on two workers per model", default_text="auto: on a GPU",
+                           choices=("auto", "on", "off"))
     queue_limit: int = setting(256, "images waiting per model (beyond the batches its workers hold); then "
                                     "RESOURCE_EXHAUSTED, and a request with more images is INVALID_ARGUMENT")
     stream_window: int = setting(16, "requests of one stream in flight (or answered but not yet read)")
@@ -102,6 +106,7 @@ class ServerSettings:
             ("busy_batch_delay_ms", self.busy_batch_delay_ms >= 0, "must be >= 0"),
             ("max_batch_pixels", self.max_batch_pixels is None or self.max_batch_pixels >= 0, "must be >= 0"),
             ("cpu_compute_lanes", self.cpu_compute_lanes >= 1, "must be at least 1"),
+            ("overlap", self.overlap in ("auto", "on", "off"), "must be auto, on or off"),
             ("queue_limit", self.queue_limit >= 1, "must be at least 1"),
             ("stream_window", self.stream_window >= 1, "must be at least 1"),
             ("max_message_mb", self.max_message_mb >= 1, "must be at least 1"),

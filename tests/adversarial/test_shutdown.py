@@ -24,9 +24,11 @@ LONG_WORK = {
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("rpc", sorted(LONG_WORK))
-def test_sigterm_exits_within_grace_while_long_work_runs(model_dirs, rpc):
-    extra = ("--grace-s", str(GRACE_S), "--max-request-pixels", str(10**12), "--max-message-mb", "1024")
+@pytest.mark.parametrize("rpc, overlap", [(rpc, "auto") for rpc in sorted(LONG_WORK)] + [("Encode", "on")])
+def test_sigterm_exits_within_grace_while_long_work_runs(model_dirs, rpc, overlap):
+    """overlap on: the batcher's two pipelined workers (a GPU's default) stop as cleanly."""
+    extra = ("--grace-s", str(GRACE_S), "--max-request-pixels", str(10**12), "--max-message-mb", "1024",
+             "--overlap", overlap)
     with ServerProcess.latentd("tiny", model_dirs["tiny"], 8, extra) as server:
         with grpc.insecure_channel(server.target) as channel, ThreadPoolExecutor(1) as pool:
             call = pool.submit(getattr(pb_grpc.LatentdStub(channel), rpc), LONG_WORK[rpc], timeout=600)

@@ -162,6 +162,13 @@ def test_health_reflection_and_metrics(start_server):
     assert re.search(r'latentd_model_load_seconds\{model="tiny"\} [0-9.e-]+', text)
     assert 'latentd_queue_depth{model="tiny",priority="interactive"} 0.0' in text
     assert 'latentd_queue_depth{model="tiny",priority="bulk"} 0.0' in text
+    # The compute stage's busy time per model and device (warm-up and the encode: above zero); on a CPU
+    # no device memory gauges, the process's resident memory instead.
+    busy = re.search(r'latentd_compute_busy_seconds_total\{device="cpu",model="tiny"\} ([0-9.e-]+)', text)
+    assert busy and float(busy.group(1)) > 0
+    assert re.search(r'latentd_compute_busy_fraction\{device="cpu",model="fast"\} [0-9.e-]+', text)
+    assert re.search(r'latentd_model_weights_bytes\{device="cpu",model="tiny"\} [1-9][0-9.e+]*', text)
+    assert "latentd_device_memory_used_bytes" not in text and "process_resident_memory_bytes" in text
 
 
 def test_bearer_tokens(start_server):

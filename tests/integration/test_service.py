@@ -285,3 +285,39 @@ def test_batches_that_meet_run_side_by_side_on_narrow_lanes(start_server, monkey
     for image, response in zip(images, responses):
         np.testing.assert_allclose(from_tensor(response.items[0].latents, "latents"),
                                    harness.codec().encode(image).numpy(), rtol=1e-5, atol=1e-5)
+
+
+def test_with_overlap_only_the_model_call_runs_on_the_lane_and_results_are_unchanged(start_server, monkeypatch):
+    """overlap=on (a GPU's default): conversions run on the batcher's workers, beside other batches'
+    model calls; the answers stay the in-process codec's, bit for bit."""
+    threads: dict[str, set[str]] = {}
+
+    def recorded(owner, name):
+        original = getattr(owner, name)
+
+        def wrapper(*args, **kwargs):
+            threads.setdefault(name, set()).add(threading.current_thread().name)
+            return original(*args, **kwargs)
+        monkeypatch.setattr(owner, name, wrapper)
+
+    harness = start_server(overlap="on", max_batch_delay_ms=300)
+    for name in ("posterior", "decode", "unscale"):  # recorded from here: the warm-up ran on the lane
+        recorded(Codec, name)
+    for name in ("latents_array", "image_array"):
+        recorded(wire, name)
+    images = [smooth_image(40, 56, seed=1), smooth_image(40, 56, seed=2), smooth_image(33, 17, seed=3)]
+    response = harness.stub.Encode(encode_request(images), timeout=30)
+    decoded = harness.stub.Decode(pb.DecodeRequest(
+        items=[pb.Latents(latents=item.latents, height=item.height, width=item.width) for item in response.items],
+        options=pb.DecodeOptions(format=pb.RAW_UINT8)), timeout=30)
+    assert threads["posterior"] == threads["decode"] == {"latentd-compute"}
+    for name in ("unscale", "latents_array", "image_array"):
+        assert threads[name] and all(thread.startswith("batcher-tiny") for thread in threads[name]), (name, threads)
+    monkeypatch.undo()
+    codec = harness.codec()
+    for item, expected in zip(response.items, codec.encode(images)):
+        assert torch.equal(torch.from_numpy(from_tensor(item.latents, "latents")), expected)
+    latents = [torch.from_numpy(from_tensor(item.latents, "x")) for item in response.items]
+    expected = codec.decode(latents, sizes=[image.shape[:2] for image in images])
+    for out, image in zip(decoded.images, expected):
+        assert np.array_equal(from_tensor(out.pixels, "pixels"), image)

@@ -178,3 +178,16 @@ def test_compile_from_flag_and_environment_reaches_the_codec_options(monkeypatch
     finally:
         pool.stop()
     assert [options.compile for options in seen] == ["default"]
+
+
+def test_overlap_from_flag_and_environment_and_what_auto_means():
+    from latentd.server.models import overlaps
+
+    assert load_settings(environ={}).overlap == "auto"
+    assert settings_from_args(build_parser().parse_args(["serve", "--overlap", "on"]), environ={}).overlap == "on"
+    assert load_settings(environ={"LATENTD_OVERLAP": "off"}).overlap == "off"
+    with pytest.raises(InvalidInputError) as raised:
+        load_settings(environ={"LATENTD_OVERLAP": "maybe"})
+    assert raised.value.field == "overlap" and "auto, on or off" in str(raised.value)
+    assert overlaps("auto", "cuda") and not overlaps("auto", "cpu")
+    assert overlaps("on", "cpu") and not overlaps("off", "cuda")
