@@ -1,8 +1,9 @@
-"""Latent storage formats: float16, bfloat16, q8 (8-bit per-channel affine), and q8 predicted and zstd-packed."""
+"""Latent storage formats: float16, bfloat16, q8 (8-bit per-channel affine), q8 predicted and zstd-packed, and entropy-coded."""
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field, replace
+from typing import Any
 
 import numpy as np
 
@@ -20,6 +21,15 @@ class LatentFormat:
     # latents it takes zstd from 0.425 to 0.347 bpp, because neighbouring latents are correlated and
     # zstd's byte matching does not see it.
     predictor: str = "none"
+    # Quantised in uniform per-channel steps and ANS-coded with a trained model (entropy_coder.py);
+    # `coder` (an EntropyCoder: the model and the step) is bound with `entropy_format`.
+    entropy: bool = False
+    coder: Any = field(default=None, compare=False, repr=False)
+
+    @property
+    def label(self) -> str:
+        """The format and, for entropy, its step: `entropy@0.5`."""
+        return f"{self.name}@{self.coder.step:g}" if self.coder is not None else self.name
 
 
 # The one table of storage formats.
@@ -28,6 +38,7 @@ FORMATS: tuple[LatentFormat, ...] = (
     LatentFormat("bfloat16", 16),
     LatentFormat("q8", 8, quantized=True),
     LatentFormat("q8-zstd", 8, quantized=True, zstd=True, predictor="med"),
+    LatentFormat("entropy", 0, entropy=True),  # bits: as many as the model needs
 )
 FORMAT_NAMES = tuple(f.name for f in FORMATS)
 ZSTD_LEVEL = 19  # latents are small; the slowest levels still run far faster than the model
@@ -38,6 +49,17 @@ def get_format(name: str) -> LatentFormat:
         if fmt.name == name:
             return fmt
     raise ValueError(f"unknown latent format {name!r} (known: {', '.join(FORMAT_NAMES)})")
+
+
+def entropy_format(coder: Any) -> LatentFormat:
+    """The `entropy` format bound to an EntropyCoder (a model and a step)."""
+    return replace(get_format("entropy"), coder=coder)
+
+
+def _coder(fmt: LatentFormat) -> Any:
+    if fmt.coder is None:
+        raise ValueError("the entropy format needs its entropy model (entropy_format(EntropyCoder(model, step)))")
+    return fmt.coder
 
 
 @dataclass
@@ -106,6 +128,8 @@ def store(latents: np.ndarray, fmt: LatentFormat) -> Stored:
         return Stored(latents.astype(np.float16))
     if fmt.name == "bfloat16":
         return Stored(_to_bfloat16_bits(latents.astype(np.float32)).view(np.uint16))
+    if fmt.entropy:
+        return Stored(np.frombuffer(_coder(fmt).encode(latents), np.uint8).copy())
     codes, scale, offset = quantize_q8(latents)
     if fmt.zstd:
         import zstandard
@@ -122,6 +146,8 @@ def load(stored: Stored, fmt: LatentFormat, shape: tuple[int, ...]) -> np.ndarra
         return stored.data.astype(np.float32)
     if fmt.name == "bfloat16":
         return (stored.data.astype(np.uint32) << 16).view(np.float32).reshape(shape)
+    if fmt.entropy:
+        return _coder(fmt).decode(np.ascontiguousarray(stored.data, np.uint8).tobytes(), tuple(shape))
     codes = stored.data
     if fmt.zstd:
         import zstandard

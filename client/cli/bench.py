@@ -185,7 +185,7 @@ def _add_reader_parser(kinds) -> None:
     reader.add_argument("--side", type=int, default=64, help="latent side, 64 for 512x512 images (default: 64)")
     from latentd.archive.quantize import FORMAT_NAMES
 
-    reader.add_argument("--format", choices=FORMAT_NAMES, default="float16",
+    reader.add_argument("--format", choices=[n for n in FORMAT_NAMES if n != "entropy"], default="float16",
                         help="the archive's latent format (default: float16)")
     reader.add_argument("--batch-size", type=int, default=32, help="DataLoader batch size (default: 32)")
     reader.add_argument("--workers", type=int, nargs="+", default=[0, 2], help="DataLoader workers (default: 0 2)")

@@ -193,7 +193,7 @@ def test_q8_error_is_within_half_a_step_per_channel():
     assert (error <= scale[:, None, None] / 2 + 1e-6).all()
     constant = np.full((4, 2, 2), 0.5, np.float32)
     np.testing.assert_array_equal(dequantize_q8(*quantize_q8(constant)), constant)
-    for fmt in FORMATS:
+    for fmt in (f for f in FORMATS if not f.entropy):  # entropy needs a model: tests/archive/test_entropy.py
         stored = store(latents, fmt)
         back = load(stored, fmt, latents.shape)
         assert back.shape == latents.shape and np.isfinite(back).all()

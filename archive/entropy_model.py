@@ -1,0 +1,269 @@
+"""The `entropy` format's probability model: per-channel integer histograms of latents, trained, saved and loaded.
+
+The model is a fine histogram per channel (FINE bins per channel standard deviation, integer counts).
+A step of k fine bins gives each channel its coarse table by summing fine counts, Laplace smoothing
+and scaling to 2**PRECISION in integer arithmetic only, so every machine derives the same tables from
+the same file; its digest (SHA-256 of config and tables) is what an archive records.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Iterable
+
+import numpy as np
+
+FINE = 64  # fine histogram bins per channel standard deviation
+SPAN = 16  # the fine histogram covers mean +- SPAN standard deviations; values beyond it are counted as escapes
+PRECISION = 24  # bits of the coder's fixed-point probabilities (constriction's ANS coder)
+MARGIN = 2  # coarse symbols kept beyond the outermost ones seen in training, before escaping
+DEFAULT_STEP = 0.5  # quantisation step in channel standard deviations (docs/compression.md: the RD curve)
+CONFIG_FILE = "config.json"
+TABLES_FILE = "tables.safetensors"
+KIND = "factorized"
+
+
+@dataclass(frozen=True)
+class EntropyModelConfig:
+    """What the tables belong to: the VAE and its latent scaling, and how they were trained."""
+
+    vae: str
+    scaling_factor: float
+    shift_factor: float
+    channels: int
+    fine: int = FINE
+    span: int = SPAN
+    default_step: float = DEFAULT_STEP
+    kind: str = KIND
+    images: int = 0
+    sources: tuple[str, ...] = ()
+
+    def check(self) -> None:
+        if self.kind != KIND:
+            raise ValueError(f"entropy model kind {self.kind!r} is not {KIND!r}")
+        if not (isinstance(self.channels, int) and 0 < self.channels <= 4096):
+            raise ValueError(f"entropy model channels {self.channels!r} is not 1..4096")
+        if not (isinstance(self.fine, int) and 1 <= self.fine <= 1024 and isinstance(self.span, int)
+                and 1 <= self.span <= 1024):
+            raise ValueError("entropy model fine and span must be integers in 1..1024")
+        if not (isinstance(self.default_step, (int, float)) and self.default_step > 0):
+            raise ValueError(f"entropy model default_step {self.default_step!r} is not positive")
+
+
+@dataclass
+class EntropyModel:
+    """mean, std: float32 [C] of the training latents; counts: int64 [C, 2 * span * fine + 1], fine bin i
+    (from -span * fine) counting latents within half a bin of mean + i * std / fine; outside: int64 [C],
+    latents beyond the histogram."""
+
+    config: EntropyModelConfig
+    mean: np.ndarray
+    std: np.ndarray
+    counts: np.ndarray
+    outside: np.ndarray
+    _tables: dict[int, "CoarseTables"] = field(default_factory=dict, repr=False)
+
+    def __post_init__(self) -> None:
+        self.config.check()
+        c, bins = self.config.channels, 2 * self.config.span * self.config.fine + 1
+        self.mean = np.asarray(self.mean, np.float32).reshape(-1)
+        self.std = np.asarray(self.std, np.float32).reshape(-1)
+        self.counts = np.asarray(self.counts, np.int64)
+        self.outside = np.asarray(self.outside, np.int64).reshape(-1)
+        if self.mean.shape != (c,) or self.std.shape != (c,) or self.outside.shape != (c,) \
+                or self.counts.shape != (c, bins):
+            raise ValueError(f"entropy model tables do not match {c} channels of {bins} bins")
+        if not (np.isfinite(self.mean).all() and np.isfinite(self.std).all() and (self.std > 0).all()):
+            raise ValueError("entropy model mean and std must be finite, std positive")
+        if (self.counts < 0).any() or (self.outside < 0).any() or self.counts.sum() + self.outside.sum() > 1 << 52:
+            raise ValueError("entropy model counts must be non-negative and at most 2**52 in all")
+
+    @property
+    def digest(self) -> str:
+        """SHA-256 of the config and the tables (little-endian bytes): which model wrote a stream."""
+        digest = hashlib.sha256(json.dumps(asdict(self.config), sort_keys=True).encode())
+        for array, dtype in ((self.mean, "<f4"), (self.std, "<f4"), (self.counts, "<i8"), (self.outside, "<i8")):
+            digest.update(np.ascontiguousarray(array, dtype).tobytes())
+        return digest.hexdigest()
+
+    def step_bins(self, step: float) -> int:
+        """A step in channel standard deviations as a whole number of fine bins (at least one)."""
+        if not (isinstance(step, (int, float)) and np.isfinite(step) and step > 0):
+            raise ValueError(f"entropy step {step!r} is not a positive number")
+        bins = int(round(step * self.config.fine))
+        if not 1 <= bins <= 65535:
+            raise ValueError(f"entropy step {step:g} is {bins} bins of 1/{self.config.fine} std, not 1..65535")
+        return bins
+
+    def tables(self, bins: int) -> "CoarseTables":
+        if bins not in self._tables:
+            self._tables[bins] = coarse_tables(self, bins)
+        return self._tables[bins]
+
+    def save(self, folder: str | os.PathLike) -> Path:
+        from safetensors.numpy import save_file
+
+        from latentd.vae.fileio import follow_umask, write_atomic
+
+        out = Path(folder)
+        out.mkdir(parents=True, exist_ok=True)
+        temp = out / (TABLES_FILE + ".tmp")
+        save_file({"mean": self.mean, "std": self.std, "counts": self.counts, "outside": self.outside}, str(temp))
+        follow_umask(temp)
+        os.replace(temp, out / TABLES_FILE)
+        config = {**asdict(self.config), "sources": list(self.config.sources), "digest": self.digest}
+        write_atomic(out / CONFIG_FILE, (json.dumps(config, indent=2) + "\n").encode())
+        return out
+
+
+def load_entropy_model(folder: str | os.PathLike) -> EntropyModel:
+    """An entropy model folder (config.json + tables.safetensors); ValueError naming what is wrong."""
+    from safetensors import SafetensorError
+    from safetensors.numpy import load_file
+
+    path = Path(folder)
+    try:
+        raw = json.loads((path / CONFIG_FILE).read_text())
+        tables = load_file(str(path / TABLES_FILE))
+    except FileNotFoundError as exc:
+        raise ValueError(f"{path}: not an entropy model ({exc.filename} missing)") from None
+    except (OSError, ValueError, SafetensorError) as exc:
+        raise ValueError(f"{path}: unreadable entropy model ({exc})") from None
+    if not isinstance(raw, dict):
+        raise ValueError(f"{path / CONFIG_FILE}: not a JSON object")
+    raw.pop("digest", None)
+    known = set(EntropyModelConfig.__dataclass_fields__)
+    if unknown := sorted(set(raw) - known):
+        raise ValueError(f"{path / CONFIG_FILE}: unknown fields {', '.join(unknown)}")
+    try:
+        config = EntropyModelConfig(**{**raw, "sources": tuple(raw.get("sources", ()))})
+        return EntropyModel(config, **{name: tables[name] for name in ("mean", "std", "counts", "outside")})
+    except (TypeError, KeyError, ValueError) as exc:
+        raise ValueError(f"{path}: not a usable entropy model ({exc})") from None
+
+
+def packaged_entropy_model(vae: str) -> Path | None:
+    """The entropy model shipped next to a packaged VAE (`weights/<name>/entropy/`), if any."""
+    from latentd.vae.registry import get_spec, is_registered
+
+    if not is_registered(vae):
+        return None
+    weights = get_spec(vae).packaged_path()
+    folder = weights / "entropy" if weights else None
+    return folder if folder and (folder / CONFIG_FILE).is_file() else None
+
+
+@dataclass(frozen=True)
+class CoarseTables:
+    """Per channel: the lowest coarse symbol `low[c]`, and `weights[c]` (int64) of the symbols
+    low..low + n - 2 then the escape, summing to 2**PRECISION, each at least 1."""
+
+    bins: int
+    low: tuple[int, ...]
+    weights: tuple[np.ndarray, ...]
+
+    def probabilities(self, channel: int) -> np.ndarray:
+        """Exact float64 (integers over a power of two) for the coder."""
+        return self.weights[channel].astype(np.float64) / float(1 << PRECISION)
+
+
+def coarse_index(fine_index: np.ndarray, bins: int) -> np.ndarray:
+    """The coarse symbol a fine bin falls in: round(i / bins), halves up, in integers."""
+    return np.floor_divide(2 * fine_index + bins, 2 * bins)
+
+
+def normalise(weights: np.ndarray, total: int = 1 << PRECISION) -> np.ndarray:
+    """Positive integer weights scaled to sum to `total` exactly, each at least 1, integers only."""
+    weights = np.asarray(weights, np.int64)
+    n, whole = len(weights), int(weights.sum())
+    if n > total // 2:
+        raise ValueError(f"{n} symbols do not fit {total} probability units")
+    scaled = 1 + (weights * (total - n)) // whole  # callers keep weights below 2**36, so no int64 overflow
+    scaled[int(np.argmax(weights))] += total - int(scaled.sum())
+    return scaled
+
+
+def coarse_tables(model: EntropyModel, bins: int) -> CoarseTables:
+    span = model.config.span * model.config.fine
+    fine_index = np.arange(-span, span + 1, dtype=np.int64)
+    coarse = coarse_index(fine_index, bins)
+    lows, weights = [], []
+    for channel in range(model.config.channels):
+        counts = model.counts[channel]
+        seen = np.nonzero(counts)[0]
+        first, last = (coarse[seen[0]], coarse[seen[-1]]) if len(seen) else (0, 0)
+        low, high = max(first - MARGIN, coarse[0]), min(last + MARGIN, coarse[-1])
+        summed = np.zeros(high - low + 1, np.int64)
+        inside = (coarse >= low) & (coarse <= high)
+        np.add.at(summed, coarse[inside] - low, counts[inside])
+        beyond = int(counts[~inside].sum()) + int(model.outside[channel])
+        smoothed = np.append(summed, beyond) + 1  # Laplace: every symbol and the escape stay codable
+        # Scaled down first so that weights * total stays far inside int64.
+        shift = max(0, int(smoothed.sum()).bit_length() - 36)
+        lows.append(int(low))
+        weights.append(normalise(np.maximum(smoothed >> shift, 1)))
+    return CoarseTables(bins, tuple(lows), tuple(weights))
+
+
+class HistogramTrainer:
+    """Accumulates fine histograms of latents [C, h, w] (already diffusers-scaled): mean and std from a
+    first pass (`observe`), counts from a second (`count`)."""
+
+    def __init__(self, channels: int) -> None:
+        self.channels = channels
+        self._sum = np.zeros(channels, np.float64)
+        self._squares = np.zeros(channels, np.float64)
+        self._n = 0
+        self.mean: np.ndarray | None = None
+        self.std: np.ndarray | None = None
+        self.counts = np.zeros((channels, 2 * SPAN * FINE + 1), np.int64)
+        self.outside = np.zeros(channels, np.int64)
+
+    def observe(self, latents: np.ndarray) -> None:
+        flat = self._flat(latents).astype(np.float64)
+        self._sum += flat.sum(axis=1)
+        self._squares += (flat ** 2).sum(axis=1)
+        self._n += flat.shape[1]
+
+    def settle(self) -> None:
+        if not self._n:
+            raise ValueError("no latents to train on")
+        mean = self._sum / self._n
+        self.mean = mean.astype(np.float32)
+        self.std = np.sqrt(np.maximum(self._squares / self._n - mean ** 2, 1e-12)).astype(np.float32)
+
+    def count(self, latents: np.ndarray) -> None:
+        flat = self._flat(latents)
+        index = np.rint((flat - self.mean[:, None]) / self.std[:, None] * FINE)
+        for channel in range(self.channels):
+            row = index[channel]
+            inside = np.abs(row) <= SPAN * FINE
+            self.counts[channel] += np.bincount(row[inside].astype(np.int64) + SPAN * FINE,
+                                                minlength=self.counts.shape[1])
+            self.outside[channel] += int((~inside).sum())
+
+    def _flat(self, latents: np.ndarray) -> np.ndarray:
+        latents = np.asarray(latents, np.float32)
+        if latents.ndim != 3 or latents.shape[0] != self.channels:
+            raise ValueError(f"latents of shape {latents.shape}, expected [{self.channels}, h, w]")
+        if not np.isfinite(latents).all():
+            raise ValueError("latents hold values that are not finite")
+        return latents.reshape(self.channels, -1)
+
+    def model(self, config: EntropyModelConfig) -> EntropyModel:
+        return EntropyModel(config, self.mean, self.std, self.counts.copy(), self.outside.copy())
+
+
+def train_model(latents: Iterable[np.ndarray], config: EntropyModelConfig) -> EntropyModel:
+    """Two passes over a re-iterable collection of latents."""
+    trainer = HistogramTrainer(config.channels)
+    for array in latents:
+        trainer.observe(array)
+    trainer.settle()
+    for array in latents:
+        trainer.count(array)
+    return trainer.model(config)
