@@ -41,7 +41,7 @@ class EntropyCoder:
 
     def steps(self, bins: int) -> np.ndarray:
         """float32 [C]: each channel's step for a step of `bins` fine bins."""
-        return (np.float32(bins) * self.model.std / np.float32(self.model.config.fine)).astype(np.float32)
+        return (np.float32(bins) * self.model.unit / np.float32(self.model.config.fine)).astype(np.float32)
 
     def quantize(self, latents: np.ndarray) -> np.ndarray:
         """int32 [C, h, w] symbols: latents in steps from each channel's mean, rounded."""

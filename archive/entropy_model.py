@@ -1,9 +1,13 @@
 """The `entropy` format's probability model: per-channel integer histograms of latents, trained, saved and loaded.
 
-The model is a fine histogram per channel (FINE bins per channel standard deviation, integer counts).
-A step of k fine bins gives each channel its coarse table by summing fine counts, Laplace smoothing
-and scaling to 2**PRECISION in integer arithmetic only, so every machine derives the same tables from
-the same file; its digest (SHA-256 of config and tables) is what an archive records.
+Each channel has a step unit: the decoder's image error grows with a channel's quantisation noise at
+its own rate (`sensitivity`), so at equal rate the error is least with steps in proportion to
+1 / sqrt(sensitivity) (high-rate theory); the unit is that, scaled to the channels' standard deviations
+(without a measured sensitivity, the standard deviation itself). The model is a fine histogram per
+channel (FINE bins per unit, integer counts). A step of S units is k = round(S * FINE) fine bins for
+every channel; each channel's coarse table sums fine counts, Laplace smooths and scales to 2**PRECISION
+in integer arithmetic only, so every machine derives the same tables from the same file; its digest
+(SHA-256 of config and tables) is what an archive records.
 """
 
 from __future__ import annotations
@@ -17,11 +21,12 @@ from typing import Iterable
 
 import numpy as np
 
-FINE = 64  # fine histogram bins per channel standard deviation
-SPAN = 16  # the fine histogram covers mean +- SPAN standard deviations; values beyond it are counted as escapes
+FINE = 64  # fine histogram bins per step unit
+SPAN = 32  # the fine histogram covers mean +- SPAN units; values beyond it are counted as escapes
+UNIT_RANGE = 8.0  # a channel's unit stays within its standard deviation times or over this
 PRECISION = 24  # bits of the coder's fixed-point probabilities (constriction's ANS coder)
 MARGIN = 2  # coarse symbols kept beyond the outermost ones seen in training, before escaping
-DEFAULT_STEP = 0.5  # quantisation step in channel standard deviations (docs/compression.md: the RD curve)
+DEFAULT_STEP = 0.5  # quantisation step in units (docs/compression.md: the RD curve)
 CONFIG_FILE = "config.json"
 TABLES_FILE = "tables.safetensors"
 KIND = "factorized"
@@ -56,13 +61,14 @@ class EntropyModelConfig:
 
 @dataclass
 class EntropyModel:
-    """mean, std: float32 [C] of the training latents; counts: int64 [C, 2 * span * fine + 1], fine bin i
-    (from -span * fine) counting latents within half a bin of mean + i * std / fine; outside: int64 [C],
-    latents beyond the histogram."""
+    """mean, std: float32 [C] of the training latents; unit: float32 [C], each channel's step unit;
+    counts: int64 [C, 2 * span * fine + 1], fine bin i (from -span * fine) counting latents within half a
+    bin of mean + i * unit / fine; outside: int64 [C], latents beyond the histogram."""
 
     config: EntropyModelConfig
     mean: np.ndarray
     std: np.ndarray
+    unit: np.ndarray
     counts: np.ndarray
     outside: np.ndarray
     _tables: dict[int, "CoarseTables"] = field(default_factory=dict, repr=False)
@@ -72,13 +78,15 @@ class EntropyModel:
         c, bins = self.config.channels, 2 * self.config.span * self.config.fine + 1
         self.mean = np.asarray(self.mean, np.float32).reshape(-1)
         self.std = np.asarray(self.std, np.float32).reshape(-1)
+        self.unit = np.asarray(self.unit, np.float32).reshape(-1)
         self.counts = np.asarray(self.counts, np.int64)
         self.outside = np.asarray(self.outside, np.int64).reshape(-1)
-        if self.mean.shape != (c,) or self.std.shape != (c,) or self.outside.shape != (c,) \
+        if self.mean.shape != (c,) or self.std.shape != (c,) or self.unit.shape != (c,) or self.outside.shape != (c,) \
                 or self.counts.shape != (c, bins):
             raise ValueError(f"entropy model tables do not match {c} channels of {bins} bins")
-        if not (np.isfinite(self.mean).all() and np.isfinite(self.std).all() and (self.std > 0).all()):
-            raise ValueError("entropy model mean and std must be finite, std positive")
+        if not (np.isfinite(self.mean).all() and np.isfinite(self.std).all() and (self.std > 0).all()
+                and np.isfinite(self.unit).all() and (self.unit > 0).all()):
+            raise ValueError("entropy model mean, std and unit must be finite, std and unit positive")
         if (self.counts < 0).any() or (self.outside < 0).any() or self.counts.sum() + self.outside.sum() > 1 << 52:
             raise ValueError("entropy model counts must be non-negative and at most 2**52 in all")
 
@@ -86,17 +94,18 @@ class EntropyModel:
     def digest(self) -> str:
         """SHA-256 of the config and the tables (little-endian bytes): which model wrote a stream."""
         digest = hashlib.sha256(json.dumps(asdict(self.config), sort_keys=True).encode())
-        for array, dtype in ((self.mean, "<f4"), (self.std, "<f4"), (self.counts, "<i8"), (self.outside, "<i8")):
+        for array, dtype in ((self.mean, "<f4"), (self.std, "<f4"), (self.unit, "<f4"), (self.counts, "<i8"),
+                             (self.outside, "<i8")):
             digest.update(np.ascontiguousarray(array, dtype).tobytes())
         return digest.hexdigest()
 
     def step_bins(self, step: float) -> int:
-        """A step in channel standard deviations as a whole number of fine bins (at least one)."""
+        """A step in units as a whole number of fine bins (at least one)."""
         if not (isinstance(step, (int, float)) and np.isfinite(step) and step > 0):
             raise ValueError(f"entropy step {step!r} is not a positive number")
         bins = int(round(step * self.config.fine))
         if not 1 <= bins <= 65535:
-            raise ValueError(f"entropy step {step:g} is {bins} bins of 1/{self.config.fine} std, not 1..65535")
+            raise ValueError(f"entropy step {step:g} is {bins} bins of 1/{self.config.fine} unit, not 1..65535")
         return bins
 
     def tables(self, bins: int) -> "CoarseTables":
@@ -112,7 +121,8 @@ class EntropyModel:
         out = Path(folder)
         out.mkdir(parents=True, exist_ok=True)
         temp = out / (TABLES_FILE + ".tmp")
-        save_file({"mean": self.mean, "std": self.std, "counts": self.counts, "outside": self.outside}, str(temp))
+        save_file({"mean": self.mean, "std": self.std, "unit": self.unit, "counts": self.counts,
+                   "outside": self.outside}, str(temp))
         follow_umask(temp)
         os.replace(temp, out / TABLES_FILE)
         config = {**asdict(self.config), "sources": list(self.config.sources), "digest": self.digest}
@@ -141,7 +151,7 @@ def load_entropy_model(folder: str | os.PathLike) -> EntropyModel:
         raise ValueError(f"{path / CONFIG_FILE}: unknown fields {', '.join(unknown)}")
     try:
         config = EntropyModelConfig(**{**raw, "sources": tuple(raw.get("sources", ()))})
-        return EntropyModel(config, **{name: tables[name] for name in ("mean", "std", "counts", "outside")})
+        return EntropyModel(config, **{name: tables[name] for name in ("mean", "std", "unit", "counts", "outside")})
     except (TypeError, KeyError, ValueError) as exc:
         raise ValueError(f"{path}: not a usable entropy model ({exc})") from None
 
@@ -209,9 +219,23 @@ def coarse_tables(model: EntropyModel, bins: int) -> CoarseTables:
     return CoarseTables(bins, tuple(lows), tuple(weights))
 
 
+def units(std: np.ndarray, sensitivity: np.ndarray | None) -> np.ndarray:
+    """Step units in proportion to 1 / sqrt(sensitivity), with the geometric mean of the standard deviations
+    (within UNIT_RANGE of each); the standard deviations without a sensitivity."""
+    std = np.asarray(std, np.float64)
+    if sensitivity is None:
+        return std.astype(np.float32)
+    sensitivity = np.asarray(sensitivity, np.float64)
+    if sensitivity.shape != std.shape or not (np.isfinite(sensitivity).all() and (sensitivity > 0).all()):
+        raise ValueError(f"sensitivity {sensitivity.tolist()} is not one positive number per channel")
+    raw = 1 / np.sqrt(sensitivity)
+    unit = raw * np.exp(np.log(std).mean() - np.log(raw).mean())
+    return np.clip(unit, std / UNIT_RANGE, std * UNIT_RANGE).astype(np.float32)
+
+
 class HistogramTrainer:
     """Accumulates fine histograms of latents [C, h, w] (already diffusers-scaled): mean and std from a
-    first pass (`observe`), counts from a second (`count`)."""
+    first pass (`observe`), the units (`settle`), counts from a second (`count`)."""
 
     def __init__(self, channels: int) -> None:
         self.channels = channels
@@ -220,6 +244,7 @@ class HistogramTrainer:
         self._n = 0
         self.mean: np.ndarray | None = None
         self.std: np.ndarray | None = None
+        self.unit: np.ndarray | None = None
         self.counts = np.zeros((channels, 2 * SPAN * FINE + 1), np.int64)
         self.outside = np.zeros(channels, np.int64)
 
@@ -229,16 +254,17 @@ class HistogramTrainer:
         self._squares += (flat ** 2).sum(axis=1)
         self._n += flat.shape[1]
 
-    def settle(self) -> None:
+    def settle(self, sensitivity: np.ndarray | None = None) -> None:
         if not self._n:
             raise ValueError("no latents to train on")
         mean = self._sum / self._n
         self.mean = mean.astype(np.float32)
         self.std = np.sqrt(np.maximum(self._squares / self._n - mean ** 2, 1e-12)).astype(np.float32)
+        self.unit = units(self.std, sensitivity)
 
     def count(self, latents: np.ndarray) -> None:
         flat = self._flat(latents)
-        index = np.rint((flat - self.mean[:, None]) / self.std[:, None] * FINE)
+        index = np.rint((flat - self.mean[:, None]) / self.unit[:, None] * FINE)
         for channel in range(self.channels):
             row = index[channel]
             inside = np.abs(row) <= SPAN * FINE
@@ -255,15 +281,16 @@ class HistogramTrainer:
         return latents.reshape(self.channels, -1)
 
     def model(self, config: EntropyModelConfig) -> EntropyModel:
-        return EntropyModel(config, self.mean, self.std, self.counts.copy(), self.outside.copy())
+        return EntropyModel(config, self.mean, self.std, self.unit, self.counts.copy(), self.outside.copy())
 
 
-def train_model(latents: Iterable[np.ndarray], config: EntropyModelConfig) -> EntropyModel:
-    """Two passes over a re-iterable collection of latents."""
+def train_model(latents: Iterable[np.ndarray], config: EntropyModelConfig,
+                sensitivity: np.ndarray | None = None) -> EntropyModel:
+    """Two passes over a re-iterable collection of latents; `sensitivity` [C]: see `units`."""
     trainer = HistogramTrainer(config.channels)
     for array in latents:
         trainer.observe(array)
-    trainer.settle()
+    trainer.settle(sensitivity)
     for array in latents:
         trainer.count(array)
     return trainer.model(config)

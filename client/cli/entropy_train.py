@@ -24,8 +24,12 @@ def add_parser(subparsers: argparse._SubParsersAction) -> None:
     parser.add_argument("-o", "--output", type=Path, required=True, metavar="DIR",
                         help="entropy model folder to write (the shipped one: vae/weights/<model>/entropy)")
     parser.add_argument("--default-step", type=float, default=DEFAULT_STEP, metavar="S",
-                        help="the step `encode --format entropy` uses unless given --step, in channel standard "
-                             f"deviations (default: {DEFAULT_STEP})")
+                        help="the step `encode --format entropy` uses unless given --step, in units (default: "
+                             f"{DEFAULT_STEP})")
+    parser.add_argument("--sensitivity-images", type=int, default=8, metavar="N",
+                        help="decode the first N images' latents with noise in one channel at a time to set each "
+                             "channel's step unit (docs/compression.md); 0: units are the standard deviations "
+                             "(default: 8)")
     add_model_args(parser)
     add_server_args(parser)
     parser.set_defaults(run=run)
@@ -42,6 +46,8 @@ def run(args: argparse.Namespace) -> int:
 
     if not (np.isfinite(args.default_step) and args.default_step > 0):
         raise CommandError(f"--default-step {args.default_step} is not a positive number", EXIT_USAGE)
+    if args.sensitivity_images < 0:
+        raise CommandError(f"--sensitivity-images {args.sensitivity_images} is negative", EXIT_USAGE)
     if args.output.exists() and not args.output.is_dir():
         raise CommandError(f"{args.output}: exists and is not a folder", EXIT_USAGE)
     files = find_image_files(args.images)
@@ -64,12 +70,21 @@ def run(args: argparse.Namespace) -> int:
                                 shift_factor=float(backend.shift_factor), channels=int(latents[0].shape[0]),
                                 default_step=float(args.default_step), images=len(latents),
                                 sources=tuple(str(p) for p in args.images))
+    sensitivity = None
+    if args.sensitivity_images:
+        from latentd.evaluate.sensitivity import channel_sensitivity
+
+        std = np.concatenate([a.reshape(a.shape[0], -1) for a in latents], axis=1).std(axis=1)
+        sensitivity = channel_sensitivity(backend, latents[:args.sensitivity_images], std)
+        print("channel sensitivity (pixel MSE per unit latent noise variance): "
+              + ", ".join(f"{value:.4g}" for value in sensitivity), file=sys.stderr)
     try:
-        model = train_model(latents, config)
+        model = train_model(latents, config, sensitivity)
     except ValueError as exc:
         raise CommandError(str(exc), EXIT_USAGE) from None
     model.save(args.output)
     values = sum(a.size for a in latents)
-    print(f"trained on {len(latents)} images ({values} latent values) of {backend.name}; digest "
-          f"{model.digest[:16]}; wrote {args.output}")
+    print(f"trained on {len(latents)} images ({values} latent values) of {backend.name}; step units "
+          + ", ".join(f"{u:.4f}" for u in model.unit) + f" (standard deviations "
+          + ", ".join(f"{s:.4f}" for s in model.std) + f"); digest {model.digest[:16]}; wrote {args.output}")
     return EXIT_FAILED if failed else EXIT_OK

@@ -25,7 +25,8 @@ def _latents(seed: int, height: int = 24, width: int = 32) -> np.ndarray:
 
 @pytest.fixture(scope="module")
 def model():
-    return train_model([_latents(seed) for seed in range(8)], EntropyModelConfig("test-vae", 0.5, 0.1, 4))
+    return train_model([_latents(seed) for seed in range(8)], EntropyModelConfig("test-vae", 0.5, 0.1, 4),
+                       np.array([1.0, 0.5, 4.0, 2.0]))
 
 
 def test_tables_are_integers_summing_to_the_coder_precision(model):
@@ -61,6 +62,19 @@ def test_round_trip_is_within_half_a_step_and_escapes_are_exact(model, step):
     assert (np.abs(back - latents)[inside] <= (steps / 2 * 1.0001 + 1e-6).repeat(24, 1).repeat(32, 2)[inside]).all()
     symbols = coder.quantize(latents)
     np.testing.assert_array_equal(decode_symbols(coder.encode(latents), model, latents.shape)[0], symbols)
+
+
+def test_units_follow_the_decoders_sensitivity(model):
+    from latentd.archive.entropy_model import units
+
+    # Steps in proportion to 1 / sqrt(sensitivity), with the standard deviations' geometric mean.
+    ratio = model.unit / model.unit[0]
+    np.testing.assert_allclose(ratio, [1.0, 2 ** 0.5, 0.5, 0.5 ** 0.5], rtol=1e-5)
+    assert np.exp(np.log(model.unit).mean()) == pytest.approx(np.exp(np.log(model.std).mean()), rel=1e-5)
+    np.testing.assert_array_equal(units(model.std, None), model.std)
+    np.testing.assert_allclose(units(np.ones(2), np.array([1.0, 1e12])), [8.0, 0.125])  # within UNIT_RANGE
+    with pytest.raises(ValueError, match="sensitivity"):
+        units(np.ones(2), np.array([1.0, 0.0]))
 
 
 def test_coarser_steps_cost_fewer_bits(model):
@@ -127,11 +141,11 @@ def test_another_process_decodes_the_same_symbols_bit_for_bit(model, tmp_path):
 def test_the_bitstream_of_fixed_tables_is_pinned():
     """Integer tables in, the same bytes out on every machine and constriction version we accept: a change
     of the coder's fixed-point quantisation would make old archives undecodable, and fails here first."""
-    counts = np.zeros((2, 2 * 16 * 64 + 1), np.int64)
-    counts[:, 16 * 64 - 128:16 * 64 + 129] = np.arange(257)[::-1] % 50 + 1
+    counts = np.zeros((2, 2 * 32 * 64 + 1), np.int64)
+    counts[:, 32 * 64 - 128:32 * 64 + 129] = np.arange(257)[::-1] % 50 + 1
     from latentd.archive.entropy_model import EntropyModel
 
-    model = EntropyModel(EntropyModelConfig("pinned", 1.0, 0.0, 2), np.zeros(2), np.ones(2), counts,
+    model = EntropyModel(EntropyModelConfig("pinned", 1.0, 0.0, 2), np.zeros(2), np.ones(2), np.ones(2), counts,
                          np.array([3, 0]))
     symbols = (np.arange(2 * 8 * 8).reshape(2, 8, 8) * 7919 % 11 - 5).astype(np.int32)
     symbols[1, 7, 7] = 1000  # an escape
@@ -142,4 +156,4 @@ def test_the_bitstream_of_fixed_tables_is_pinned():
     assert hashlib.sha256(stream).hexdigest() == PINNED
 
 
-PINNED = "92443e368282f6d2dbce2e0485c03dc404bdb884ac0ef966f9f41c092d9272ed"  # constriction 0.4.1 and 0.5.0
+PINNED = "760cd9f45aa9f42956b6ec381d498773d31331bfa92434752e510cd46536afe5"  # constriction 0.4.1 and 0.5.0

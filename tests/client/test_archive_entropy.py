@@ -55,7 +55,7 @@ def test_entropy_archive_end_to_end(tiny_model_dir, trained, photos, tmp_path, c
     with open_archive(out, entropy_model=trained) as archive:
         entry = archive["p2.png"]
         exact = np.asarray(codec.encode(smooth_image(64, 48, seed=2)), np.float32)
-        steps = (0.25 * model.std)[:, None, None]
+        steps = (0.25 * model.unit)[:, None, None]
         assert entry.latents.shape == exact.shape
         assert (np.abs(entry.latents - exact) <= steps / 2 + 1e-5).all()
         assert entry.record.nbytes < exact.size  # fewer than q8's 8 bits per value, header included
@@ -125,3 +125,14 @@ def test_entropy_options_are_checked(tiny_model_dir, trained, photos, tmp_path, 
     assert "no entropy model ships with model tiny-vae" in capsys.readouterr().err
     assert _encode(photos, out, tiny_model_dir, "--entropy-model", str(tmp_path)) == 2
     assert "not an entropy model" in capsys.readouterr().err
+
+
+def test_bench_archive_measures_the_entropy_stage(tiny_model_dir, trained, photos, capsys):
+    files = [str(p) for p in sorted(photos.iterdir())]
+    assert main(["bench", "archive", "--from", *files, "--batch-size", "1", "--workers", "1", "--model",
+                 str(tiny_model_dir), "--entropy-model", str(trained), "--format", "entropy"]) == 0
+    out = capsys.readouterr().out
+    assert "bench archive stage q8-zstd:" in out and "bench archive stage entropy@0.5:" in out
+    assert "(target >= 20 MB/s:" in out
+    assert main(["bench", "archive", "--from", *files, "--batch-size", "1", "--model", str(tiny_model_dir)]) == 0
+    assert "stage entropy" not in capsys.readouterr().out  # the tiny VAE ships none: no entropy row
