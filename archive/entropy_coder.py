@@ -1,6 +1,7 @@
-"""The `entropy` latent stream: latents quantised in uniform per-channel steps and ANS-coded with an EntropyModel.
+"""The `entropy` latent stream: latents quantised in uniform per-channel steps, predicted, and the residuals
+ANS-coded with an EntropyModel's tables (group by group, context.py's order).
 
-A stream is a fixed header, the escaped symbols as raw int32, then the coder's uint32 words:
+A stream is a fixed header, the escaped residuals as raw int32, then the coder's uint32 words:
 
     magic "LTE1", step (fine bins, uint16), 0 (uint16), model digest (8 bytes), channels, height, width,
     escapes, words, CRC-32 of the symbols (uint32 each; little-endian throughout)
@@ -17,11 +18,14 @@ from dataclasses import dataclass
 
 import numpy as np
 
+from .context import PHASES, predict, put, size, take
 from .entropy_model import CoarseTables, EntropyModel
 
 MAGIC = b"LTE1"
 HEADER = struct.Struct("<4sHH8s6I")
-LIMIT = (1 << 31) - 1  # symbols are int32; a latent this many steps from its mean is clipped there
+# Symbols and predictions stay within +-LIMIT, so residuals fit int32; a latent further from its mean
+# (2**30 steps) is clipped there.
+LIMIT = (1 << 30) - 1
 
 
 class EntropyStreamError(ValueError):
@@ -68,12 +72,20 @@ class EntropyCoder:
         return self.dequantize(symbols, bins)
 
 
-def _alphabet(tables: CoarseTables, channel: int, symbols: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-    """(coder indices, escaped) of one channel's symbols: the escape is the last index."""
-    size = len(tables.weights[channel])
-    index = symbols.astype(np.int64) - tables.low[channel]
+def _alphabet(tables: CoarseTables, group: int, residuals: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """(coder indices, escaped) of one group's residuals: the escape is the last index."""
+    size = len(tables.weights[group])
+    index = residuals - tables.low[group]
     escaped = (index < 0) | (index >= size - 1)
     return np.where(escaped, size - 1, index).astype(np.int32), escaped
+
+
+def _groups(shape: tuple[int, ...]):
+    """(group, channel, phase, count) in coding order: channel by channel, phases A, B, C."""
+    channels, height, width = shape
+    for channel in range(channels):
+        for phase in range(PHASES):
+            yield channel * PHASES + phase, channel, phase, size(phase, height, width)
 
 
 def encode_symbols(symbols: np.ndarray, model: EntropyModel, bins: int) -> bytes:
@@ -81,19 +93,20 @@ def encode_symbols(symbols: np.ndarray, model: EntropyModel, bins: int) -> bytes
 
     tables = model.tables(bins)
     channels, height, width = symbols.shape
+    work = np.zeros(symbols.shape, np.int64)  # what the decoder will have decoded, 0 elsewhere
+    coded, escapes, cache = [], [], {}
+    for group, channel, phase, count in _groups(symbols.shape):
+        values = take(symbols[channel], phase).astype(np.int64)
+        residuals = values - predict(work, channel, phase, model.weights[group], LIMIT, cache)
+        put(work[channel], phase, values)
+        index, escaped = _alphabet(tables, group, residuals)
+        coded.append((group, index))
+        escapes.append(residuals[escaped])
     coder = constriction.stream.stack.AnsCoder()
-    escapes = []
-    indices = []
-    for channel in range(channels):
-        index, escaped = _alphabet(tables, channel, symbols[channel].reshape(-1))
-        indices.append(index)
-        escapes.append(symbols[channel].reshape(-1)[escaped])
-    # A stack: the last channel goes in first so that decoding starts with channel 0.
-    for channel in reversed(range(channels)):
-        model_c = constriction.stream.model.Categorical(tables.probabilities(channel), perfect=False)
-        coder.encode_reverse(indices[channel], model_c)
+    for group, index in reversed(coded):  # a stack: the last group goes in first, decoding starts with the first
+        coder.encode_reverse(index, constriction.stream.model.Categorical(tables.probabilities(group), perfect=False))
     words = np.asarray(coder.get_compressed(), "<u4")
-    escaped = np.concatenate(escapes).astype("<i4") if escapes else np.zeros(0, "<i4")
+    escaped = np.concatenate(escapes).astype("<i4")
     crc = zlib.crc32(np.ascontiguousarray(symbols, "<i4").tobytes())
     header = HEADER.pack(MAGIC, bins, 0, bytes.fromhex(model.digest[:16]), channels, height, width,
                          len(escaped), len(words), crc)
@@ -135,24 +148,24 @@ def decode_symbols(stream: bytes, model: EntropyModel, shape: tuple[int, ...]) -
     escaped = np.frombuffer(stream, "<i4", escapes, HEADER.size)
     compressed = np.frombuffer(stream, "<u4", words, HEADER.size + 4 * escapes).astype(np.uint32)
     tables = model.tables(bins)
-    channels = shape[0]
-    per_channel = count // channels
-    symbols = np.empty((channels, per_channel), np.int64)
-    used = 0
+    work = np.zeros(shape, np.int64)
+    used, cache = 0, {}
     try:
         coder = constriction.stream.stack.AnsCoder(compressed)
-        for channel in range(channels):
-            model_c = constriction.stream.model.Categorical(tables.probabilities(channel), perfect=False)
-            index = np.asarray(coder.decode(model_c, per_channel), np.int64)
-            size = len(tables.weights[channel])
-            escape = index == size - 1
+        for group, channel, phase, count in _groups(tuple(shape)):
+            family = constriction.stream.model.Categorical(tables.probabilities(group), perfect=False)
+            index = np.asarray(coder.decode(family, count), np.int64)
+            escape = index == len(tables.weights[group]) - 1
             needed = int(escape.sum())
             if used + needed > escapes:
                 raise EntropyStreamError(f"stream decodes to more than its {escapes} escaped symbols")
-            values = index + tables.low[channel]
-            values[escape] = escaped[used:used + needed]
+            residuals = index + tables.low[group]
+            residuals[escape] = escaped[used:used + needed]
             used += needed
-            symbols[channel] = values
+            values = predict(work, channel, phase, model.weights[group], LIMIT, cache) + residuals
+            if np.abs(values).max(initial=0) > LIMIT:
+                raise EntropyStreamError("stream decodes to symbols out of range (damaged)")
+            put(work[channel], phase, values)
         leftover = not coder.is_empty()
     except EntropyStreamError:
         raise
@@ -160,7 +173,7 @@ def decode_symbols(stream: bytes, model: EntropyModel, shape: tuple[int, ...]) -
         raise EntropyStreamError(f"stream is damaged ({exc})") from None
     if leftover or used != escapes:
         raise EntropyStreamError("stream decodes to the wrong symbol count (damaged or truncated)")
-    result = symbols.astype(np.int32).reshape(shape)
+    result = work.astype(np.int32)
     if zlib.crc32(np.ascontiguousarray(result, "<i4").tobytes()) != head["crc32"]:
         raise EntropyStreamError("stream decodes to symbols whose CRC-32 differs from its header's (damaged)")
     return result, bins

@@ -79,7 +79,7 @@ class ArchiveSettings:
     flip: bool = False  # latents of the horizontally flipped image too
     logvar: bool = False  # the posterior log-variance too
     entropy_model: str = ""  # format entropy: the digest of the entropy model that codes the latents
-    entropy_step: float = 0.0  # format entropy: the quantisation step, in channel standard deviations
+    entropy_step: float = 0.0  # format entropy: the quantisation step, in the entropy model's units
 
     def as_meta(self) -> dict[str, Any]:
         meta = {"format_version": FORMAT_VERSION, "format": self.format, "size_policy": self.size_policy,

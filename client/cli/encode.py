@@ -32,7 +32,7 @@ def add_parser(subparsers: argparse._SubParsersAction) -> None:
                         help="latent storage: float16, bfloat16, q8 (8-bit per channel), q8-zstd, entropy (quantised "
                              "in --step and coded with the VAE's entropy model) (default: float16)")
     parser.add_argument("--step", type=float, default=None, metavar="S",
-                        help="format entropy: quantisation step in channel standard deviations; larger is smaller "
+                        help="format entropy: quantisation step in the entropy model's per-channel units; larger is smaller "
                              "and coarser (default: the entropy model's, see docs/compression.md)")
     add_entropy_model_arg(parser)
     parser.add_argument("--size", default="native",

@@ -10,7 +10,7 @@ from .common import (EXIT_FAILED, EXIT_OK, EXIT_USAGE, CommandError, add_entropy
                      add_server_args, one_line)
 
 DEFAULT_OUT = Path("out/eval-rd")
-ENTROPY_STEPS = (0.25, 0.5, 0.75, 1.0, 1.5, 2.0)  # channel standard deviations: 0.1 to 0.6 bpp on Kodak
+ENTROPY_STEPS = (0.0625, 0.09375, 0.125, 0.25, 0.5, 1.0)  # units (4 to 64 fine bins): about 0.07 to 0.27 bpp on Kodak
 
 
 def add_parser(subparsers: argparse._SubParsersAction) -> None:
@@ -31,7 +31,7 @@ def add_parser(subparsers: argparse._SubParsersAction) -> None:
                         help="latent storage formats; none skips the model (default: all; entropy only where the "
                              "model has an entropy model)")
     parser.add_argument("--entropy-steps", nargs="+", type=float, default=list(ENTROPY_STEPS), metavar="S",
-                        help="steps of the entropy format, in channel standard deviations (default: %(default)s)")
+                        help="steps of the entropy format, in the entropy model's units (default: %(default)s)")
     add_entropy_model_arg(parser)
     parser.add_argument("--classic", nargs="*", choices=tuple(CLASSIC_CODECS), default=list(CLASSIC_CODECS),
                         help="Pillow codecs to compare; none skips them (default: all this Pillow can write)")
