@@ -73,7 +73,7 @@ def _around(plane: np.ndarray) -> np.ndarray:
 def feature_columns(work: np.ndarray, channel: int, phase: int, cache: dict | None = None) -> list[np.ndarray]:
     """The features (see the module docstring) of `phase`'s positions of `channel`, from `work`
     [C, h, w]; zeros where a group has none, so every group has `features(C)` columns. `cache` keeps
-    the neighbour sums of finished channels for the next groups of one coding pass."""
+    the features of finished channels for the next groups of one coding pass."""
     cache = {} if cache is None else cache
     zero = np.zeros(size(phase, *work.shape[1:]), work.dtype)
     own = [zero] * 4 if phase == 0 else _shifted(_padded(work[channel]), phase, DIAGONAL if phase == 1 else DIRECT)
@@ -82,7 +82,9 @@ def feature_columns(work: np.ndarray, channel: int, phase: int, cache: dict | No
         if earlier < channel:
             if earlier not in cache:
                 cache[earlier] = _around(work[earlier])
-            others += [take(work[earlier], phase), take(cache[earlier], phase)]
+            if (earlier, phase) not in cache:
+                cache[earlier, phase] = [take(work[earlier], phase), take(cache[earlier], phase)]
+            others += cache[earlier, phase]
         else:
             others += [zero, zero]
     return own + others
