@@ -40,13 +40,14 @@ class _Items:
     """The shared part of both datasets: the archive's encoded records, read once, and how an item is made."""
 
     def __init__(self, path: str | os.PathLike, *, size: int | None, flip: bool | str, sample: bool, logvar: bool,
-                 seed: int, verify_checksums: bool, on_error: str) -> None:
+                 seed: int, verify_checksums: bool, on_error: str, entropy_model: Any = None) -> None:
         if flip not in (False, True, "random"):
             raise ValueError(f"flip={flip!r}: expected False, True or 'random'")
         if on_error not in ON_ERROR:
             raise ValueError(f"on_error={on_error!r}: expected one of {', '.join(ON_ERROR)}")
         self.path, self.size, self.flip, self.sample, self.logvar = path, size, flip, sample, logvar
         self.seed, self.verify_checksums, self.on_error = seed, verify_checksums, on_error
+        self.entropy_model = entropy_model
         self.epoch = 0
         self.skipped = 0  # items skipped with on_error="skip", in this process
         with Archive(path) as archive:
@@ -64,7 +65,8 @@ class _Items:
 
     def archive(self) -> Archive:
         if self._archive is None or self._pid != os.getpid():
-            self._archive = Archive(self.path, verify_checksums=self.verify_checksums)
+            self._archive = Archive(self.path, verify_checksums=self.verify_checksums,
+                                    entropy_model=self.entropy_model)
             self._pid = os.getpid()
         return self._archive
 
@@ -202,12 +204,15 @@ class LatentDataset(Dataset):
     archive's encoding order. `size`: which of the sizes stored with `--sizes` (the side S; None: the
     main one); `flip`: False, True or "random" (seeded by (seed, epoch, index)); `sample`: a posterior
     sample z = latents + exp(logvar / 2) * eps (seeded the same way) instead of the mean; `logvar`:
-    include the log-variance. A damaged entry raises ArchiveError naming the archive and its key."""
+    include the log-variance; `entropy_model`: for format entropy, the model (or its folder) that wrote
+    the archive when it is not the one shipped with its VAE. A damaged entry raises ArchiveError naming
+    the archive and its key."""
 
     def __init__(self, path: str | os.PathLike, *, size: int | None = None, flip: bool | str = False,
-                 sample: bool = False, logvar: bool = False, seed: int = 0, verify_checksums: bool = False) -> None:
+                 sample: bool = False, logvar: bool = False, seed: int = 0, verify_checksums: bool = False,
+                 entropy_model: Any = None) -> None:
         self._items = _Items(path, size=size, flip=flip, sample=sample, logvar=logvar, seed=seed,
-                             verify_checksums=verify_checksums, on_error="raise")
+                             verify_checksums=verify_checksums, on_error="raise", entropy_model=entropy_model)
 
     def __len__(self) -> int:
         return len(self._items.records)
@@ -251,7 +256,8 @@ class LatentIterableDataset(IterableDataset):
     def __init__(self, path: str | os.PathLike, *, rank: int | None = None, world_size: int | None = None,
                  seed: int = 0, shuffle: bool = True, batch_size: int = 1, size: int | None = None,
                  flip: bool | str = False, sample: bool = False, logvar: bool = False,
-                 on_error: str = "raise", verify_checksums: bool = False, batched: bool = False) -> None:
+                 on_error: str = "raise", verify_checksums: bool = False, batched: bool = False,
+                 entropy_model: Any = None) -> None:
         if rank is None or world_size is None:
             distributed = torch.distributed.is_available() and torch.distributed.is_initialized()
             rank = rank if rank is not None else (torch.distributed.get_rank() if distributed else 0)
@@ -263,7 +269,7 @@ class LatentIterableDataset(IterableDataset):
         self.rank, self.world_size, self.shuffle, self.batch_size = rank, world_size, shuffle, batch_size
         self.batched = batched
         self._items = _Items(path, size=size, flip=flip, sample=sample, logvar=logvar, seed=seed,
-                             verify_checksums=verify_checksums, on_error=on_error)
+                             verify_checksums=verify_checksums, on_error=on_error, entropy_model=entropy_model)
         self._start = 0  # items of this rank's epoch already consumed (load_state_dict)
         self._yielded = 0
 

@@ -1,9 +1,10 @@
-"""Latent storage formats: float16, bfloat16, q8 (8-bit per-channel affine), and q8 predicted and zstd-packed."""
+"""Latent storage formats: float16, bfloat16, q8 (8-bit per-channel affine), q8 predicted and zstd-packed, and entropy-coded."""
 
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass
+from dataclasses import dataclass, field, replace
+from typing import Any
 
 import numpy as np
 
@@ -21,6 +22,15 @@ class LatentFormat:
     # latents it takes zstd from 0.425 to 0.347 bpp, because neighbouring latents are correlated and
     # zstd's byte matching does not see it.
     predictor: str = "none"
+    # Quantised in uniform per-channel steps and ANS-coded with a trained model (entropy_coder.py);
+    # `coder` (an EntropyCoder: the model and the step) is bound with `entropy_format`.
+    entropy: bool = False
+    coder: Any = field(default=None, compare=False, repr=False)
+
+    @property
+    def label(self) -> str:
+        """The format and, for entropy, its step: `entropy@0.5`."""
+        return f"{self.name}@{self.coder.step:g}" if self.coder is not None else self.name
 
 
 # The one table of storage formats.
@@ -29,6 +39,7 @@ FORMATS: tuple[LatentFormat, ...] = (
     LatentFormat("bfloat16", 16),
     LatentFormat("q8", 8, quantized=True),
     LatentFormat("q8-zstd", 8, quantized=True, zstd=True, predictor="med"),
+    LatentFormat("entropy", 0, entropy=True),  # bits: as many as the model needs
 )
 FORMAT_NAMES = tuple(f.name for f in FORMATS)
 ZSTD_LEVEL = 19  # latents are small; the slowest levels still run far faster than the model
@@ -39,6 +50,17 @@ def get_format(name: str) -> LatentFormat:
         if fmt.name == name:
             return fmt
     raise ValueError(f"unknown latent format {name!r} (known: {', '.join(FORMAT_NAMES)})")
+
+
+def entropy_format(coder: Any) -> LatentFormat:
+    """The `entropy` format bound to an EntropyCoder (a model and a step)."""
+    return replace(get_format("entropy"), coder=coder)
+
+
+def _coder(fmt: LatentFormat) -> Any:
+    if fmt.coder is None:
+        raise ValueError("the entropy format needs its entropy model (entropy_format(EntropyCoder(model, step)))")
+    return fmt.coder
 
 
 @dataclass
@@ -114,6 +136,8 @@ def store(latents: np.ndarray, fmt: LatentFormat) -> Stored:
         return Stored(latents.astype(np.float16))
     if fmt.name == "bfloat16":
         return Stored(_to_bfloat16_bits(latents.astype(np.float32)).view(np.uint16))
+    if fmt.entropy:
+        return Stored(np.frombuffer(_coder(fmt).encode(latents), np.uint8).copy())
     codes, scale, offset = quantize_q8(latents)
     if fmt.zstd:
         import zstandard
@@ -132,8 +156,11 @@ def load(stored: Stored, fmt: LatentFormat, shape: tuple[int, ...]) -> np.ndarra
 
 
 def unpack(stored: Stored, fmt: LatentFormat, shape: tuple[int, ...]) -> Stored:
-    """The first, per-item stage of loading: zstd undone and sizes checked against `shape`, MED not yet."""
+    """The first, per-item stage of loading: zstd undone and sizes checked against `shape`, MED not yet;
+    an entropy-coded stream decoded whole (its coder checks its length, count and checksum)."""
     expected = math.prod(shape)
+    if fmt.entropy:
+        return Stored(_coder(fmt).decode(np.ascontiguousarray(stored.data, np.uint8).tobytes(), tuple(shape)))
     if fmt.quantized and any(a is None or a.shape != (shape[0],) for a in (stored.scale, stored.offset)):
         raise ValueError(f"per-channel scale and offset must hold {shape[0]} values each")
     if not fmt.zstd:
@@ -156,7 +183,7 @@ def load_batch(unpacked: list[Stored], fmt: LatentFormat, out: np.ndarray) -> No
 
     The MED inverse runs once over all n: its cost is per anti-diagonal step, not per value, so
     decoding a batch together costs about what one latent alone does."""
-    if fmt.name == "float16":
+    if fmt.name == "float16" or fmt.entropy:
         for index, stored in enumerate(unpacked):
             out[index] = stored.data.reshape(out.shape[1:])
         return

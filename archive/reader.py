@@ -19,7 +19,7 @@ from typing import Any, Iterator
 import numpy as np
 
 from .manifest import MANIFEST, ArchiveError, ItemRecord, Manifest
-from .quantize import LatentFormat, Stored, get_format, load_batch, unpack
+from .quantize import LatentFormat, Stored, entropy_format, get_format, load_batch, unpack
 from latentd.v1.errors import one_line
 
 from .sizing import SizePolicy
@@ -69,7 +69,8 @@ class Archive:
     ...         train_step(entry.latents, entry.record.extra)
     """
 
-    def __init__(self, folder: str | os.PathLike, *, verify_checksums: bool = False) -> None:
+    def __init__(self, folder: str | os.PathLike, *, verify_checksums: bool = False,
+                 entropy_model: Any = None) -> None:
         self.location = str(folder)
         # An fsspec URL: the manifest is fetched into a local folder, shards are read with ranged reads.
         self.remote = RemoteFolder(folder) if is_url(folder) else None
@@ -87,6 +88,9 @@ class Archive:
         self.verify_checksums = verify_checksums
         self._handles: OrderedDict[str, Any] = OrderedDict()
         self._checked: dict[str, str | None] = {}  # shard name -> its problem, None if sound
+        # Format entropy: an EntropyModel or its folder; None takes the one shipped with the archive's VAE.
+        self._entropy_model = entropy_model
+        self._entropy: LatentFormat | None = None
         # Archives of format version 1 stored q8-zstd codes without spatial prediction.
         self._unpredicted = str(self.meta.get("format_version")) == "1"
 
@@ -219,11 +223,44 @@ class Archive:
         fmt = get_format(record.format)
         if self._unpredicted:
             fmt = replace(fmt, predictor="none")
+        if fmt.entropy:
+            fmt = self.entropy_format()
         stored = Stored(shard.get_tensor(tensor_name(base, "data", tag)))
         if fmt.quantized:
             stored.scale = shard.get_tensor(tensor_name(base, "scale", tag))
             stored.offset = shard.get_tensor(tensor_name(base, "offset", tag))
         return unpack(stored, fmt, tuple(shape)), fmt
+
+    def entropy_format(self) -> LatentFormat:
+        """The entropy format bound to the model that wrote this archive; ArchiveError when there is no
+        such model here or it is another one (its digest differs from the one the archive records)."""
+        if self._entropy is not None:
+            return self._entropy
+        from .entropy_coder import EntropyCoder
+        from .entropy_model import EntropyModel, load_entropy_model, packaged_entropy_model
+
+        model, source = self._entropy_model, "the entropy model given"
+        if model is None:
+            vae = str(self.meta.get("model"))
+            model = packaged_entropy_model(vae)
+            if model is None:
+                raise ArchiveError(f"no entropy model ships with VAE {shown(vae)}: pass the one that wrote the "
+                                   "archive (--entropy-model DIR, open_archive(..., entropy_model=DIR))")
+            source = f"the entropy model shipped with {shown(vae)} ({model})"
+        if not isinstance(model, EntropyModel):
+            try:
+                model = load_entropy_model(model)
+            except ValueError as exc:
+                raise ArchiveError(str(exc)) from None
+        recorded = self.meta.get("entropy_model")
+        if recorded != model.digest:
+            raise ArchiveError(f"the archive was written with entropy model {shown(str(recorded)[:16])}, "
+                               f"{source} is {model.digest[:16]}: pass the one that wrote it (--entropy-model DIR)")
+        step = self.meta.get("entropy_step")
+        coder = EntropyCoder(model, float(step) if isinstance(step, (int, float)) and step > 0 else
+                             model.config.default_step)
+        self._entropy = entropy_format(coder)
+        return self._entropy
 
     def variants(self, record: ItemRecord) -> list[dict[str, Any]]:
         """What the archive holds for an entry, one dict per size (the main one first): size_policy,
@@ -272,8 +309,10 @@ def check_record(record: ItemRecord) -> None:
         raise ArchiveError(f"manifest column format is {shown(record.format)}, not a latent format") from None
 
 
-def open_archive(path: str | os.PathLike, *, verify_checksums: bool = False) -> Archive:
-    return Archive(path, verify_checksums=verify_checksums)
+def open_archive(path: str | os.PathLike, *, verify_checksums: bool = False, entropy_model: Any = None) -> Archive:
+    """`entropy_model`: for archives of format entropy, the EntropyModel (or its folder) that wrote them
+    when it is not the one shipped with their VAE."""
+    return Archive(path, verify_checksums=verify_checksums, entropy_model=entropy_model)
 
 
 def _maybe_json(value: str) -> Any:
@@ -283,11 +322,11 @@ def _maybe_json(value: str) -> Any:
         return value
 
 
-def verify_archive(folder: str | os.PathLike) -> list[Problem]:
+def verify_archive(folder: str | os.PathLike, entropy_model: Any = None) -> list[Problem]:
     """Every problem found: each shard's confinement, size and checksum, and every manifest entry read
     back from its shard; one damaged entry never hides the others."""
     problems: list[Problem] = []
-    with open_archive(folder) as archive:
+    with open_archive(folder, entropy_model=entropy_model) as archive:
         shards = {}
         for row in archive.manifest.shards():
             shards[row["name"]] = row["items"]

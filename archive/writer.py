@@ -78,6 +78,8 @@ class ArchiveSettings:
     sizes: tuple[int, ...] = ()  # `--sizes`: sides S of the size policy besides its own (center-crop, buckets)
     flip: bool = False  # latents of the horizontally flipped image too
     logvar: bool = False  # the posterior log-variance too
+    entropy_model: str = ""  # format entropy: the digest of the entropy model that codes the latents
+    entropy_step: float = 0.0  # format entropy: the quantisation step, in the entropy model's units
 
     def as_meta(self) -> dict[str, Any]:
         meta = {"format_version": FORMAT_VERSION, "format": self.format, "size_policy": self.size_policy,
@@ -90,6 +92,9 @@ class ArchiveSettings:
             meta["flip"] = True
         if self.logvar:
             meta["logvar"] = True
+        if self.entropy_model:
+            meta["entropy_model"] = self.entropy_model
+            meta["entropy_step"] = self.entropy_step
         return meta
 
 
@@ -142,7 +147,7 @@ class ArchiveWriter:
         if not found:
             self.manifest.set_meta(self.settings.as_meta())
             return
-        optional = [k for k in ("sizes", "flip", "logvar") if k in found and k not in wanted]
+        optional = [k for k in ("sizes", "flip", "logvar", "entropy_model", "entropy_step") if k in found and k not in wanted]
         different = [k for k in [*wanted, *optional] if found.get(k) != wanted.get(k)]
         if different:
             detail = ", ".join(f"{k}: archive has {found.get(k)}, asked {wanted[k]}" for k in different)
@@ -154,14 +159,15 @@ class ArchiveWriter:
         same format); the shard is written when it reaches its size or `commit_s`."""
         if record.key in self.done:  # keys are unique by construction (sources.py); never overwrite one
             raise ValueError(f"key {record.key!r} is already in the archive")
-        name, nbytes = record.key, 0
-        for tag, array in [("", latents), *(extras or {}).items()]:
+        name, nbytes, tensors = record.key, 0, {}
+        for tag, array in [("", latents), *(extras or {}).items()]:  # all stored before any is queued
             stored = store(np.asarray(array, np.float32), self.fmt)
-            self._pending.tensors[tensor_name(name, "data", tag)] = stored.data
+            tensors[tensor_name(name, "data", tag)] = stored.data
             if stored.scale is not None:
-                self._pending.tensors[tensor_name(name, "scale", tag)] = stored.scale
-                self._pending.tensors[tensor_name(name, "offset", tag)] = stored.offset
+                tensors[tensor_name(name, "scale", tag)] = stored.scale
+                tensors[tensor_name(name, "offset", tag)] = stored.offset
             nbytes += stored.nbytes
+        self._pending.tensors.update(tensors)
         record.tensor = f"{name}::data"
         record.latent_shape = list(latents.shape)
         record.format = self.fmt.name

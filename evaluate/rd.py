@@ -24,7 +24,8 @@ DEFAULT_QUALITIES = (5, 10, 20, 30, 40, 50, 60, 70, 80, 90, 95)
 CLASSIC_CODECS = {"jpeg": ("JPEG", "jpg"), "webp": ("WEBP", "webp"), "avif": ("AVIF", "avif")}
 # Shown the way CompressAI's result files name them, so measured and published curves line up in the legend.
 CLASSIC_LABELS = {"jpeg": "JPEG", "webp": "WebP", "avif": "AVIF"}
-ANCHOR_BPPS = (0.25, 0.5, 1.0)  # where the markdown compares published curves (as in the reference README)
+ANCHOR_BPPS = (0.25, 0.5, 1.0)
+MARKERS = ("o", "s", "^", "D", "v", "P", "X", "<", ">", "h", "*", "p")  # one per curve, after its colour  # where the markdown compares published curves (as in the reference README)
 
 
 @dataclass
@@ -104,7 +105,8 @@ def _latent_image(backend, image: np.ndarray, formats: Sequence[LatentFormat], t
 
 def latent_points(backend, images: Sequence[np.ndarray], formats: Iterable[str | LatentFormat], *,
                   tiling: str = "auto", on_error: Callable[[int, Exception], None] | None = None) -> list[RDPoint]:
-    """One mean point per latent storage format over `images` (uint8 HWC), codec "latentd <model>".
+    """One mean point per latent storage format over `images` (uint8 HWC), codec "latentd <model>" (bound
+    entropy formats: "latentd <model> entropy", setting entropy@STEP).
 
     With `on_error`, an image the backend rejects is reported as `on_error(index, exc)` and left out of
     every format, so all formats average over the same images; without it the error propagates.
@@ -122,7 +124,9 @@ def latent_points(backend, images: Sequence[np.ndarray], formats: Iterable[str |
         for collected, result in zip(per_format, results):
             collected.append(result)
     codec = f"{LATENT_CODEC_PREFIX}{backend.name}"
-    return [mean_point(codec, fmt.name, collected) for fmt, collected in zip(fmts, per_format) if collected]
+    # The entropy format at its steps is a curve of its own, beside the fixed-rate formats' points.
+    return [mean_point(f"{codec} entropy" if fmt.entropy else codec, fmt.label, collected)
+            for fmt, collected in zip(fmts, per_format) if collected]
 
 
 def classic_available(codec: str) -> bool:
@@ -293,10 +297,11 @@ def plot_png(points: Sequence[RDPoint]) -> bytes:
     grouped = curves(points)
     colours = _colours(list(grouped))
     legend: dict[str, object] = {}
-    for (source, codec), curve in grouped.items():
+    for number, ((source, codec), curve) in enumerate(grouped.items()):
         measured = source == MEASURED
-        style = dict(marker="o", linewidth=2, markersize=5) if measured else \
-            dict(marker=".", linewidth=0.8, markersize=3, linestyle="--", alpha=0.7)
+        marker = MARKERS[number % len(MARKERS)]
+        style = dict(marker=marker, linewidth=2, markersize=6) if measured else \
+            dict(marker=marker, linewidth=0.8, markersize=3, linestyle="--", alpha=0.7)
         label = codec if measured else f"{codec} (published)"
         for ax, metric, digits in zip(axes, ("psnr", "ms_ssim"), (1, 3)):
             xy = [(p.bpp, getattr(p, metric)) for p in curve
@@ -304,7 +309,8 @@ def plot_png(points: Sequence[RDPoint]) -> bytes:
             if xy:
                 legend[label] = ax.plot(*zip(*xy), color=colours[(source, codec)], **style)[0]
             if measured and codec.startswith(LATENT_CODEC_PREFIX):  # which latent format is which dot
-                _annotate(ax, [(p.bpp, getattr(p, metric), p.setting) for p in curve], digits)
+                _annotate(ax, [(p.bpp, getattr(p, metric), p.setting.removeprefix("entropy@")) for p in curve],
+                          digits)
     for ax, ylabel in zip(axes, ("PSNR (dB, RGB)", "MS-SSIM (RGB)")):
         ax.set_xlabel("bits per pixel")
         ax.set_ylabel(ylabel)

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+from pathlib import Path
 from typing import TYPE_CHECKING, NoReturn
 
 if TYPE_CHECKING:
@@ -35,6 +36,12 @@ class Parser(argparse.ArgumentParser):
 
     def error(self, message: str) -> NoReturn:
         self.exit(EXIT_USAGE, f"{self.prog}: error: {' '.join(message.split())} (see {self.prog} --help)\n")
+
+
+def add_entropy_model_arg(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--entropy-model", type=Path, metavar="DIR",
+                        help="format entropy: the entropy model folder (`latentd entropy-train`); default: the "
+                             "one shipped with the VAE")
 
 
 def server_address(text: str) -> str:

@@ -8,7 +8,8 @@ import sys
 from pathlib import Path
 
 from .archive_input import archive_input
-from .common import EXIT_FAILED, EXIT_OK, EXIT_USAGE, CommandError, add_model_args, add_server_args, backend_from_args
+from .common import (EXIT_FAILED, EXIT_OK, EXIT_USAGE, CommandError, add_entropy_model_arg, add_model_args,
+                     add_server_args, backend_from_args)
 
 SUFFIX = {"png": ".png", "jpeg": ".jpg", "webp": ".webp"}
 
@@ -31,6 +32,7 @@ def add_parser(subparsers: argparse._SubParsersAction) -> None:
     parser.add_argument("--batch-size", type=int, default=8, help="latents per model call (default: 8)")
     parser.add_argument("--no-verify", dest="verify", action="store_false",
                         help="skip the shard checksums (a damaged shard then decodes to wrong images silently)")
+    add_entropy_model_arg(parser)
     add_model_args(parser)
     add_server_args(parser)
     parser.set_defaults(run=run, model=None)
@@ -42,7 +44,7 @@ def run(args: argparse.Namespace) -> int:
     if args.output.exists() and not args.output.is_dir():
         raise CommandError(f"{args.output}: exists and is not a folder", EXIT_USAGE)
     with archive_input():
-        archive = open_archive(args.archive, verify_checksums=args.verify)
+        archive = open_archive(args.archive, verify_checksums=args.verify, entropy_model=args.entropy_model)
     with archive:
         if args.model is None:
             args.model = archive.meta.get("model", "default")  # the model that wrote it

@@ -7,8 +7,8 @@ import functools
 import sys
 from pathlib import Path
 
-from .common import (EXIT_FAILED, EXIT_OK, EXIT_USAGE, CommandError, add_model_args, add_refine_arg, add_server_args,
-                     backend_from_args)
+from .common import (EXIT_FAILED, EXIT_OK, EXIT_USAGE, CommandError, add_entropy_model_arg, add_model_args,
+                     add_refine_arg, add_server_args, backend_from_args)
 
 
 def add_parser(subparsers: argparse._SubParsersAction) -> None:
@@ -29,7 +29,12 @@ def add_parser(subparsers: argparse._SubParsersAction) -> None:
     parser.add_argument("-o", "--output", required=True, metavar="ARCHIVE",
                         help="archive folder, or an fsspec URL (s3://, gs://, memory://, file://)")
     parser.add_argument("--format", choices=FORMAT_NAMES, default="float16",
-                        help="latent storage: float16, bfloat16, q8 (8-bit per channel), q8-zstd (default: float16)")
+                        help="latent storage: float16, bfloat16, q8 (8-bit per channel), q8-zstd, entropy (quantised "
+                             "in --step and coded with the VAE's entropy model) (default: float16)")
+    parser.add_argument("--step", type=float, default=None, metavar="S",
+                        help="format entropy: quantisation step in the entropy model's per-channel units; larger is smaller "
+                             "and coarser (default: the entropy model's, see docs/compression.md)")
+    add_entropy_model_arg(parser)
     parser.add_argument("--size", default="native",
                         help="native, resize:WxH, center-crop:S or buckets:S (default: native)")
     parser.add_argument("--sizes", default="",
@@ -70,7 +75,7 @@ def add_parser(subparsers: argparse._SubParsersAction) -> None:
 def run(args: argparse.Namespace) -> int:
     from latentd.archive.encode import Variants, encode_sources
     from latentd.archive.manifest import ArchiveError
-    from latentd.archive.quantize import get_format
+    from latentd.archive.quantize import entropy_format, get_format
     from latentd.archive.sizing import SizePolicy
     from latentd.archive.sources import iter_sources
     from latentd.archive.writer import ArchiveMismatchError, ArchiveSettings, ArchiveWriter
@@ -103,12 +108,20 @@ def run(args: argparse.Namespace) -> int:
         items()  # checks the sources' kinds and that none is given twice
     except ValueError as exc:
         raise CommandError(str(exc), EXIT_USAGE) from exc
+    if args.format != "entropy" and (args.step is not None or args.entropy_model is not None):
+        raise CommandError("--step and --entropy-model go with --format entropy", EXIT_USAGE)
     backend = backend_from_args(args)
+    fmt, digest, step = get_format(args.format), "", 0.0
+    if fmt.entropy:
+        from .entropy_args import entropy_coder
+
+        coder = entropy_coder(args.entropy_model, args.step, backend)
+        fmt, digest, step = entropy_format(coder), coder.model.digest, coder.step
     settings = ArchiveSettings(args.format, str(policy), backend.name, backend.scaling_factor, backend.shift_factor,
-                               backend.factor, tuple(p.width for p in variants.policies[1:]), args.flip, args.logvar)
+                               backend.factor, tuple(p.width for p in variants.policies[1:]), args.flip, args.logvar,
+                               digest, step)
     try:
-        writer = ArchiveWriter(args.output, settings, get_format(args.format), int(args.shard_mb * (1 << 20)),
-                               commit_s=args.commit_s)
+        writer = ArchiveWriter(args.output, settings, fmt, int(args.shard_mb * (1 << 20)), commit_s=args.commit_s)
     except (ArchiveMismatchError, ArchiveError) as exc:
         raise CommandError(str(exc), EXIT_USAGE) from exc
     # Counting first costs a directory walk (no image is read) and gives the bar its ETA.

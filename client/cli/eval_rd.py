@@ -6,9 +6,11 @@ import argparse
 import sys
 from pathlib import Path
 
-from .common import EXIT_FAILED, EXIT_OK, EXIT_USAGE, CommandError, add_model_args, add_server_args, one_line
+from .common import (EXIT_FAILED, EXIT_OK, EXIT_USAGE, CommandError, add_entropy_model_arg, add_model_args,
+                     add_server_args, one_line)
 
 DEFAULT_OUT = Path("out/eval-rd")
+ENTROPY_STEPS = (0.0625, 0.09375, 0.125, 0.25, 0.5, 1.0)  # units (4 to 64 fine bins): about 0.07 to 0.27 bpp on Kodak
 
 
 def add_parser(subparsers: argparse._SubParsersAction) -> None:
@@ -25,8 +27,12 @@ def add_parser(subparsers: argparse._SubParsersAction) -> None:
                         help="image files or folders, searched recursively (`make eval-rd`: Kodak)")
     parser.add_argument("-o", "--out", type=Path, default=DEFAULT_OUT, metavar="DIR",
                         help=f"output folder (default: {DEFAULT_OUT})")
-    parser.add_argument("--formats", nargs="*", choices=FORMAT_NAMES, default=list(FORMAT_NAMES),
-                        help="latent storage formats; none skips the model (default: all)")
+    parser.add_argument("--formats", nargs="*", choices=FORMAT_NAMES, default=None,
+                        help="latent storage formats; none skips the model (default: all; entropy only where the "
+                             "model has an entropy model)")
+    parser.add_argument("--entropy-steps", nargs="+", type=float, default=list(ENTROPY_STEPS), metavar="S",
+                        help="steps of the entropy format, in the entropy model's units (default: %(default)s)")
+    add_entropy_model_arg(parser)
     parser.add_argument("--classic", nargs="*", choices=tuple(CLASSIC_CODECS), default=list(CLASSIC_CODECS),
                         help="Pillow codecs to compare; none skips them (default: all this Pillow can write)")
     parser.add_argument("--qualities", nargs="+", type=int, default=list(DEFAULT_QUALITIES), metavar="Q",
@@ -66,6 +72,11 @@ def run(args: argparse.Namespace) -> int:
         raise CommandError(f"no images found in {' '.join(map(str, args.images))}", EXIT_USAGE)
     # The model only when latent formats are asked for: a classic-only run needs neither torch nor a server.
     backend = None
+    implicit = args.formats is None
+    if implicit:
+        from latentd.archive.quantize import FORMAT_NAMES
+
+        args.formats = list(FORMAT_NAMES)
     if args.formats:
         from .common import backend_from_args
 
@@ -86,7 +97,8 @@ def run(args: argparse.Namespace) -> int:
 
     points, notes = [], []
     if backend is not None:
-        points += latent_points(backend, images, args.formats, tiling=args.tiling, on_error=report)
+        points += latent_points(backend, images, _formats(args, backend, implicit, notes), tiling=args.tiling,
+                                on_error=report)
     # Every codec averages over the same images: those the model rejected are left out of the classic ones too.
     images = [image for index, image in enumerate(images) if index not in rejected]
     failed += len(rejected)
@@ -106,3 +118,25 @@ def run(args: argparse.Namespace) -> int:
     written = [outputs.csv, outputs.markdown] + ([outputs.plot] if outputs.plot else [])
     print("wrote " + ", ".join(map(str, written)))
     return EXIT_OK if not failed else EXIT_FAILED
+
+
+def _formats(args: argparse.Namespace, backend, implicit: bool, notes: list[str]) -> list:
+    """--formats, the entropy format once per --entropy-steps step; left out with a note when --formats
+    was not given and the model has no entropy model."""
+    from latentd.archive.quantize import entropy_format, get_format
+
+    from .entropy_args import entropy_coder
+
+    formats = []
+    for name in args.formats:
+        if get_format(name).entropy:
+            try:
+                formats += [entropy_format(entropy_coder(args.entropy_model, step, backend))
+                            for step in args.entropy_steps]
+            except CommandError as exc:
+                if not implicit or args.entropy_model is not None:
+                    raise
+                notes.append(f"entropy format skipped: {exc}")
+        else:
+            formats.append(get_format(name))
+    return formats

@@ -193,3 +193,23 @@ def test_no_images_is_a_usage_error(tmp_path, capsys):
     assert main(["eval-rd", "--images", str(empty), "-o", str(tmp_path / "out"), "--formats"]) == 2
     assert "no images found" in capsys.readouterr().err
     assert main(["eval-rd", "--help"]) == 0
+
+
+def test_entropy_steps_are_a_curve_of_their_own(tiny_codec, images):
+    import numpy as np
+
+    from latentd.archive.entropy_coder import EntropyCoder
+    from latentd.archive.entropy_model import EntropyModelConfig, train_model
+    from latentd.archive.quantize import entropy_format
+    from latentd.client.cli.backends import LocalBackend
+
+    backend = LocalBackend(tiny_codec)
+    latents = [np.asarray(z, np.float32) for z in backend.encode(images)]
+    model = train_model(latents, EntropyModelConfig("tiny", 1.0, 0.0, latents[0].shape[0]))
+    formats = ["q8", *(entropy_format(EntropyCoder(model, step)) for step in (0.25, 1.0))]
+    points = _by_setting(rd.latent_points(backend, images, formats))
+    assert points["q8"].codec == "latentd tiny"
+    assert points["entropy@0.25"].codec == points["entropy@1"].codec == "latentd tiny entropy"
+    assert points["entropy@1"].bpp < points["entropy@0.25"].bpp < points["q8"].bpp
+    assert all(len(p.images) == len(images) and p.psnr is not None for p in points.values())  # the random
+    # tiny model's PSNR is noise at any step: the quality side is measured on the default model (compression.md)
