@@ -109,12 +109,11 @@ class _Items:
         finite = np.isfinite(latents.numpy()).reshape(len(reads), -1).all(1)
         if logvar is not None:
             finite &= np.isfinite(logvar.numpy()).reshape(len(reads), -1).all(1)
-        bad = [i for i in range(len(reads)) if not finite[i]]
-        for i in bad:
+        for i in np.flatnonzero(~finite):
             errors.append(ArchiveError(f"{self.path}: {shown(reads[i].record.key)}: latents hold values that "
                                        "are not finite"))
-        if bad:
-            keep = [i for i in range(len(reads)) if i not in bad]
+        if not finite.all():
+            keep = np.flatnonzero(finite)
             reads, latents = [reads[i] for i in keep], latents[keep]
             logvar = logvar[keep] if logvar is not None else None
             if not reads:

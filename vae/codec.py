@@ -262,7 +262,7 @@ class Codec:
     def _refined_posteriors(self, tensors: list[torch.Tensor], tiling: Tiling,
                             refine: int) -> list[tuple[torch.Tensor, torch.Tensor | None]]:
         check_refine_steps(refine)
-        if refine and any(self._tiling_predicate(tiling, 1)(*t.shape[-2:]) for t in tensors):
+        if refine and any(self.is_tiled(*t.shape[-2:], decode=False, tiling=tiling) for t in tensors):
             raise InvalidInputError("refine runs on untiled images only (tiling auto or off, and images that "
                                     f"auto does not tile: {self._untiled_text()})", field="refine")
         posteriors = self._posteriors(tensors, tiling)

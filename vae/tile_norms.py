@@ -67,10 +67,20 @@ class _Moments:
 class _Tile:
     """What a tile's thread knows: its image's shared statistics, its size on the grid and its core."""
 
-    image: "SharedStatistics"
+    image: "SharedStatistics | RecomputedStatistics"
     grid: tuple[int, int]  # the tile's height and width in grid units
     core: tuple[int, int, int, int]  # top, bottom, left, right in grid units, relative to the tile
     calls: int = 0  # GroupNorm layers passed so far: the key of the next one's statistics
+
+    def core_of(self, x: torch.Tensor, groups: int) -> torch.Tensor | None:
+        """The tile's core of `x` [1, C, H, W] as [groups, values]; None for a layer off the tile grid."""
+        grid_h, grid_w = self.grid
+        height, width = x.shape[-2:]
+        if x.shape[0] != 1 or height % grid_h or width % grid_w:
+            return None
+        sy, sx = height // grid_h, width // grid_w
+        top, bottom, left, right = self.core
+        return x[0, :, top * sy : bottom * sy, left * sx : right * sx].reshape(groups, -1)
 
 
 @dataclass
@@ -98,20 +108,15 @@ class SharedStatistics:
         checkpoint()  # long tiled work stops between layers when its caller says so
         key = tile.calls
         tile.calls += 1
-        grid_h, grid_w = tile.grid
-        height, width = x.shape[-2:]
-        on_grid = x.shape[0] == 1 and height % grid_h == 0 and width % grid_w == 0
-        if on_grid:
-            sy, sx = height // grid_h, width // grid_w
-            top, bottom, left, right = tile.core
-            core = x[0, :, top * sy : bottom * sy, left * sx : right * sx]
-            self._pending.setdefault(key, _Moments()).add(core.reshape(groups, -1))
+        core = tile.core_of(x, groups)
+        if core is not None:
+            self._pending.setdefault(key, _Moments()).add(core)
         self._turn.release()  # let the next tile compute while this one waits
         try:
             self._barrier.wait()
         finally:
             self._turn.acquire()
-        return self._merged.get(key) if on_grid else None
+        return self._merged.get(key) if core is not None else None
 
     def run(self, calls: list[tuple[Callable[[], torch.Tensor], tuple[int, int], tuple[int, int, int, int]]]
             ) -> list[torch.Tensor]:
@@ -173,12 +178,9 @@ class RecomputedStatistics:
         tile.calls += 1
         if key < self._target:
             return self._merged[key]
-        grid_h, grid_w = tile.grid
-        height, width = x.shape[-2:]
-        if x.shape[0] == 1 and height % grid_h == 0 and width % grid_w == 0:
-            sy, sx = height // grid_h, width // grid_w
-            top, bottom, left, right = tile.core
-            self._pending.add(x[0, :, top * sy : bottom * sy, left * sx : right * sx].reshape(groups, -1))
+        core = tile.core_of(x, groups)
+        if core is not None:
+            self._pending.add(core)
         raise _Gathered
 
     def run(self, calls: list[tuple[Callable[[], torch.Tensor], tuple[int, int], tuple[int, int, int, int]]]
