@@ -39,6 +39,12 @@ class EntropyCoder:
     model: EntropyModel
     step: float
 
+    format_name = "entropy"
+
+    @property
+    def label(self) -> str:
+        return f"entropy@{self.step:g}"
+
     @property
     def bins(self) -> int:
         return self.model.step_bins(self.step)

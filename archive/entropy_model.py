@@ -150,8 +150,8 @@ class EntropyModel:
         return out
 
 
-def load_entropy_model(folder: str | os.PathLike) -> EntropyModel:
-    """An entropy model folder (config.json + tables.safetensors); ValueError naming what is wrong."""
+def read_model_folder(folder: str | os.PathLike) -> tuple[dict, dict[str, np.ndarray]]:
+    """(config.json without its digest, tables) of a trained coding model's folder; ValueError naming what is wrong."""
     from safetensors import SafetensorError
     from safetensors.numpy import load_file
 
@@ -166,15 +166,27 @@ def load_entropy_model(folder: str | os.PathLike) -> EntropyModel:
     if not isinstance(raw, dict):
         raise ValueError(f"{path / CONFIG_FILE}: not a JSON object")
     raw.pop("digest", None)
+    return raw, tables
+
+
+def entropy_model_from(raw: dict, tables: dict[str, np.ndarray], where: str) -> EntropyModel:
+    """An EntropyModel from a parsed config.json (without its digest) and its tables; ValueError naming `where`."""
     known = set(EntropyModelConfig.__dataclass_fields__)
     if unknown := sorted(set(raw) - known):
-        raise ValueError(f"{path / CONFIG_FILE}: unknown fields {', '.join(unknown)}")
+        raise ValueError(f"{where}: unknown fields {', '.join(unknown)}")
     try:
         config = EntropyModelConfig(**{**raw, "sources": tuple(raw.get("sources", ()))})
         return EntropyModel(config, **{name: tables[name]
                                        for name in ("mean", "std", "unit", "weights", "counts", "outside")})
     except (TypeError, KeyError, ValueError) as exc:
-        raise ValueError(f"{path}: not a usable entropy model ({exc})") from None
+        raise ValueError(f"{where}: not a usable entropy model ({exc})") from None
+
+
+def load_entropy_model(folder: str | os.PathLike) -> EntropyModel:
+    """An entropy model folder of the `entropy` format (config.json + tables.safetensors); ValueError naming
+    what is wrong (coding.load_coding_model reads either format's)."""
+    raw, tables = read_model_folder(folder)
+    return entropy_model_from(raw, tables, str(folder))
 
 
 def packaged_entropy_model(vae: str) -> Path | None:

@@ -1,4 +1,5 @@
-"""Latent storage formats: float16, bfloat16, q8 (8-bit per-channel affine), q8 predicted and zstd-packed, and entropy-coded."""
+"""Latent storage formats: float16, bfloat16, q8 (8-bit per-channel affine), q8 predicted and zstd-packed, entropy-coded,
+and VQ codebook indices entropy-coded."""
 
 from __future__ import annotations
 
@@ -22,15 +23,16 @@ class LatentFormat:
     # latents it takes zstd from 0.425 to 0.347 bpp, because neighbouring latents are correlated and
     # zstd's byte matching does not see it.
     predictor: str = "none"
-    # Quantised in uniform per-channel steps and ANS-coded with a trained model (entropy_coder.py);
-    # `coder` (an EntropyCoder: the model and the step) is bound with `entropy_format`.
+    # Coded by a trained model (coding.py), bound as `coder` with `entropy_format`: `entropy` quantises
+    # in uniform per-channel steps and ANS-codes the residuals (an EntropyCoder: model and step), `vq`
+    # snaps each position to its nearest codebook vector and ANS-codes the indices (an IndexCoder).
     entropy: bool = False
     coder: Any = field(default=None, compare=False, repr=False)
 
     @property
     def label(self) -> str:
         """The format and, for entropy, its step: `entropy@0.5`."""
-        return f"{self.name}@{self.coder.step:g}" if self.coder is not None else self.name
+        return self.coder.label if self.coder is not None else self.name
 
 
 # The one table of storage formats.
@@ -40,6 +42,7 @@ FORMATS: tuple[LatentFormat, ...] = (
     LatentFormat("q8", 8, quantized=True),
     LatentFormat("q8-zstd", 8, quantized=True, zstd=True, predictor="med"),
     LatentFormat("entropy", 0, entropy=True),  # bits: as many as the model needs
+    LatentFormat("vq", 0, entropy=True),  # VQ models only: their codebook indices
 )
 FORMAT_NAMES = tuple(f.name for f in FORMATS)
 ZSTD_LEVEL = 19  # latents are small; the slowest levels still run far faster than the model
@@ -53,13 +56,13 @@ def get_format(name: str) -> LatentFormat:
 
 
 def entropy_format(coder: Any) -> LatentFormat:
-    """The `entropy` format bound to an EntropyCoder (a model and a step)."""
-    return replace(get_format("entropy"), coder=coder)
+    """The format a coder codes (`entropy` for an EntropyCoder, `vq` for an IndexCoder), bound to it."""
+    return replace(get_format(coder.format_name), coder=coder)
 
 
 def _coder(fmt: LatentFormat) -> Any:
     if fmt.coder is None:
-        raise ValueError("the entropy format needs its entropy model (entropy_format(EntropyCoder(model, step)))")
+        raise ValueError(f"the {fmt.name} format needs its entropy model (entropy_format(coding.coder_for(model)))")
     return fmt.coder
 
 

@@ -57,6 +57,11 @@ class ArchiveEntry:
     def latents(self) -> np.ndarray:
         return self._archive.latents(self.record)
 
+    @property
+    def indices(self) -> np.ndarray:
+        """A `vq` archive's codebook indices of the main latents, int32 [h, w]."""
+        return self._archive.indices(self.record)
+
 
 class Archive:
     """A latent archive opened for reading; iterate it for `ArchiveEntry` objects in encoding order.
@@ -232,12 +237,14 @@ class Archive:
         return unpack(stored, fmt, tuple(shape)), fmt
 
     def entropy_format(self) -> LatentFormat:
-        """The entropy format bound to the model that wrote this archive; ArchiveError when there is no
-        such model here or it is another one (its digest differs from the one the archive records)."""
+        """The archive's coded format (`entropy` or `vq`) bound to the model that wrote it; ArchiveError when
+        there is no such model here or it is another one (its digest differs from the one the archive
+        records, or it codes the other format)."""
         if self._entropy is not None:
             return self._entropy
-        from .entropy_coder import EntropyCoder
-        from .entropy_model import EntropyModel, load_entropy_model, packaged_entropy_model
+        from .coding import coder_for, format_of, load_coding_model
+        from .entropy_model import EntropyModel, packaged_entropy_model
+        from .index_model import IndexModel
 
         model, source = self._entropy_model, "the entropy model given"
         if model is None:
@@ -247,20 +254,40 @@ class Archive:
                 raise ArchiveError(f"no entropy model ships with VAE {shown(vae)}: pass the one that wrote the "
                                    "archive (--entropy-model DIR, open_archive(..., entropy_model=DIR))")
             source = f"the entropy model shipped with {shown(vae)} ({model})"
-        if not isinstance(model, EntropyModel):
+        if not isinstance(model, (EntropyModel, IndexModel)):
             try:
-                model = load_entropy_model(model)
+                model = load_coding_model(model)
             except ValueError as exc:
                 raise ArchiveError(str(exc)) from None
         recorded = self.meta.get("entropy_model")
         if recorded != model.digest:
             raise ArchiveError(f"the archive was written with entropy model {shown(str(recorded)[:16])}, "
                                f"{source} is {model.digest[:16]}: pass the one that wrote it (--entropy-model DIR)")
-        step = self.meta.get("entropy_step")
-        coder = EntropyCoder(model, float(step) if isinstance(step, (int, float)) and step > 0 else
-                             model.config.default_step)
-        self._entropy = entropy_format(coder)
+        if format_of(model) != self.meta.get("format"):
+            raise ArchiveError(f"{source} codes the {format_of(model)} format, the archive's is "
+                               f"{shown(self.meta.get('format'))}")
+        step = self.meta.get("entropy_step") if isinstance(model, EntropyModel) else None
+        self._entropy = entropy_format(coder_for(model, float(step) if isinstance(step, (int, float)) and step > 0
+                                                 else None))
         return self._entropy
+
+    def indices(self, record: ItemRecord, tag: str = "") -> np.ndarray:
+        """A `vq` archive's entry as its codebook indices, int32 [h, w] (`tag`: one its `variants` name);
+        ArchiveError for archives of other formats."""
+        if self.meta.get("format") != "vq":
+            raise ArchiveError(f"the archive's format is {shown(self.meta.get('format'))}: only vq archives "
+                               "store codebook indices")
+        check_record(record)
+        from .index_coder import decode_indices
+
+        shard = self._shard(record.shard)
+        stream = shard.get_tensor(tensor_name(record.tensor[: -len("::data")], "data", tag))
+        shape = record.latent_shape if not tag else next(
+            (v["latent_shape"] for v in self.variants(record) if tag in v.get("tensors", {}).values()), None)
+        if not isinstance(shape, list) or len(shape) != 3:
+            raise ArchiveError(f"variant {shown(tag)} of {shown(record.key)} is not in the archive")
+        return decode_indices(np.ascontiguousarray(stream, np.uint8).tobytes(), self.entropy_format().coder.model,
+                              tuple(shape[1:]))
 
     def variants(self, record: ItemRecord) -> list[dict[str, Any]]:
         """What the archive holds for an entry, one dict per size (the main one first): size_policy,

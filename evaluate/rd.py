@@ -125,7 +125,7 @@ def latent_points(backend, images: Sequence[np.ndarray], formats: Iterable[str |
             collected.append(result)
     codec = f"{LATENT_CODEC_PREFIX}{backend.name}"
     # The entropy format at its steps is a curve of its own, beside the fixed-rate formats' points.
-    return [mean_point(f"{codec} entropy" if fmt.entropy else codec, fmt.label, collected)
+    return [mean_point(f"{codec} entropy" if fmt.name == "entropy" else codec, fmt.label, collected)
             for fmt, collected in zip(fmts, per_format) if collected]
 
 

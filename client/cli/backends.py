@@ -21,6 +21,9 @@ class Backend(Protocol):
     factor: int  # the downsampling factor: latents are ceil(h / factor) x ceil(w / factor)
     scaling_factor: float
     shift_factor: float | None
+    codebook_size: int  # a VQ model's codes (0 for other models)
+    codebook_dim: int
+    codebook: np.ndarray | None  # float32 [codebook_size, codebook_dim] where the model is here, else None
 
     def encode(self, images: Sequence[np.ndarray], tiling: str = "auto") -> list[np.ndarray]:
         """uint8 HWC images -> float32 [C, h, w] latents, diffusers-scaled."""
@@ -50,6 +53,8 @@ class LocalBackend:
         self.factor = codec.info.downsampling_factor
         self.scaling_factor = codec.info.scaling_factor
         self.shift_factor = codec.info.shift_factor
+        self.codebook_size, self.codebook_dim = codec.info.codebook_size, codec.info.codebook_dim
+        self.codebook = None if codec.codebook is None else codec.codebook.numpy()
 
     def encode(self, images: Sequence[np.ndarray], tiling: str = "auto") -> list[np.ndarray]:
         # C-contiguous: the codec's tensors may be channels_last underneath.
@@ -94,6 +99,8 @@ class RemoteBackend:
         self.factor = info.downsampling_factor
         self.scaling_factor = info.scaling_factor
         self.shift_factor = info.shift_factor
+        self.codebook_size, self.codebook_dim = info.codebook_size, info.codebook_dim
+        self.codebook = None  # a server does not send its codebook
 
     # Archive encoding and decoding are bulk work: they yield to interactive callers on a shared server.
     def encode(self, images: Sequence[np.ndarray], tiling: str = "auto") -> list[np.ndarray]:

@@ -40,8 +40,8 @@ class Parser(argparse.ArgumentParser):
 
 def add_entropy_model_arg(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--entropy-model", type=Path, metavar="DIR",
-                        help="format entropy: the entropy model folder (`latentd entropy-train`); default: the "
-                             "one shipped with the VAE")
+                        help="formats entropy and vq: the entropy model folder (`latentd entropy-train`); default: "
+                             "the one shipped with the VAE, or the `entropy` folder inside a --model folder")
 
 
 def server_address(text: str) -> str:

@@ -44,7 +44,7 @@ def run(args: argparse.Namespace) -> int:
     if args.output.exists() and not args.output.is_dir():
         raise CommandError(f"{args.output}: exists and is not a folder", EXIT_USAGE)
     with archive_input():
-        archive = open_archive(args.archive, verify_checksums=args.verify, entropy_model=args.entropy_model)
+        archive = open_archive(args.archive, verify_checksums=args.verify, entropy_model=_entropy_model(args))
     with archive:
         if args.model is None:
             args.model = archive.meta.get("model", "default")  # the model that wrote it
@@ -58,6 +58,15 @@ def run(args: argparse.Namespace) -> int:
         print(f"FAILED {problem}", file=sys.stderr)
     print(f"decoded {writer.written} images to {args.output}" + (f"; {len(problems)} failed" if problems else ""))
     return EXIT_FAILED if problems else EXIT_OK
+
+
+def _entropy_model(args: argparse.Namespace) -> Path | None:
+    """--entropy-model, else the `entropy` folder of a --model folder (a VAE loaded by path has no packaged one)."""
+    from latentd.archive.entropy_model import CONFIG_FILE
+
+    if args.entropy_model is None and args.model and (Path(args.model) / "entropy" / CONFIG_FILE).is_file():
+        return Path(args.model) / "entropy"
+    return args.entropy_model
 
 
 def _decode_chunk(backend, chunk: list, writer: "_Writer", problems: list) -> None:

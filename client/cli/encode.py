@@ -30,7 +30,8 @@ def add_parser(subparsers: argparse._SubParsersAction) -> None:
                         help="archive folder, or an fsspec URL (s3://, gs://, memory://, file://)")
     parser.add_argument("--format", choices=FORMAT_NAMES, default="float16",
                         help="latent storage: float16, bfloat16, q8 (8-bit per channel), q8-zstd, entropy (quantised "
-                             "in --step and coded with the VAE's entropy model) (default: float16)")
+                             "in --step and coded with the VAE's entropy model), vq (a VQ model's codebook indices, coded with its "
+                             "entropy model) (default: float16)")
     parser.add_argument("--step", type=float, default=None, metavar="S",
                         help="format entropy: quantisation step in the entropy model's per-channel units; larger is smaller "
                              "and coarser (default: the entropy model's, see docs/compression.md)")
@@ -108,15 +109,19 @@ def run(args: argparse.Namespace) -> int:
         items()  # checks the sources' kinds and that none is given twice
     except ValueError as exc:
         raise CommandError(str(exc), EXIT_USAGE) from exc
-    if args.format != "entropy" and (args.step is not None or args.entropy_model is not None):
-        raise CommandError("--step and --entropy-model go with --format entropy", EXIT_USAGE)
+    if args.format != "entropy" and args.step is not None:
+        raise CommandError("--step goes with --format entropy", EXIT_USAGE)
+    if not get_format(args.format).entropy and args.entropy_model is not None:
+        raise CommandError("--entropy-model goes with --format entropy or vq", EXIT_USAGE)
+    if args.format == "vq" and args.logvar:
+        raise CommandError("--logvar: a VQ model has no posterior log-variance (--format vq)", EXIT_USAGE)
     backend = backend_from_args(args)
     fmt, digest, step = get_format(args.format), "", 0.0
     if fmt.entropy:
         from .entropy_args import entropy_coder
 
-        coder = entropy_coder(args.entropy_model, args.step, backend)
-        fmt, digest, step = entropy_format(coder), coder.model.digest, coder.step
+        coder = entropy_coder(args.entropy_model, args.step, backend, args.format, args.model)
+        fmt, digest, step = entropy_format(coder), coder.model.digest, getattr(coder, "step", 0.0)
     settings = ArchiveSettings(args.format, str(policy), backend.name, backend.scaling_factor, backend.shift_factor,
                                backend.factor, tuple(p.width for p in variants.policies[1:]), args.flip, args.logvar,
                                digest, step)

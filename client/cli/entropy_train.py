@@ -1,4 +1,4 @@
-"""`latentd entropy-train --images DIR... -o DIR`: the `entropy` format's probability model from training latents."""
+"""`latentd entropy-train --images DIR... -o DIR`: the `entropy` (or `vq`) format's probability model from training latents."""
 
 from __future__ import annotations
 
@@ -13,16 +13,20 @@ def add_parser(subparsers: argparse._SubParsersAction) -> None:
     from latentd.archive.entropy_model import DEFAULT_STEP
 
     parser = subparsers.add_parser(
-        "entropy-train", help="train the entropy model of `--format entropy` on a VAE's latents",
+        "entropy-train", help="train the entropy model of `--format entropy` (or vq) on a VAE's latents",
         description="Encode every image of --images once (each at its own size), histogram the latents per "
-                    "channel and write the entropy model (config.json naming the VAE and its scaling, "
-                    "tables.safetensors) to -o. Train on training images only, never on the images you "
+                    "channel (format vq: the codebook indices) and write the entropy model (config.json naming "
+                    "the VAE and its scaling, tables.safetensors) to -o. Train on training images only, never "
+                    "on the images you "
                     "measure with. Exit codes: 0 written, 1 some images failed (the model is still written "
                     "from the others), 2 bad usage or no image readable.")
     parser.add_argument("--images", nargs="+", type=Path, required=True, metavar="PATH",
                         help="image files or folders, searched recursively")
     parser.add_argument("-o", "--output", type=Path, required=True, metavar="DIR",
                         help="entropy model folder to write (the shipped one: vae/weights/<model>/entropy)")
+    parser.add_argument("--format", choices=("entropy", "vq"), default=None,
+                        help="the format the model codes: entropy (latents) or vq (a VQ model's codebook indices; "
+                             "the model then holds the codebook) (default: vq for VQ models, else entropy)")
     parser.add_argument("--default-step", type=float, default=DEFAULT_STEP, metavar="S",
                         help="the step `encode --format entropy` uses unless given --step, in units (default: "
                              f"{DEFAULT_STEP})")
@@ -54,6 +58,12 @@ def run(args: argparse.Namespace) -> int:
     if not files:
         raise CommandError(f"no images found in {' '.join(map(str, args.images))}", EXIT_USAGE)
     backend = backend_from_args(args)
+    fmt = args.format or ("vq" if backend.codebook_size else "entropy")
+    if fmt == "vq" and backend.codebook is None:
+        raise CommandError(f"--format vq: model {backend.name} " + (
+            "has no codebook" if not backend.codebook_size else
+            "is on a server, which does not send its codebook: run with the model here (--model, no --server)"),
+            EXIT_USAGE)
     latents, failed = [], 0
     for index, path in enumerate(files):
         try:
@@ -66,8 +76,10 @@ def run(args: argparse.Namespace) -> int:
             print(f"encoded {index + 1} of {len(files)} images", file=sys.stderr)
     if not latents:
         raise CommandError(f"none of the {len(files)} images could be encoded", EXIT_USAGE)
+    if fmt == "vq":
+        return _train_indices(args, backend, latents, failed)
     config = EntropyModelConfig(vae=backend.name, scaling_factor=float(backend.scaling_factor),
-                                shift_factor=float(backend.shift_factor), channels=int(latents[0].shape[0]),
+                                shift_factor=float(backend.shift_factor or 0.0), channels=int(latents[0].shape[0]),
                                 default_step=float(args.default_step), images=len(latents),
                                 sources=tuple(str(p) for p in args.images))
     sensitivity = None
@@ -87,4 +99,30 @@ def run(args: argparse.Namespace) -> int:
     print(f"trained on {len(latents)} images ({values} latent values) of {backend.name}; step units "
           + ", ".join(f"{u:.4f}" for u in model.unit) + f" (standard deviations "
           + ", ".join(f"{s:.4f}" for s in model.std) + f"); digest {model.digest[:16]}; wrote {args.output}")
+    return EXIT_FAILED if failed else EXIT_OK
+
+
+def _train_indices(args: argparse.Namespace, backend, latents: list, failed: int) -> int:
+    """The `vq` format's model: the codebook, and flag and literal counts of the latents' nearest indices."""
+    from latentd.archive.index_coder import IndexCoder
+    from latentd.archive.index_model import FLAGS, IndexModelConfig, IndexTrainer
+
+    config = IndexModelConfig(vae=backend.name, scaling_factor=float(backend.scaling_factor),
+                              shift_factor=float(backend.shift_factor or 0.0),
+                              codebook_size=int(backend.codebook_size), codebook_dim=int(backend.codebook_dim),
+                              images=len(latents), sources=tuple(str(p) for p in args.images))
+    trainer = IndexTrainer(backend.codebook)
+    try:
+        coder = IndexCoder(trainer.model(config))
+        for array in latents:
+            trainer.count(coder.nearest(array))
+        model = trainer.model(config)
+    except ValueError as exc:
+        raise CommandError(str(exc), EXIT_USAGE) from None
+    model.save(args.output)
+    total = int(model.flags.sum())
+    print(f"trained on {len(latents)} images ({total} indices) of {backend.name}: "
+          + ", ".join(f"{name} {count / total:.1%}" for name, count in zip(FLAGS, model.flags))
+          + f", {int((model.counts > 0).sum())} of {config.codebook_size} codes seen as literals; digest "
+          f"{model.digest[:16]}; wrote {args.output}")
     return EXIT_FAILED if failed else EXIT_OK

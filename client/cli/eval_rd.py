@@ -28,8 +28,8 @@ def add_parser(subparsers: argparse._SubParsersAction) -> None:
     parser.add_argument("-o", "--out", type=Path, default=DEFAULT_OUT, metavar="DIR",
                         help=f"output folder (default: {DEFAULT_OUT})")
     parser.add_argument("--formats", nargs="*", choices=FORMAT_NAMES, default=None,
-                        help="latent storage formats; none skips the model (default: all; entropy only where the "
-                             "model has an entropy model)")
+                        help="latent storage formats; none skips the model (default: all; entropy and vq only "
+                             "where the model has an entropy model for them)")
     parser.add_argument("--entropy-steps", nargs="+", type=float, default=list(ENTROPY_STEPS), metavar="S",
                         help="steps of the entropy format, in the entropy model's units (default: %(default)s)")
     add_entropy_model_arg(parser)
@@ -121,22 +121,23 @@ def run(args: argparse.Namespace) -> int:
 
 
 def _formats(args: argparse.Namespace, backend, implicit: bool, notes: list[str]) -> list:
-    """--formats, the entropy format once per --entropy-steps step; left out with a note when --formats
-    was not given and the model has no entropy model."""
+    """--formats, the entropy format once per --entropy-steps step, vq once; a coded format is left out with a
+    note when --formats was not given and the model has no entropy model for it (or no codebook)."""
     from latentd.archive.quantize import entropy_format, get_format
 
     from .entropy_args import entropy_coder
 
     formats = []
     for name in args.formats:
-        if get_format(name).entropy:
-            try:
-                formats += [entropy_format(entropy_coder(args.entropy_model, step, backend))
-                            for step in args.entropy_steps]
-            except CommandError as exc:
-                if not implicit or args.entropy_model is not None:
-                    raise
-                notes.append(f"entropy format skipped: {exc}")
-        else:
+        if not get_format(name).entropy:
             formats.append(get_format(name))
+            continue
+        steps = args.entropy_steps if name == "entropy" else [None]
+        try:
+            formats += [entropy_format(entropy_coder(args.entropy_model, step, backend, name, args.model))
+                        for step in steps]
+        except CommandError as exc:
+            if not implicit or args.entropy_model is not None:
+                raise
+            notes.append(f"{name} format skipped: {exc}")
     return formats

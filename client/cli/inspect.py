@@ -50,8 +50,9 @@ def run(args: argparse.Namespace) -> int:
     print(f"{args.archive}: model {meta.get('model')} (scaling {meta.get('scaling_factor')}, shift "
           f"{meta.get('shift_factor')}), format {meta.get('format')}, size {meta.get('size_policy')}")
     if meta.get("entropy_model"):
-        print(f"entropy model {shown(str(meta['entropy_model']))[:18]}, step {shown(meta.get('entropy_step'))} "
-              "units")
+        coded = ("codebook indices" if meta.get("format") == "vq" else
+                 f"step {shown(meta.get('entropy_step'))} units")
+        print(f"entropy model {shown(str(meta['entropy_model']))[:18]}, {coded}")
     print(f"images: {counts.get('ok', 0)} encoded, {counts.get('failed', 0)} failed, "
           f"{counts.get('duplicate', 0)} duplicates")
     bpp = "-" if report["bpp"] is None else f"{report['bpp']:.4f}"

@@ -210,7 +210,7 @@ def test_med_prediction_is_exactly_invertible(shape):
     np.testing.assert_array_equal(med_codes(residuals), codes)
 
 
-@pytest.mark.parametrize("name", [name for name in FORMAT_NAMES if name != "entropy"])  # its own tests: test_entropy.py
+@pytest.mark.parametrize("name", [n for n in FORMAT_NAMES if not get_format(n).entropy])  # coded: test_entropy.py, test_vq_format.py
 def test_loading_a_batch_together_gives_each_latent_as_loaded_alone(name):
     fmt, rng = get_format(name), np.random.default_rng(1)
     latents = [rng.standard_normal((4, 9, 13)).astype(np.float32) * (i + 1) for i in range(5)]

@@ -118,7 +118,10 @@ def test_entropy_options_are_checked(tiny_model_dir, trained, photos, tmp_path, 
     out = tmp_path / "a.latents"
     assert main(["encode", str(photos), "-o", str(out), "--model", str(tiny_model_dir), "--no-progress",
                  "--step", "0.5"]) == 2
-    assert "--step and --entropy-model go with --format entropy" in capsys.readouterr().err
+    assert "--step goes with --format entropy" in capsys.readouterr().err
+    assert main(["encode", str(photos), "-o", str(out), "--model", str(tiny_model_dir), "--no-progress",
+                 "--entropy-model", str(trained)]) == 2
+    assert "--entropy-model goes with --format entropy or vq" in capsys.readouterr().err
     assert _encode(photos, out, tiny_model_dir, "--entropy-model", str(trained), "--step", "0") == 2
     assert "--step: entropy step 0" in capsys.readouterr().err
     assert _encode(photos, out, tiny_model_dir) == 2
