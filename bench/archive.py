@@ -75,15 +75,13 @@ def write_photos(folder: Path, count: int, width: int, height: int) -> list[Path
 
 def bench_archive(backend, sources: list[Path] | None = None, *, images: int = 16, size: tuple[int, int] = (768, 512),
                   batch_size: int = 8, workers: int = 4, fmt: str = "q8-zstd",
-                  entropy_model=None) -> ArchiveThroughput:
+                  coder=None) -> ArchiveThroughput:
     """Time the model on pre-decoded pixels, then `encode_sources` on the same files, same batch size; then
-    the storage stage of q8-zstd and, with an `entropy_model` (EntropyModel), of the entropy format at its
-    default step, on the model's latents."""
-    from latentd.archive.entropy_coder import EntropyCoder
-
-    entropy = entropy_format(EntropyCoder(entropy_model, entropy_model.config.default_step)) if entropy_model else None
-    if get_format(fmt).entropy and entropy is None:
-        raise ValueError("format entropy needs an entropy model")
+    the storage stage of q8-zstd and, with a `coder` (an EntropyCoder or IndexCoder, coding.coder_for), of
+    its format, on the model's latents."""
+    coded = entropy_format(coder) if coder is not None else None
+    if get_format(fmt).entropy and (coded is None or coded.name != fmt):
+        raise ValueError(f"format {fmt} needs its entropy model")
     from latentd.vae.imageio import open_image
 
     with tempfile.TemporaryDirectory(prefix="latentd-bench-") as scratch:
@@ -99,11 +97,11 @@ def bench_archive(backend, sources: list[Path] | None = None, *, images: int = 1
 
         settings = ArchiveSettings(fmt, "native", backend.name, backend.scaling_factor, backend.shift_factor,
                                    backend.factor)
-        writer = ArchiveWriter(root / "archive", settings, entropy if get_format(fmt).entropy else get_format(fmt))
+        writer = ArchiveWriter(root / "archive", settings, coded if get_format(fmt).entropy else get_format(fmt))
         started = time.perf_counter()
         summary = encode_sources(iter_sources(files), writer, backend, SizePolicy.parse("native"),
                                  batch_size=batch_size, workers=workers)
         writer.close()
         archive_rate = summary.images / (time.perf_counter() - started)
-    stages = [bench_stage(latents, get_format("q8-zstd"))] + ([bench_stage(latents, entropy)] if entropy else [])
+    stages = [bench_stage(latents, get_format("q8-zstd"))] + ([bench_stage(latents, coded)] if coded else [])
     return ArchiveThroughput(len(pixels), batch_size, model_rate, archive_rate, stages)

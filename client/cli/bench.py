@@ -186,7 +186,9 @@ def _add_reader_parser(kinds) -> None:
     reader.add_argument("--side", type=int, default=64, help="latent side, 64 for 512x512 images (default: 64)")
     from latentd.archive.quantize import FORMAT_NAMES
 
-    reader.add_argument("--format", choices=[n for n in FORMAT_NAMES if n != "entropy"], default="float16",
+    from latentd.archive.quantize import get_format
+
+    reader.add_argument("--format", choices=[n for n in FORMAT_NAMES if not get_format(n).entropy], default="float16",
                         help="the archive's latent format (default: float16)")
     reader.add_argument("--batch-size", type=int, default=32, help="DataLoader batch size (default: 32)")
     reader.add_argument("--workers", type=int, nargs="+", default=[0, 2], help="DataLoader workers (default: 0 2)")
@@ -213,7 +215,8 @@ def _add_archive_parser(kinds) -> None:
                     "to end through `latentd encode` (file decoding, model, quantization, shards, manifest); "
                     "print both rates and their ratio (target: at least 90%%). Then the storage stage alone on "
                     "those latents, one thread: q8-zstd and, where the model has an entropy model, the entropy "
-                    "format at its default step, in MB/s of float32 latents (entropy target: at least 20).")
+                    "format at its default step (vq for VQ models), in MB/s of float32 latents (entropy target: "
+                    "at least 20).")
     archive.add_argument("--images", type=int, default=16, help="synthetic Kodak-sized JPEGs (default: 16)")
     archive.add_argument("--from", dest="sources", nargs="+", type=Path, metavar="FILE",
                          help="use these image files instead")
@@ -231,16 +234,22 @@ def run_archive(args: argparse.Namespace) -> int:
 
     _positive(args, "images", "batch_size", "workers")
     backend = backend_from_args(args)
-    from .entropy_args import entropy_model_for
+    from latentd.archive.quantize import get_format
+
+    from .entropy_args import entropy_coder
 
     try:
-        entropy_model = entropy_model_for(args.entropy_model, backend)
+        coded = args.format if get_format(args.format).entropy else ("vq" if backend.codebook_size else "entropy")
+    except ValueError as exc:
+        raise CommandError(f"--format: {exc}", EXIT_USAGE) from None
+    try:
+        coder = entropy_coder(args.entropy_model, None, backend, coded, args.model)
     except CommandError:
-        if args.entropy_model is not None or args.format == "entropy":
+        if args.entropy_model is not None or args.format == coded:
             raise
-        entropy_model = None  # no entropy model for this VAE: no entropy row
+        coder = None  # no entropy model for this VAE: no coded row
     result = bench_archive(backend, args.sources, images=args.images, batch_size=args.batch_size,
-                           workers=args.workers, fmt=args.format, entropy_model=entropy_model)
+                           workers=args.workers, fmt=args.format, coder=coder)
     verdict = "met" if result.ratio >= ARCHIVE_TARGET else "MISSED"
     print(f"bench archive: {result.images} images, batch {result.batch_size}: model alone "
           f"{result.model_images_per_s:.2f} images/s, latentd encode end to end {result.archive_images_per_s:.2f} "

@@ -142,3 +142,11 @@ def test_reading_with_the_wrong_model_names_both(vq_dir, photos, tmp_path, capsy
     capsys.readouterr()
     assert main(["verify", str(out), "--entropy-model", str(tmp_path / "o-entropy")]) == 1
     assert "was written with entropy model" in capsys.readouterr().out + capsys.readouterr().err
+
+
+def test_bench_archive_measures_the_vq_stage(vq_dir, photos, capsys):
+    files = [str(p) for p in sorted(photos.iterdir())]
+    assert main(["bench", "archive", "--from", *files, "--batch-size", "1", "--workers", "1", "--model",
+                 str(vq_dir), "--format", "vq"]) == 0
+    out = capsys.readouterr().out
+    assert "bench archive stage q8-zstd:" in out and "bench archive stage vq:" in out
