@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import io
 import threading
+import time
 from concurrent.futures import ThreadPoolExecutor
 
 import grpc
@@ -268,6 +269,13 @@ def test_batches_that_meet_run_side_by_side_on_narrow_lanes(start_server, monkey
             first = pool.submit(harness.stub.Encode, encode_request(images[:1]), timeout=30)
             assert first_in.wait(10)
             rest = [pool.submit(harness.stub.Encode, encode_request([image]), timeout=30) for image in images[1:]]
+            # Every other request at the server before the first ends: one batch waiting for a lane (a
+            # batcher worker per narrow lane), the rest queued; never a wall-clock guess.
+            batcher, lanes = harness.server.pool.get("").batcher, harness.server.pool._lanes
+            deadline = time.monotonic() + 10
+            while not (lanes._waiting >= 1 and batcher.depth >= len(images) - 2):
+                assert time.monotonic() < deadline, "the other requests never reached the batcher"
+                time.sleep(0.01)
             release.set()
             return [first.result(30)] + [future.result(30) for future in rest]
 
