@@ -32,6 +32,16 @@ class EntropyStreamError(ValueError):
     """An entropy-coded stream that cannot be decoded as it claims."""
 
 
+def checked_latents(latents: np.ndarray, channels: int, owner: str) -> np.ndarray:
+    """`latents` as float32 [channels, h, w]; ValueError (`owner` [C, h, w]) for another shape or a value not finite."""
+    latents = np.asarray(latents, np.float32)
+    if latents.ndim != 3 or latents.shape[0] != channels:
+        raise ValueError(f"latents of shape {list(latents.shape)}, {owner} [{channels}, h, w]")
+    if not np.isfinite(latents).all():
+        raise ValueError("latents hold values that are not finite")
+    return latents
+
+
 @dataclass(frozen=True)
 class EntropyCoder:
     """One model at one step; `encode` latents float32 [C, h, w] to stream bytes and `decode` them back."""
@@ -55,12 +65,7 @@ class EntropyCoder:
 
     def quantize(self, latents: np.ndarray) -> np.ndarray:
         """int32 [C, h, w] symbols: latents in steps from each channel's mean, rounded."""
-        latents = np.asarray(latents, np.float32)
-        channels = self.model.config.channels
-        if latents.ndim != 3 or latents.shape[0] != channels:
-            raise ValueError(f"latents of shape {list(latents.shape)}, the entropy model codes [{channels}, h, w]")
-        if not np.isfinite(latents).all():
-            raise ValueError("latents hold values that are not finite")
+        latents = checked_latents(latents, self.model.config.channels, "the entropy model codes")
         # float64: a float32 latent divided by a small step can overflow float32 (then it is clipped).
         steps = self.steps(self.bins).astype(np.float64)[:, None, None]
         scaled = np.rint((latents - self.model.mean[:, None, None].astype(np.float64)) / steps)

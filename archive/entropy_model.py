@@ -169,17 +169,24 @@ def read_model_folder(folder: str | os.PathLike) -> tuple[dict, dict[str, np.nda
     return raw, tables
 
 
-def entropy_model_from(raw: dict, tables: dict[str, np.ndarray], where: str) -> EntropyModel:
-    """An EntropyModel from a parsed config.json (without its digest) and its tables; ValueError naming `where`."""
-    known = set(EntropyModelConfig.__dataclass_fields__)
+def model_from(config_type: type, model_type: type, names: tuple[str, ...], raw: dict,
+               tables: dict[str, np.ndarray], where: str):
+    """A coding model (`model_type(config, **tables)`) from a parsed config.json without its digest and the
+    tables `names`; ValueError naming `where` and what is wrong."""
+    known = set(config_type.__dataclass_fields__)
     if unknown := sorted(set(raw) - known):
         raise ValueError(f"{where}: unknown fields {', '.join(unknown)}")
     try:
-        config = EntropyModelConfig(**{**raw, "sources": tuple(raw.get("sources", ()))})
-        return EntropyModel(config, **{name: tables[name]
-                                       for name in ("mean", "std", "unit", "weights", "counts", "outside")})
+        config = config_type(**{**raw, "sources": tuple(raw.get("sources", ()))})
+        return model_type(config, **{name: tables[name] for name in names})
     except (TypeError, KeyError, ValueError) as exc:
         raise ValueError(f"{where}: not a usable entropy model ({exc})") from None
+
+
+def entropy_model_from(raw: dict, tables: dict[str, np.ndarray], where: str) -> EntropyModel:
+    """An EntropyModel from a parsed config.json (without its digest) and its tables; ValueError naming `where`."""
+    return model_from(EntropyModelConfig, EntropyModel, ("mean", "std", "unit", "weights", "counts", "outside"),
+                      raw, tables, where)
 
 
 def load_entropy_model(folder: str | os.PathLike) -> EntropyModel:
@@ -230,6 +237,13 @@ def normalise(weights: np.ndarray, total: int = 1 << PRECISION) -> np.ndarray:
     return scaled
 
 
+def within_36_bits(counts: np.ndarray) -> np.ndarray:
+    """Positive counts shifted down until their sum fits 36 bits (each kept at least 1), so that `normalise`
+    multiplies far inside int64."""
+    shift = max(0, int(counts.sum()).bit_length() - 36)
+    return np.maximum(counts >> shift, 1)
+
+
 def coarse_tables(model: EntropyModel, bins: int) -> CoarseTables:
     span = model.config.span * model.config.fine
     fine_index = np.arange(-span, span + 1, dtype=np.int64)
@@ -245,10 +259,8 @@ def coarse_tables(model: EntropyModel, bins: int) -> CoarseTables:
         np.add.at(summed, coarse[inside] - low, counts[inside])
         beyond = int(counts[~inside].sum()) + int(model.outside[group])
         smoothed = np.append(summed, beyond) + 1  # Laplace: every symbol and the escape stay codable
-        # Scaled down first so that weights * total stays far inside int64.
-        shift = max(0, int(smoothed.sum()).bit_length() - 36)
         lows.append(int(low))
-        weights.append(normalise(np.maximum(smoothed >> shift, 1)))
+        weights.append(normalise(within_36_bits(smoothed)))
     return CoarseTables(bins, tuple(lows), tuple(weights))
 
 

@@ -18,7 +18,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from .entropy_coder import EntropyStreamError
+from .entropy_coder import EntropyStreamError, checked_latents
 from .entropy_model import PRECISION
 from .index_model import LEFT, LITERAL, UP, IndexModel, flags_of
 
@@ -45,12 +45,8 @@ class IndexCoder:
     def nearest(self, latents: np.ndarray) -> np.ndarray:
         """int32 [h, w]: the index of the codebook vector nearest each position's latent (Euclidean, as
         diffusers' VectorQuantizer; ties to the lowest index)."""
-        latents = np.asarray(latents, np.float32)
         dim = self.model.config.codebook_dim
-        if latents.ndim != 3 or latents.shape[0] != dim:
-            raise ValueError(f"latents of shape {list(latents.shape)}, the codebook's vectors are [{dim}, h, w]")
-        if not np.isfinite(latents).all():
-            raise ValueError("latents hold values that are not finite")
+        latents = checked_latents(latents, dim, "the codebook's vectors are")
         vectors = self.raw(latents).reshape(dim, -1).T
         codebook = self.model.codebook.astype(np.float64)
         norms = (codebook ** 2).sum(axis=1)

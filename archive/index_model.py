@@ -19,7 +19,7 @@ from pathlib import Path
 
 import numpy as np
 
-from .entropy_model import CONFIG_FILE, TABLES_FILE, normalise
+from .entropy_model import CONFIG_FILE, TABLES_FILE, model_from, normalise, within_36_bits
 
 KIND = "indices"
 FLAGS = ("left", "up", "literal")  # the flag symbols, in their table's order
@@ -90,7 +90,7 @@ class IndexModel:
     def tables(self) -> tuple[np.ndarray, np.ndarray]:
         """(flag weights [3], literal weights [K]): int64, each summing to 2**PRECISION, each at least 1."""
         if "tables" not in self._cache:
-            self._cache["tables"] = (normalise(_scaled(self.flags + 1)), normalise(_scaled(self.counts + 1)))
+            self._cache["tables"] = (normalise(within_36_bits(self.flags + 1)), normalise(within_36_bits(self.counts + 1)))
         return self._cache["tables"]
 
     def save(self, folder: str | os.PathLike) -> Path:
@@ -109,22 +109,9 @@ class IndexModel:
         return out
 
 
-def _scaled(weights: np.ndarray) -> np.ndarray:
-    """Counts shifted down until their sum fits 36 bits, so `normalise` stays inside int64."""
-    shift = max(0, int(weights.sum()).bit_length() - 36)
-    return np.maximum(weights >> shift, 1)
-
-
 def index_model_from(raw: dict, tables: dict[str, np.ndarray], where: str) -> IndexModel:
     """An IndexModel from a parsed config.json (without its digest) and its tables; ValueError naming `where`."""
-    known = set(IndexModelConfig.__dataclass_fields__)
-    if unknown := sorted(set(raw) - known):
-        raise ValueError(f"{where}: unknown fields {', '.join(unknown)}")
-    try:
-        config = IndexModelConfig(**{**raw, "sources": tuple(raw.get("sources", ()))})
-        return IndexModel(config, **{name: tables[name] for name in ("codebook", "counts", "flags")})
-    except (TypeError, KeyError, ValueError) as exc:
-        raise ValueError(f"{where}: not a usable index model ({exc})") from None
+    return model_from(IndexModelConfig, IndexModel, ("codebook", "counts", "flags"), raw, tables, where)
 
 
 def flags_of(indices: np.ndarray) -> np.ndarray:
