@@ -97,7 +97,7 @@ def run(args: argparse.Namespace) -> int:
     model.save(args.output)
     values = sum(a.size for a in latents)
     print(f"trained on {len(latents)} images ({values} latent values) of {backend.name}; step units "
-          + ", ".join(f"{u:.4f}" for u in model.unit) + f" (standard deviations "
+          + ", ".join(f"{u:.4f}" for u in model.unit) + " (standard deviations "
           + ", ".join(f"{s:.4f}" for s in model.std) + f"); digest {model.digest[:16]}; wrote {args.output}")
     return EXIT_FAILED if failed else EXIT_OK
 
