@@ -150,3 +150,22 @@ def test_bench_archive_measures_the_vq_stage(vq_dir, photos, capsys):
                  str(vq_dir), "--format", "vq"]) == 0
     out = capsys.readouterr().out
     assert "bench archive stage q8-zstd:" in out and "bench archive stage vq:" in out
+
+
+def test_the_batched_reader_gives_the_codes_vectors_as_the_items_do(vq_dir, photos, tmp_path):
+    import torch
+    from torch.utils.data import DataLoader
+
+    from latentd.archive.datasets import LatentIterableDataset
+
+    out = tmp_path / "c.latents"
+    assert _encode(photos, out, vq_dir, "--size", "center-crop:32", "--flip") == 0
+    common = dict(rank=0, world_size=1, seed=1, batch_size=2, flip="random", entropy_model=vq_dir / "entropy")
+    items = list(DataLoader(LatentIterableDataset(out, **common), batch_size=2))
+    batches = list(DataLoader(LatentIterableDataset(out, batched=True, **common), batch_size=None))
+    assert [len(b["key"]) for b in batches] == [2, 1]
+    codebook = torch.from_numpy(load_coding_model(vq_dir / "entropy").codebook)
+    for want, have in zip(items, batches):
+        assert want["key"] == have["key"] and torch.equal(want["latents"], have["latents"])
+        vectors = have["latents"].permute(0, 2, 3, 1).reshape(-1, 3)
+        assert (vectors[:, None] == codebook[None]).all(-1).any(-1).all()  # every position is exactly a code
