@@ -34,6 +34,10 @@ def add_parser(subparsers: argparse._SubParsersAction) -> None:
     export.add_argument("-o", "--output", type=Path, required=True, help="model folder to write")
     export.add_argument("--stat-images", type=int, help="training crops for the latent statistics")
     export.add_argument("--dtype", choices=("float32", "float16", "bfloat16"), help="weights dtype (config default)")
+    export.add_argument("--latent-stats", choices=("global", "per-channel"),
+                        help="global: scaling_factor and shift_factor; per-channel: also latents_mean and "
+                             "latents_std, for unit variance in every channel (default: the config's "
+                             "export.latent_stats, global)")
     export.add_argument("--data", nargs="+", metavar="DIR", help="image folders for the statistics "
                                                                   "(default: the config's train_dirs)")
     export.set_defaults(run=run_export)
@@ -74,7 +78,9 @@ def run_export(args: argparse.Namespace) -> int:
     from latentd.vae.train.export import export_checkpoint
 
     result = export_checkpoint(args.checkpoint, args.output, stat_images=args.stat_images, dtype=args.dtype,
-                               data_dirs=args.data)
+                               data_dirs=args.data, latent_stats=args.latent_stats)
+    per_channel = (f", latents_mean {', '.join(f'{v:.5f}' for v in result.latents_mean)}, latents_std "
+                   f"{', '.join(f'{v:.5f}' for v in result.latents_std)}" if result.latents_mean else "")
     print(f"exported step {result.step} ({'EMA' if result.used_ema else 'raw'} weights) to {result.directory}: "
-          f"scaling_factor {result.scaling_factor:.5f}, shift_factor {result.shift_factor:.5f}")
+          f"scaling_factor {result.scaling_factor:.5f}, shift_factor {result.shift_factor:.5f}{per_channel}")
     return EXIT_OK

@@ -134,10 +134,16 @@ class RuntimeConfig:
     tensorboard: bool = True
 
 
+LATENT_STATS = ("global", "per-channel")
+
+
 @dataclass
 class ExportConfig:
     stat_images: int = 256  # random training crops used to measure the latent scale and shift
     dtype: str = "float16"
+    # "per-channel" also writes latents_mean / latents_std (the SDXL pipelines' convention), so that each
+    # channel of the scaled latents has unit variance; "global": one scaling_factor and shift_factor.
+    latent_stats: str = "global"
 
 
 @dataclass
@@ -166,6 +172,7 @@ class TrainConfig:
             (self.loss.beta.schedule in ("constant", "linear", "cyclical"),
              "loss.beta.schedule must be constant, linear or cyclical"),
             (self.optim.schedule in ("cosine", "wsd"), "optim.schedule must be cosine or wsd"),
+            (self.export.latent_stats in LATENT_STATS, f"export.latent_stats must be {' or '.join(LATENT_STATS)}"),
             (0 < self.optim.decay_ratio <= 1, "optim.decay_ratio must be in (0, 1]"),
             (not (self.model.continue_schedule and not self.model.init_from),
              "model.continue_schedule needs model.init_from"),

@@ -24,6 +24,18 @@ class ExportResult:
     scaling_factor: float
     shift_factor: float
     used_ema: bool
+    latents_mean: tuple[float, ...] = ()  # with per-channel statistics (else empty)
+    latents_std: tuple[float, ...] = ()
+
+
+@dataclass
+class LatentStatistics:
+    """Of posterior samples: the mean and standard deviation over all values, and per channel."""
+
+    mean: float
+    std: float
+    channel_mean: tuple[float, ...]
+    channel_std: tuple[float, ...]
 
 
 def resolve_export_source(path: str | Path) -> Path:
@@ -58,15 +70,16 @@ def _trained_model(checkpoint: Path, config: TrainConfig) -> tuple[nn.Module, bo
 
 @torch.inference_mode()
 def latent_statistics(model: nn.Module, files: list[Path], *, count: int, crop: int,
-                      seed: int = 0) -> tuple[float, float]:
-    """Mean and standard deviation of posterior samples over `count` random training crops.
+                      seed: int = 0) -> LatentStatistics:
+    """Mean and standard deviation of posterior samples over `count` random training crops, overall and per
+    channel.
 
     Stable Diffusion measured its 0.18215 the same way: 1 / std of z ~ q(z|x) on training data.
     """
     dataset = CropDataset(files, crop, hflip=False, seed=seed)
     sampler = iter(EpochSampler(len(dataset), seed=seed))
     generator = torch.Generator().manual_seed(seed)
-    total = total_sq = 0.0
+    total = total_sq = None
     values = 0
     for _ in range(count):
         try:
@@ -76,35 +89,54 @@ def latent_statistics(model: nn.Module, files: list[Path], *, count: int, crop: 
             key = next(sampler)
         x, _ = dataset[key]
         dist = model.encode(x[None]).latent_dist
-        z = dist.mean + dist.std * torch.randn(dist.mean.shape, generator=generator)
-        total += float(z.double().sum())
-        total_sq += float(z.double().square().sum())
+        z = (dist.mean + dist.std * torch.randn(dist.mean.shape, generator=generator)).double()
+        sums, squares = z.sum(dim=(0, 2, 3)), z.square().sum(dim=(0, 2, 3))
+        total = sums if total is None else total + sums
+        total_sq = squares if total_sq is None else total_sq + squares
         values += z.numel()
-    mean = total / values
-    return mean, max(total_sq / values - mean * mean, 1e-12) ** 0.5
+    per_channel = values // len(total)
+    channel_mean = total / per_channel
+    channel_std = (total_sq / per_channel - channel_mean.square()).clamp_min(1e-12).sqrt()
+    mean = float(total.sum()) / values
+    std = max(float(total_sq.sum()) / values - mean * mean, 1e-12) ** 0.5
+    return LatentStatistics(mean, std, tuple(map(float, channel_mean)), tuple(map(float, channel_std)))
 
 
 def export_checkpoint(checkpoint: str | Path, output: str | Path, *, stat_images: int | None = None,
-                      dtype: str | None = None, data_dirs: list[str] | None = None) -> ExportResult:
+                      dtype: str | None = None, data_dirs: list[str] | None = None,
+                      latent_stats: str | None = None) -> ExportResult:
     """Write the checkpoint's EMA weights to `output` as a diffusers AutoencoderKL or VQModel folder.
 
-    KL models get the scaling and shift that give their latents zero mean and unit variance; VQ models
-    keep scaling 1 (as LDM's VQ autoencoders), since their latents are what the codebook quantises."""
+    KL models get the scaling and shift that give their latents zero mean and unit variance; with
+    `latent_stats` "per-channel" (default: the config's `export.latent_stats`) also `latents_mean` and
+    `latents_std`, so that `(z - latents_mean) * scaling_factor / latents_std` has zero mean and unit
+    variance in every channel (pipelines that read only the scaling and shift still get the overall
+    unit variance). VQ models keep scaling 1 (as LDM's VQ autoencoders), since their latents are what
+    the codebook quantises."""
+    from .config import LATENT_STATS
+
     source = resolve_export_source(checkpoint)
     config = load_config(source / CONFIG_FILE)
+    latent_stats = latent_stats or config.export.latent_stats
+    if latent_stats not in LATENT_STATS:
+        raise InvalidInputError(f"latent statistics {latent_stats!r} are not {' or '.join(LATENT_STATS)}",
+                                field="latent_stats")
     model, used_ema = _trained_model(source, config)
-    scaling, shift = 1.0, 0.0
+    scaling, shift, means, stds = 1.0, 0.0, (), ()
     if config.model.type == "kl":
         count = config.export.stat_images if stat_images is None else stat_images
         dirs = data_dirs or config.data.train_dirs
-        mean, std = latent_statistics(model, scan_images(dirs).files, count=max(1, count),
-                                      crop=max(config.data.crop_size, 256), seed=config.runtime.seed)
-        scaling, shift = 1.0 / std, mean
-        model.register_to_config(scaling_factor=scaling, shift_factor=shift)
+        stats = latent_statistics(model, scan_images(dirs).files, count=max(1, count),
+                                  crop=max(config.data.crop_size, 256), seed=config.runtime.seed)
+        scaling, shift = 1.0 / stats.std, stats.mean
+        if latent_stats == "per-channel":
+            means, stds = stats.channel_mean, tuple(std * scaling for std in stats.channel_std)
+        model.register_to_config(scaling_factor=scaling, shift_factor=shift, latents_mean=list(means) or None,
+                                 latents_std=list(stds) or None)
     else:
         model.register_to_config(scaling_factor=scaling)
     target_dtype = parse_dtype(dtype or config.export.dtype)
     step = json.loads((source / STATE_FILE).read_text())["step"]
     record = json.dumps({"step": step, "schedule": config.optim.schedule, "max_steps": config.optim.max_steps})
     output = save_model(nn.Module.to(model, dtype=target_dtype), output, extras={EXPORTED_STATE_FILE: record})
-    return ExportResult(output, step, scaling, shift, used_ema)
+    return ExportResult(output, step, scaling, shift, used_ema, means, stds)

@@ -236,6 +236,41 @@ def test_export_loads_back_with_unit_variance_latents(tmp_path, write_config, im
     assert not (tmp_path / "x").exists()
 
 
+def test_per_channel_export_gives_every_channel_unit_variance(tmp_path, write_config, image_folders, capsys):
+    from latentd.vae.train.data import scan_images
+    from latentd.vae.train.export import latent_statistics
+
+    config = load_config(write_config(), {"optim.max_steps": "2"})
+    summary = training_function(config, progress=False, export=False)
+    result = export_checkpoint(summary.run_dir, tmp_path / "pc", stat_images=8, dtype="float32",
+                               latent_stats="per-channel")
+    saved = json.loads((result.directory / "config.json").read_text())
+    assert saved["latents_mean"] == pytest.approx(list(result.latents_mean))
+    assert saved["latents_std"] == pytest.approx(list(result.latents_std)) and len(result.latents_std) == 4
+    # The same crops and samples as the export measured: per channel, the codec's scaling makes them
+    # zero-mean and unit-variance.
+    model = load_model(result.directory).model
+    stats = latent_statistics(model, scan_images(config.data.train_dirs).files, count=8,
+                              crop=max(config.data.crop_size, 256), seed=config.runtime.seed)
+    codec = Codec(model)
+    z_mean = torch.tensor(stats.channel_mean, dtype=torch.float64).view(-1, 1, 1)
+    z_std = torch.tensor(stats.channel_std, dtype=torch.float64).view(-1, 1, 1)
+    probe = z_mean + z_std * torch.tensor([-1.0, 0.0, 1.0], dtype=torch.float64).view(1, 1, 3)
+    torch.testing.assert_close(codec.scale(probe.float()).double(),
+                               torch.tensor([-1.0, 0.0, 1.0], dtype=torch.float64).expand(4, 1, 3), atol=1e-4, rtol=0)
+    # the global fields stay those of a global export, for pipelines that read only them
+    plain = export_checkpoint(summary.run_dir, tmp_path / "global", stat_images=8, dtype="float32")
+    assert plain.scaling_factor == result.scaling_factor and plain.shift_factor == result.shift_factor
+    assert json.loads((plain.directory / "config.json").read_text())["latents_mean"] is None
+    assert main(["export", str(summary.run_dir), "-o", str(tmp_path / "cli"), "--stat-images", "8",
+                 "--latent-stats", "per-channel"]) == 0
+    assert "latents_mean" in capsys.readouterr().out
+    with pytest.raises(InvalidInputError, match="latent statistics"):
+        export_checkpoint(summary.run_dir, tmp_path / "bad", latent_stats="per-pixel")
+    with pytest.raises(InvalidInputError, match="export.latent_stats must be global or per-channel"):
+        load_config(write_config(), {"export.latent_stats": "per-pixel"})
+
+
 @pytest.mark.slow
 def test_two_cpu_processes_through_accelerate_launch(tmp_path, write_config):
     path = write_config("ddp", optim={"max_steps": 4, "warmup_steps": 1},
