@@ -228,3 +228,19 @@ def test_flags_that_copy_from_outside_the_image_are_damage():
         _rebuild(np.array([[LITERAL, UP]], np.int8), np.array([1], np.int32))
     assert _rebuild(np.array([[LITERAL, LEFT], [UP, LITERAL]], np.int8), np.array([4, 9], np.int32)).tolist() \
         == [[4, 4], [4, 9]]
+
+
+def test_nearest_codes_are_float64s_choice_even_where_float32_cannot_tell():
+    from latentd.archive.index_coder import nearest_codes
+
+    rng = np.random.default_rng(5)
+    codebook = rng.normal(size=(300, 4)).astype(np.float32)
+    vectors = rng.normal(size=(500, 4))
+    # vectors a hair off the midpoint of two codes: float32 distances tie, float64 ones do not
+    a, b = codebook[:100].astype(np.float64), codebook[100:200].astype(np.float64)
+    midpoints = (a + b) / 2 + rng.choice([-1e-9, 1e-9], size=(100, 1)) * (b - a)
+    vectors = np.concatenate([vectors, midpoints])
+    exact = ((vectors[:, None, :] - codebook[None].astype(np.float64)) ** 2).sum(-1)
+    assert nearest_codes(vectors, codebook).tolist() == exact.argmin(axis=1).tolist()
+    duplicated = np.array([[1, 0], [0, 1], [1, 0]], np.float32)
+    assert nearest_codes(np.array([[1.0, 0.0], [0.5, 0.5]]), duplicated).tolist() == [0, 0]  # ties: lowest
