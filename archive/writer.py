@@ -80,6 +80,10 @@ class ArchiveSettings:
     logvar: bool = False  # the posterior log-variance too
     entropy_model: str = ""  # format entropy: the digest of the entropy model that codes the latents
     entropy_step: float = 0.0  # format entropy: the quantisation step, in the entropy model's units
+    # The model's per-channel statistics, when it scales by them (convention.py): decoding with a model
+    # scaled otherwise converts through the raw latents.
+    latents_mean: tuple[float, ...] = ()
+    latents_std: tuple[float, ...] = ()
 
     def as_meta(self) -> dict[str, Any]:
         meta = {"format_version": FORMAT_VERSION, "format": self.format, "size_policy": self.size_policy,
@@ -95,6 +99,8 @@ class ArchiveSettings:
         if self.entropy_model:
             meta["entropy_model"] = self.entropy_model
             meta["entropy_step"] = self.entropy_step
+        if self.latents_mean:
+            meta["latents_mean"], meta["latents_std"] = list(self.latents_mean), list(self.latents_std)
         return meta
 
 
@@ -147,7 +153,8 @@ class ArchiveWriter:
         if not found:
             self.manifest.set_meta(self.settings.as_meta())
             return
-        optional = [k for k in ("sizes", "flip", "logvar", "entropy_model", "entropy_step") if k in found and k not in wanted]
+        optional = [k for k in ("sizes", "flip", "logvar", "entropy_model", "entropy_step", "latents_mean", "latents_std")
+                    if k in found and k not in wanted]
         different = [k for k in [*wanted, *optional] if found.get(k) != wanted.get(k)]
         if different:
             detail = ", ".join(f"{k}: archive has {found.get(k)}, asked {wanted[k]}" for k in different)

@@ -24,6 +24,8 @@ class Backend(Protocol):
     codebook_size: int  # a VQ model's codes (0 for other models)
     codebook_dim: int
     codebook: np.ndarray | None  # float32 [codebook_size, codebook_dim] where the model is here, else None
+    latents_mean: tuple[float, ...]  # per-channel statistics the latents are scaled by (empty: none)
+    latents_std: tuple[float, ...]
 
     def encode(self, images: Sequence[np.ndarray], tiling: str = "auto") -> list[np.ndarray]:
         """uint8 HWC images -> float32 [C, h, w] latents, diffusers-scaled."""
@@ -55,6 +57,7 @@ class LocalBackend:
         self.shift_factor = codec.info.shift_factor
         self.codebook_size, self.codebook_dim = codec.info.codebook_size, codec.info.codebook_dim
         self.codebook = None if codec.codebook is None else codec.codebook.numpy()
+        self.latents_mean, self.latents_std = tuple(codec.info.latents_mean), tuple(codec.info.latents_std)
 
     def encode(self, images: Sequence[np.ndarray], tiling: str = "auto") -> list[np.ndarray]:
         # C-contiguous: the codec's tensors may be channels_last underneath.
@@ -101,6 +104,7 @@ class RemoteBackend:
         self.shift_factor = info.shift_factor
         self.codebook_size, self.codebook_dim = info.codebook_size, info.codebook_dim
         self.codebook = None  # a server does not send its codebook
+        self.latents_mean, self.latents_std = tuple(info.latents_mean), tuple(info.latents_std)
 
     # Archive encoding and decoding are bulk work: they yield to interactive callers on a shared server.
     def encode(self, images: Sequence[np.ndarray], tiling: str = "auto") -> list[np.ndarray]:

@@ -49,11 +49,12 @@ def run(args: argparse.Namespace) -> int:
         if args.model is None:
             args.model = archive.meta.get("model", "default")  # the model that wrote it
         backend = backend_from_args(args)
+        convert = _conversion(archive.meta, backend)
         writer = _Writer(args.output.resolve(), args.image_format, args.quality)
         problems: list[Problem] = []
         entries = archive.scan()
         while chunk := list(itertools.islice(entries, max(1, args.batch_size))):
-            _decode_chunk(backend, chunk, writer, problems)
+            _decode_chunk(backend, chunk, writer, problems, convert)
     for problem in problems:
         print(f"FAILED {problem}", file=sys.stderr)
     print(f"decoded {writer.written} images to {args.output}" + (f"; {len(problems)} failed" if problems else ""))
@@ -69,7 +70,22 @@ def _entropy_model(args: argparse.Namespace) -> Path | None:
     return args.entropy_model
 
 
-def _decode_chunk(backend, chunk: list, writer: "_Writer", problems: list) -> None:
+def _conversion(meta: dict, backend):
+    """Latents as the archive scaled them -> as the backend scales them: the identity when they agree, else
+    through the raw latents, said once on stderr (the model's weights may differ from the writer's too)."""
+    from latentd.archive.convention import Scaling, rescaled
+    from latentd.archive.text import shown
+
+    source, target = Scaling.of_meta(meta), Scaling.of_backend(backend)
+    if source is None or source == target:
+        return lambda latents: latents
+    print(f"note: the archive's latents were scaled by {shown(meta.get('model'), 80)} with {source.describe()}; model "
+          f"{backend.name} scales with {target.describe()}: converting through the raw latents (if its weights are "
+          "not the ones that wrote the archive, the images will differ from what they gave)", file=sys.stderr)
+    return lambda latents: rescaled(latents, source, target)
+
+
+def _decode_chunk(backend, chunk: list, writer: "_Writer", problems: list, convert) -> None:
     """Decode the sound entries of `chunk` in one call (each alone if one of them is at fault)."""
     from latentd.archive.encode import call_isolating
     from latentd.v1.errors import one_line
@@ -81,7 +97,7 @@ def _decode_chunk(backend, chunk: list, writer: "_Writer", problems: list) -> No
             problems.append(entry)
             continue
         try:
-            ready.append((entry, entry.latents))
+            ready.append((entry, convert(entry.latents)))
         except Exception as exc:  # noqa: BLE001 - a damaged entry is that entry's failure
             problems.append(Problem(entry.key, one_line(exc)))
 

@@ -124,7 +124,7 @@ def run(args: argparse.Namespace) -> int:
         fmt, digest, step = entropy_format(coder), coder.model.digest, getattr(coder, "step", 0.0)
     settings = ArchiveSettings(args.format, str(policy), backend.name, backend.scaling_factor, backend.shift_factor,
                                backend.factor, tuple(p.width for p in variants.policies[1:]), args.flip, args.logvar,
-                               digest, step)
+                               digest, step, tuple(backend.latents_mean), tuple(backend.latents_std))
     try:
         writer = ArchiveWriter(args.output, settings, fmt, int(args.shard_mb * (1 << 20)), commit_s=args.commit_s)
     except (ArchiveMismatchError, ArchiveError) as exc:
