@@ -169,3 +169,24 @@ def test_the_batched_reader_gives_the_codes_vectors_as_the_items_do(vq_dir, phot
         assert want["key"] == have["key"] and torch.equal(want["latents"], have["latents"])
         vectors = have["latents"].permute(0, 2, 3, 1).reshape(-1, 3)
         assert (vectors[:, None] == codebook[None]).all(-1).any(-1).all()  # every position is exactly a code
+
+
+def test_a_damaged_vq_stream_is_one_failed_entry_and_resume_adds_only_the_new(vq_dir, photos, tmp_path, capsys):
+    out = tmp_path / "a.latents"
+    assert _encode(photos, out, vq_dir, "--commit-s", "0") == 0
+    with open_archive(out) as archive:
+        record = archive["p1.png"].record
+    shard = out / record.shard
+    data = bytearray(shard.read_bytes())
+    data[record.offset + 40] ^= 0xFF  # in its coder words, past the 36-byte header
+    shard.write_bytes(bytes(data))
+    capsys.readouterr()
+    assert main(["decode", str(out), "-o", str(tmp_path / "decoded"), "--no-verify", "--model", str(vq_dir)]) == 1
+    assert "FAILED p1.png" in capsys.readouterr().err
+    assert sorted(p.name for p in (tmp_path / "decoded").iterdir()) == ["p0.png", "p2.png"]
+    # a resumed run skips what the archive holds and codes only the new image
+    Image.fromarray(smooth_image(24, 24, seed=9)).save(photos / "p9.png")
+    assert _encode(photos, out, vq_dir) == 0
+    assert "encoded 1 images (3 already in the archive" in capsys.readouterr().out
+    with open_archive(out, entropy_model=vq_dir / "entropy") as archive:
+        assert len(archive) == 4 and archive["p9.png"].indices.shape == (12, 12)
