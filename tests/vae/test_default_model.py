@@ -46,7 +46,11 @@ def test_round_trips_a_kodak_image_above_the_floor(codec):
 
     original = np.asarray(Image.open(KODAK / "kodim23.png").convert("RGB"))
     latents = codec.encode(original)
-    # Scaled latents of a real photo have roughly unit variance, as the diffusion convention expects.
-    assert 0.3 < float(latents.std()) < 3.0
+    # Scaled latents of a real photo have roughly unit variance in every channel, as the diffusion
+    # convention expects: the model ships per-channel statistics (one global scale left channel 0 at
+    # 0.43 and channel 2 at 1.72 standard deviations on the training images).
+    assert len(codec.info.latents_mean) == len(codec.info.latents_std) == 4
+    channel_std = latents.reshape(4, -1).std(dim=1)
+    assert ((channel_std > 0.6) & (channel_std < 1.6)).all(), channel_std
     reconstruction = codec.decode(latents.half().float(), sizes=original.shape[:2])
     assert psnr(original, reconstruction) > KODIM_PSNR_FLOOR
