@@ -205,11 +205,8 @@ def test_streams_answer_every_request_by_id_and_report_bad_ones_in_band(start_se
     assert all(Image.open(io.BytesIO(r.images[0].encoded)).format == "JPEG" for r in decoded.values())
 
 
-def test_all_torch_work_of_lone_requests_runs_on_the_wide_compute_lane(start_server, monkeypatch):
-    """Loading, warm-up, batches, conversions and the latent-space RPCs all run on the compute lanes;
-    requests one at a time all take the wide one, `latentd-compute`, with every thread (see ModelPool)."""
-    threads: dict[str, set[str]] = {}
-
+def _thread_recorder(monkeypatch, threads: dict[str, set[str]]):
+    """`recorded(owner, name)` wraps owner.name so that each call adds its thread's name to threads[name]."""
     def recorded(owner, name):
         original = getattr(owner, name)
 
@@ -217,6 +214,14 @@ def test_all_torch_work_of_lone_requests_runs_on_the_wide_compute_lane(start_ser
             threads.setdefault(name, set()).add(threading.current_thread().name)
             return original(*args, **kwargs)
         monkeypatch.setattr(owner, name, wrapper)
+    return recorded
+
+
+def test_all_torch_work_of_lone_requests_runs_on_the_wide_compute_lane(start_server, monkeypatch):
+    """Loading, warm-up, batches, conversions and the latent-space RPCs all run on the compute lanes;
+    requests one at a time all take the wide one, `latentd-compute`, with every thread (see ModelPool)."""
+    threads: dict[str, set[str]] = {}
+    recorded = _thread_recorder(monkeypatch, threads)
 
     recorded(models, "load_codec")
     for name in ("encode", "decode", "posterior", "unscale", "latents_from_posterior", "interpolate", "sample_prior",
@@ -299,14 +304,7 @@ def test_with_overlap_only_the_model_call_runs_on_the_lane_and_results_are_uncha
     """overlap=on (a GPU's default): conversions run on the batcher's workers, beside other batches'
     model calls; the answers stay the in-process codec's, bit for bit."""
     threads: dict[str, set[str]] = {}
-
-    def recorded(owner, name):
-        original = getattr(owner, name)
-
-        def wrapper(*args, **kwargs):
-            threads.setdefault(name, set()).add(threading.current_thread().name)
-            return original(*args, **kwargs)
-        monkeypatch.setattr(owner, name, wrapper)
+    recorded = _thread_recorder(monkeypatch, threads)
 
     harness = start_server(overlap="on", max_batch_delay_ms=300)
     for name in ("posterior", "decode", "unscale"):  # recorded from here: the warm-up ran on the lane
