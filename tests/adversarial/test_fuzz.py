@@ -31,12 +31,9 @@ CODES: collections.Counter = collections.Counter()
 
 @pytest.fixture(scope="module")
 def harness(model_dirs):  # noqa: F811
-    factory = ServerFactory(model_dirs)
-    try:
+    with ServerFactory(model_dirs) as factory:
         # Small images keep every fuzzed computation short, whatever sizes the examples ask for.
         yield factory(max_pixels=64 * 64, max_batch_delay_ms=1)
-    finally:
-        factory.close()
 
 
 # ---- requests: generated from the message descriptors ------------------------------------------

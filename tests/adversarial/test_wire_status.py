@@ -31,11 +31,8 @@ TOKEN = "s3cret-token"
 
 @pytest.fixture(scope="module")
 def servers(model_dirs):  # noqa: F811
-    factory = ServerFactory(model_dirs)
-    try:
+    with ServerFactory(model_dirs) as factory:
         yield factory
-    finally:
-        factory.close()
 
 
 @pytest.fixture(scope="module")

@@ -96,8 +96,7 @@ def test_served_round_trip_on_cuda(tmp_path):
 
     from tests.integration.conftest import ServerFactory
 
-    factory = ServerFactory({"tiny": str(save_model(make_tiny_kl(), tmp_path / "tiny"))})
-    try:
+    with ServerFactory({"tiny": str(save_model(make_tiny_kl(), tmp_path / "tiny"))}) as factory:
         harness = factory(device="cuda", max_batch_size=4)
         codec = harness.codec()
         assert codec.placement.device.type == "cuda"
@@ -111,5 +110,3 @@ def test_served_round_trip_on_cuda(tmp_path):
         assert decoded.shape == (48, 64, 3) and decoded.dtype == np.uint8
         local = codec.decode(torch.from_numpy(latents[0]), sizes=(48, 64))
         assert np.abs(decoded.astype(int) - np.asarray(local).astype(int)).max() <= 2
-    finally:
-        factory.close()

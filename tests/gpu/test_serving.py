@@ -29,8 +29,7 @@ def test_concurrent_requests_on_cuda_are_pipelined_and_reported(tmp_path):
 
     from tests.integration.conftest import ServerFactory
 
-    factory = ServerFactory({"tiny": str(save_model(make_tiny_kl(), tmp_path / "tiny"))})
-    try:
+    with ServerFactory({"tiny": str(save_model(make_tiny_kl(), tmp_path / "tiny"))}) as factory:
         harness = factory(device="cuda", max_batch_size=4, metrics_port=0)  # overlap auto: on for CUDA
         device = str(harness.codec().placement.device)
         workers = {t.name for t in threading.enumerate() if t.name.startswith("batcher-tiny")}
@@ -54,5 +53,3 @@ def test_concurrent_requests_on_cuda_are_pipelined_and_reported(tmp_path):
             text, "latentd_device_memory_total_bytes", device=device)
         assert _metric(text, "latentd_device_memory_peak_bytes", device=device) >= peak
         assert _metric(text, "latentd_device_memory_free_bytes", device=device) > 0
-    finally:
-        factory.close()

@@ -56,6 +56,12 @@ class ServerFactory:
         self.started.append((harness, thread))
         return harness
 
+    def __enter__(self) -> "ServerFactory":
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
     def close(self) -> None:
         for harness, thread in self.started:
             harness.channel.close()
@@ -79,11 +85,8 @@ def model_dirs(tmp_path_factory):
 
 @pytest.fixture
 def start_server(model_dirs):
-    factory = ServerFactory(model_dirs)
-    try:
+    with ServerFactory(model_dirs) as factory:
         yield factory
-    finally:
-        factory.close()
 
 
 @pytest.fixture

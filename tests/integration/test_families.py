@@ -32,13 +32,10 @@ def family_dirs(tmp_path_factory):
 
 @pytest.fixture(scope="module")
 def served(family_dirs):
-    factory = ServerFactory(family_dirs)
-    try:
+    with ServerFactory(family_dirs) as factory:
         harness = factory(max_batch_size=1)
         with LatentClient(harness.address, timeout=60) as client:
             yield harness, client
-    finally:
-        factory.close()
 
 
 def test_packed_encode_is_the_flux_layout_of_the_plain_answer(served):

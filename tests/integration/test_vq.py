@@ -21,14 +21,11 @@ def served(tmp_path_factory):
     from latentd.vae import save_model
 
     root = tmp_path_factory.mktemp("vq")
-    factory = ServerFactory({"vq": str(save_model(make_tiny_vq(), root / "vq")),
-                             "kl": str(save_model(make_tiny_kl(), root / "kl"))})
-    try:
+    with ServerFactory({"vq": str(save_model(make_tiny_vq(), root / "vq")),
+                        "kl": str(save_model(make_tiny_kl(), root / "kl"))}) as factory:
         harness = factory(max_batch_size=4)
         with LatentClient(harness.address, timeout=60) as client:
             yield harness, client
-    finally:
-        factory.close()
 
 
 def test_get_model_reports_the_codebook(served):

@@ -53,21 +53,6 @@ def queue_of(*entries) -> queue.Queue:
     return source
 
 
-@pytest.fixture
-def make_batcher():
-    """Builds Batchers and always stops them, so no worker outlives its test."""
-    made: list[Batcher] = []
-
-    def make(predict, **settings) -> Batcher:
-        batcher = Batcher("test", predict, **settings)
-        made.append(batcher)
-        return batcher
-
-    yield make
-    for batcher in made:
-        batcher.stop(timeout=WAIT)
-
-
 def doubling(sizes: list[int]):
     def predict(key, payloads):
         sizes.append(len(payloads))

@@ -7,7 +7,7 @@ import threading
 
 import pytest
 
-from latentd.server.batcher import Batcher, BatchSizeMismatchError, BatchStats
+from latentd.server.batcher import BatchSizeMismatchError, BatchStats
 
 pytestmark = pytest.mark.timeout(30)
 
@@ -75,30 +75,22 @@ class FakeDevice:
         return [payload.upper() for payload in payloads]
 
 
-@pytest.fixture
-def make_batcher():
-    made: list[Batcher] = []
-
-    def make(predict, **settings) -> Batcher:
-        batcher = Batcher("test", predict, **settings)
-        made.append(batcher)
-        batcher.start()
-        return batcher
-
-    yield make
-    for batcher in made:
-        batcher.stop(timeout=WAIT)
-
-
-def test_the_next_batch_is_prepared_and_the_last_finished_while_a_batch_computes(make_batcher):
+def _b_prepared_while_a_computes(make_batcher):
+    """(device, batcher, a, b): an overlapping batcher of one item per batch, `a` computing on the device and
+    `b`, submitted after it, already prepared."""
     device, slot = FakeDevice(), ExclusiveSlot()
-    batcher = make_batcher(device.predict, prepare=device.prepare, finish=device.finish, overlap=True,
+    batcher = make_batcher(device.predict, start=True, prepare=device.prepare, finish=device.finish, overlap=True,
                            workers=2, max_batch_size=1, max_delay_s=0.0, hold=slot)
     a = batcher.submit("k", "a")
     assert device.computing["a"].wait(WAIT)
     b = batcher.submit("k", "b")
-    # Batch N+1 (b) is prepared while batch N (a) still holds the device.
     assert device.prepared["b"].wait(WAIT)
+    return device, batcher, a, b
+
+
+def test_the_next_batch_is_prepared_and_the_last_finished_while_a_batch_computes(make_batcher):
+    # Batch N+1 (b) is prepared while batch N (a) still holds the device.
+    device, batcher, a, b = _b_prepared_while_a_computes(make_batcher)
     assert not device.release["a"].is_set() and not device.computing["b"].is_set()
     device.release["a"].set()
     assert device.computing["b"].wait(WAIT)
@@ -119,7 +111,7 @@ def test_without_overlap_every_stage_runs_in_the_slot_in_order(make_batcher):
     device, slot = FakeDevice(), ExclusiveSlot()
     for event in device.release.values():
         event.set()
-    batcher = make_batcher(device.predict, prepare=device.prepare, finish=device.finish,
+    batcher = make_batcher(device.predict, start=True, prepare=device.prepare, finish=device.finish,
                            max_batch_size=1, max_delay_s=0.0, hold=slot)
     futures = [batcher.submit("k", payload) for payload in "ab"]
     assert [future.result(timeout=WAIT) for future in futures] == ["A", "B"]
@@ -143,7 +135,7 @@ def test_an_item_its_prepare_or_finish_fails_fails_alone(make_batcher, overlap):
         return [ValueError(f"cannot write {o}") if o == "bad-out" else o.upper() for o in outputs]
 
     stats: list[BatchStats] = []
-    batcher = make_batcher(predict, prepare=prepare, finish=finish, overlap=overlap, workers=2 if overlap else 1,
+    batcher = make_batcher(predict, start=True, prepare=prepare, finish=finish, overlap=overlap, workers=2 if overlap else 1,
                            max_batch_size=4, max_delay_s=0.2, on_batch=stats.append)
     futures = {p: batcher.submit("k", p) for p in ("x", "bad-in", "bad-out", "y")}
     assert futures["x"].result(timeout=WAIT) == "X" and futures["y"].result(timeout=WAIT) == "Y"
@@ -158,7 +150,7 @@ def test_an_item_its_prepare_or_finish_fails_fails_alone(make_batcher, overlap):
 
 @pytest.mark.parametrize("overlap", [False, True])
 def test_a_stage_that_returns_the_wrong_count_fails_its_call(make_batcher, overlap):
-    batcher = make_batcher(lambda key, payloads: payloads, prepare=lambda key, payloads: payloads[:1],
+    batcher = make_batcher(lambda key, payloads: payloads, start=True, prepare=lambda key, payloads: payloads[:1],
                            overlap=overlap, max_batch_size=2, max_delay_s=0.2)
     futures = [batcher.submit("k", p) for p in (1, 2)]
     for future in futures:
@@ -176,7 +168,7 @@ def test_overlapped_predict_that_raises_splits_so_only_the_poison_item_fails(mak
             raise RuntimeError("out of memory")
         return payloads
 
-    batcher = make_batcher(predict, prepare=lambda key, payloads: payloads,
+    batcher = make_batcher(predict, start=True, prepare=lambda key, payloads: payloads,
                            finish=lambda key, payloads, outputs: [o * 2 for o in outputs],
                            overlap=True, workers=2, max_batch_size=4, max_delay_s=0.2)
     futures = {p: batcher.submit("k", p) for p in ("a", "b", "poison", "c")}
@@ -191,13 +183,7 @@ def test_overlapped_predict_that_raises_splits_so_only_the_poison_item_fails(mak
 
 def test_cancelled_items_are_prepared_but_never_computed(make_batcher):
     """Overlap prepares before the slot is held; admission still drops what nobody waits for."""
-    device, slot = FakeDevice(), ExclusiveSlot()
-    batcher = make_batcher(device.predict, prepare=device.prepare, finish=device.finish, overlap=True,
-                           workers=2, max_batch_size=1, max_delay_s=0.0, hold=slot)
-    a = batcher.submit("k", "a")
-    assert device.computing["a"].wait(WAIT)
-    b = batcher.submit("k", "b")
-    assert device.prepared["b"].wait(WAIT)
+    device, batcher, a, b = _b_prepared_while_a_computes(make_batcher)
     assert b.cancel()
     device.release["a"].set()
     device.release["c"].set()
