@@ -236,10 +236,10 @@ def run_archive(args: argparse.Namespace) -> int:
     backend = backend_from_args(args)
     from latentd.archive.quantize import get_format
 
-    from .entropy_args import entropy_coder
+    from .entropy_args import default_coded_format, entropy_coder
 
     try:
-        coded = args.format if get_format(args.format).entropy else ("vq" if backend.codebook_size else "entropy")
+        coded = args.format if get_format(args.format).entropy else default_coded_format(backend)
     except ValueError as exc:
         raise CommandError(f"--format: {exc}", EXIT_USAGE) from None
     try:

@@ -63,11 +63,9 @@ def run(args: argparse.Namespace) -> int:
 
 def _entropy_model(args: argparse.Namespace) -> Path | None:
     """--entropy-model, else the `entropy` folder of a --model folder (a VAE loaded by path has no packaged one)."""
-    from latentd.archive.entropy_model import CONFIG_FILE
+    from .entropy_args import folder_entropy_model
 
-    if args.entropy_model is None and args.model and (Path(args.model) / "entropy" / CONFIG_FILE).is_file():
-        return Path(args.model) / "entropy"
-    return args.entropy_model
+    return args.entropy_model if args.entropy_model is not None else folder_entropy_model(args.model)
 
 
 def _conversion(meta: dict, backend):

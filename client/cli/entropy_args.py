@@ -7,14 +7,25 @@ from pathlib import Path
 from .common import EXIT_USAGE, CommandError
 
 
+def default_coded_format(backend) -> str:
+    """The coded format a model's entropy model codes unless asked otherwise: vq for VQ models, else entropy."""
+    return "vq" if backend.codebook_size else "entropy"
+
+
+def folder_entropy_model(model_arg: str | None) -> Path | None:
+    """`<model folder>/entropy` when --model names a folder holding one (a VAE loaded by path has no packaged one)."""
+    from latentd.archive.entropy_model import CONFIG_FILE
+
+    if model_arg and (Path(model_arg) / "entropy" / CONFIG_FILE).is_file():
+        return Path(model_arg) / "entropy"
+    return None
+
+
 def _default_folder(backend, model_arg: str | None) -> Path | None:
     """The model shipped with a packaged VAE, else `<model folder>/entropy` of a VAE loaded from a folder."""
-    from latentd.archive.entropy_model import CONFIG_FILE, packaged_entropy_model
+    from latentd.archive.entropy_model import packaged_entropy_model
 
-    folder = packaged_entropy_model(backend.name)
-    if folder is None and model_arg and (Path(model_arg) / "entropy" / CONFIG_FILE).is_file():
-        folder = Path(model_arg) / "entropy"
-    return folder
+    return packaged_entropy_model(backend.name) or folder_entropy_model(model_arg)
 
 
 def entropy_model_for(folder: Path | None, backend, fmt: str = "entropy", model_arg: str | None = None):

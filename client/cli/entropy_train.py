@@ -47,6 +47,7 @@ def run(args: argparse.Namespace) -> int:
     from latentd.vae.imageio import find_image_files, open_image
 
     from .common import backend_from_args
+    from .entropy_args import default_coded_format
 
     if not (np.isfinite(args.default_step) and args.default_step > 0):
         raise CommandError(f"--default-step {args.default_step} is not a positive number", EXIT_USAGE)
@@ -58,7 +59,7 @@ def run(args: argparse.Namespace) -> int:
     if not files:
         raise CommandError(f"no images found in {' '.join(map(str, args.images))}", EXIT_USAGE)
     backend = backend_from_args(args)
-    fmt = args.format or ("vq" if backend.codebook_size else "entropy")
+    fmt = args.format or default_coded_format(backend)
     if fmt == "vq" and backend.codebook is None:
         raise CommandError(f"--format vq: model {backend.name} " + (
             "has no codebook" if not backend.codebook_size else
