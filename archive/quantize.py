@@ -92,8 +92,13 @@ def quantize_q8(latents: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray
     return codes.reshape(latents.shape), scale, low.astype(np.float32)
 
 
-def dequantize_q8(codes: np.ndarray, scale: np.ndarray, offset: np.ndarray) -> np.ndarray:
-    return codes.astype(np.float32) * scale[:, None, None] + offset[:, None, None]
+def dequantize_q8(codes: np.ndarray, scale: np.ndarray, offset: np.ndarray, out: np.ndarray | None = None
+                  ) -> np.ndarray:
+    """codes * scale + offset per channel, float32 [C, h, w]; into `out` when given (no temporary)."""
+    out = np.empty(codes.shape, np.float32) if out is None else out
+    np.multiply(codes, scale[:, None, None], out=out, casting="unsafe")
+    out += offset[:, None, None]
+    return out
 
 
 def _med_prediction(left: np.ndarray, up: np.ndarray, up_left: np.ndarray) -> np.ndarray:
@@ -198,5 +203,4 @@ def load_batch(unpacked: list[Stored], fmt: LatentFormat, out: np.ndarray) -> No
     if fmt.predictor == "med":
         codes = med_codes(codes.reshape(-1, *out.shape[2:])).reshape(codes.shape)
     for index, stored in enumerate(unpacked):
-        np.multiply(codes[index], stored.scale[:, None, None], out=out[index], casting="unsafe")
-        out[index] += stored.offset[:, None, None]
+        dequantize_q8(codes[index], stored.scale, stored.offset, out=out[index])
