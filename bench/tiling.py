@@ -12,12 +12,16 @@ from dataclasses import dataclass, field
 import numpy as np
 import torch
 
-# What each row runs: latentd with each tile's own GroupNorm statistics (its default), latentd with the
-# image's (tile_norms="image": tiles side by side; "image-recompute": one tile at a time, rerun per
-# layer), and diffusers' `enable_tiling()` on an unmodified copy of the same weights.
-METHODS = ("latentd, tile norms", "latentd, image norms", "latentd, image norms recomputed", "diffusers")
-NORMS = {"latentd, tile norms": "tile", "latentd, image norms": "image",
-         "latentd, image norms recomputed": "image-recompute", "diffusers": "tile"}
+# What each row runs, by the name `--methods` takes: latentd with each tile's own GroupNorm statistics
+# (its default), latentd with the image's (tile_norms="image": tiles side by side; "image-recompute":
+# one tile at a time, rerun per layer), and diffusers' `enable_tiling()` on an unmodified copy of the
+# same weights. Each: the row's label, the library, the latentd tile_norms it runs with.
+METHODS: dict[str, tuple[str, str, str]] = {
+    "tile": ("latentd, tile norms", "latentd", "tile"),
+    "image": ("latentd, image norms", "latentd", "image"),
+    "image-recompute": ("latentd, image norms recomputed", "latentd", "image-recompute"),
+    "diffusers": ("diffusers", "diffusers", "tile"),
+}
 
 
 @dataclass
@@ -40,7 +44,8 @@ class TilingBenchResult:
 
 def bench_tiling(model: str = "default", *, sizes: tuple[int, ...] = (1024, 2048), tile_size: int = 512,
                  tile_overlap: int = 128, operations: tuple[str, ...] = ("decode", "encode"),
-                 image: str | None = None, untiled: bool = True, seed: int = 0) -> TilingBenchResult:
+                 image: str | None = None, untiled: bool = True, seed: int = 0,
+                 methods: tuple[str, ...] = tuple(METHODS)) -> TilingBenchResult:
     """For each size and operation: the untiled pass of latentd and of diffusers, then each tiler, every
     one in a process of its own (model loaded, input given, one untimed warm-up on a small input)."""
     result = TilingBenchResult(model, tile_size, tile_overlap)
@@ -51,19 +56,18 @@ def bench_tiling(model: str = "default", *, sizes: tuple[int, ...] = (1024, 2048
         for operation in operations:
             given = latents if operation == "decode" else pixels
             references: dict[str, np.ndarray | None] = {}
-            for library in ("latentd", "diffusers"):
+            for library in dict.fromkeys(METHODS[method][1] for method in methods):
                 if untiled:
                     ms, peak, out = _in_child(spawn, _measure, model, seed, tile_size, tile_overlap, library, "off",
                                               operation, given)
                     references[library] = out
                     result.rows.append(TilingRow(size, operation, f"untiled ({library})", None, ms, peak))
-            for method in METHODS:
-                library = "diffusers" if method == "diffusers" else "latentd"
-                norms = NORMS[method]
+            for method in methods:
+                label, library, norms = METHODS[method]
                 ms, peak, out = _in_child(spawn, _measure, model, seed, tile_size, tile_overlap, library, norms,
                                           operation, given)
                 reference = references.get(library)
-                result.rows.append(TilingRow(size, operation, method,
+                result.rows.append(TilingRow(size, operation, label,
                                              None if reference is None else _psnr(out, reference), ms, peak))
     return result
 
@@ -84,8 +88,9 @@ def _codec(model: str, seed: int, tile_size: int, tile_overlap: int, norms: str)
 
 
 def _image_latents(model: str, seed: int, tile_size: int, tile_overlap: int, pixels: np.ndarray) -> np.ndarray:
-    """The decode rows' input: the image's scaled latents, encoded tile by tile with the image's statistics."""
-    codec = _codec(model, seed, tile_size, tile_overlap, "image")
+    """The decode rows' input: the image's scaled latents, encoded tile by tile with the image's statistics
+    (recomputed: one tile's memory at any size)."""
+    codec = _codec(model, seed, tile_size, tile_overlap, "image-recompute")
     return codec.encode(pixels, tiling="on").numpy()
 
 

@@ -12,8 +12,9 @@ activations once, plus one tile's working set) rather than staying one tile's. `
 gets the same statistics in one tile's memory by running the network once per GroupNorm layer
 instead: pass k runs every tile, one after the other, up to layer k with the k layers before it
 normalised by the statistics already merged, adds its core of layer k and stops there; a last pass
-runs the tiles through. It computes more (the sum of every layer's prefix, several full passes),
-never holds more than one tile. Attention blocks (the SD decoder's mid-block) still attend within a
+runs the tiles through. A pass resumes each tile where its last one left it (the output of the last
+block it finished, kept on disk: vae/tile_resume.py), so every block runs about 1.5 times in all,
+and memory stays one tile's. Attention blocks (the SD decoder's mid-block) still attend within a
 tile and normalise within it.
 """
 
@@ -28,6 +29,7 @@ import torch
 from torch import nn
 
 from .stopping import checkpoint
+from .tile_resume import Frontiers, resumable_blocks
 
 _tile = threading.local()
 
@@ -70,6 +72,7 @@ class _Tile:
     image: "SharedStatistics | RecomputedStatistics"
     grid: tuple[int, int]  # the tile's height and width in grid units
     core: tuple[int, int, int, int]  # top, bottom, left, right in grid units, relative to the tile
+    index: int = 0  # the tile's place in its image's list of tiles
     calls: int = 0  # GroupNorm layers passed so far: the key of the next one's statistics
 
     def core_of(self, x: torch.Tensor, groups: int) -> torch.Tensor | None:
@@ -169,6 +172,7 @@ class RecomputedStatistics:
     _target: int = 0  # the layer this pass gathers
     _pending: _Moments = field(default_factory=_Moments)
     _merged: dict[int, tuple[torch.Tensor, torch.Tensor] | None] = field(default_factory=dict)
+    _frontiers: Frontiers = field(default_factory=lambda: Frontiers(keep_on=_Gathered))
 
     def gather(self, tile: _Tile, x: torch.Tensor, groups: int) -> tuple[torch.Tensor, torch.Tensor] | None:
         """The image's (mean, var) of a layer gathered in an earlier pass (None: off the tile grid, or
@@ -189,24 +193,27 @@ class RecomputedStatistics:
         statistics are known; the results of the last pass, in order."""
         if len(calls) != self.tiles:
             raise ValueError(f"{len(calls)} tile calls for {self.tiles} tiles")
-        while True:
-            results: list[torch.Tensor] = []
-            for call, grid, core in calls:
-                _tile.current = _Tile(self, grid, core)
-                try:
-                    with torch.inference_mode():
-                        results.append(call())
-                except _Gathered:
-                    pass
-                finally:
-                    _tile.current = None
-            if len(results) == len(calls):
-                return results
-            if results:  # tiles of one model pass the same layers; anything else is a bug, not a result
-                raise RuntimeError(f"{len(results)} of {len(calls)} tiles ran through at layer {self._target}")
-            self._merged[self._target] = self._pending.mean_var() if self._pending.count else None
-            self._pending = _Moments()
-            self._target += 1
+        try:
+            while True:
+                results: list[torch.Tensor] = []
+                for index, (call, grid, core) in enumerate(calls):
+                    tile = _tile.current = _Tile(self, grid, core, index)
+                    try:
+                        with torch.inference_mode(), self._frontiers.resuming(tile):
+                            results.append(call())
+                    except _Gathered:
+                        pass
+                    finally:
+                        _tile.current = None
+                if len(results) == len(calls):
+                    return results
+                if results:  # tiles of one model pass the same layers; anything else is a bug, not a result
+                    raise RuntimeError(f"{len(results)} of {len(calls)} tiles ran through at layer {self._target}")
+                self._merged[self._target] = self._pending.mean_var() if self._pending.count else None
+                self._pending = _Moments()
+                self._target += 1
+        finally:
+            self._frontiers.close()  # the spilled blocks' files go, however the run ended
 
 
 class TileGroupNorm(nn.GroupNorm):
@@ -237,8 +244,10 @@ class TileGroupNorm(nn.GroupNorm):
 
 
 def share_tile_norms(model: nn.Module) -> int:
-    """Make every `nn.GroupNorm` of `model` a `TileGroupNorm`; returns how many. Parameters, state-dict
-    keys and every result outside a tile's thread are unchanged."""
+    """Make every `nn.GroupNorm` of `model` a `TileGroupNorm` (and its blocks resumable for
+    `RecomputedStatistics`); returns how many norms. Parameters, state-dict keys and every result
+    outside a tile's pass are unchanged."""
+    resumable_blocks(model)
     count = 0
     for module in model.modules():
         if type(module) is nn.GroupNorm:

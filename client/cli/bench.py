@@ -57,6 +57,9 @@ def add_parser(subparsers: argparse._SubParsersAction) -> None:
     tiling.add_argument("--image", help="photo to resize to SIZE x SIZE (default: synthetic gradients)")
     tiling.add_argument("--no-untiled", dest="untiled", action="store_false",
                         help="skip the untiled passes (for sizes that do not fit in memory): no PSNR")
+    tiling.add_argument("--methods", nargs="+",
+                        help="tilers to run: tile, image, image-recompute, diffusers (default: all; 'image' holds "
+                             "every tile's activations at once)")
     tiling.add_argument("--seed", type=int, default=0, help="seed of the random weights and input (default: 0)")
     tiling.add_argument("--json", action="store_true", help="print one JSON object")
     tiling.set_defaults(run=run_tiling)
@@ -312,14 +315,18 @@ def run_codec(args: argparse.Namespace) -> int:
 
 
 def run_tiling(args: argparse.Namespace) -> int:
-    from latentd.bench.tiling import bench_tiling
+    from latentd.bench.tiling import METHODS, bench_tiling
 
     _positive(args, "tile_size")
+    methods = tuple(args.methods or METHODS)
+    unknown = [method for method in methods if method not in METHODS]
+    if unknown:
+        raise CommandError(f"--methods: unknown {', '.join(unknown)} (choose from {', '.join(METHODS)})", EXIT_USAGE)
     if min(args.sizes) < 1:
         raise CommandError("--sizes must be at least 1", EXIT_USAGE)
     result = bench_tiling(args.model, sizes=tuple(args.sizes), tile_size=args.tile_size,
                           tile_overlap=args.tile_overlap, operations=tuple(args.ops), image=args.image,
-                          untiled=args.untiled, seed=args.seed)
+                          untiled=args.untiled, seed=args.seed, methods=methods)
     if args.json:
         print(json.dumps(asdict(result), indent=2))
         return EXIT_OK

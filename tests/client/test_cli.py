@@ -137,6 +137,19 @@ def test_bench_tiling_table(tiny_model_dir, capsys):
     assert "bench tiling: model" in out and "latentd, image norms" in out and "peak MB" in out
 
 
+def test_bench_tiling_runs_the_methods_asked_for(tiny_model_dir, capsys):
+    assert main(["bench", "tiling", "--model", str(tiny_model_dir), "--sizes", "64", "--tile-size", "32",
+                 "--tile-overlap", "16", "--ops", "decode", "--methods", "image-recompute", "--json"]) == 0
+    rows = json.loads(capsys.readouterr().out)["rows"]
+    assert [row["method"] for row in rows] == ["untiled (latentd)", "latentd, image norms recomputed"]
+    assert rows[1]["psnr_vs_untiled"] > 10
+
+
+def test_bench_tiling_refuses_an_unknown_method(tiny_model_dir, capsys):
+    assert main(["bench", "tiling", "--model", str(tiny_model_dir), "--sizes", "64", "--methods", "global"]) == 2
+    assert "--methods: unknown global" in capsys.readouterr().err
+
+
 @pytest.mark.parametrize("args", [["--size", "0"], ["--runs", "0"]])
 def test_bench_rejects_bad_numbers(tiny_model_dir, args, capsys):
     assert main(["bench", "codec", "--model", str(tiny_model_dir), *args]) == 2
