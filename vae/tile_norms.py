@@ -23,7 +23,7 @@ from __future__ import annotations
 import contextvars
 import threading
 from dataclasses import dataclass, field
-from typing import Callable
+from typing import Callable, Iterator
 
 import torch
 from torch import nn
@@ -187,28 +187,33 @@ class RecomputedStatistics:
             self._pending.add(core)
         raise _Gathered
 
-    def run(self, calls: list[tuple[Callable[[], torch.Tensor], tuple[int, int], tuple[int, int, int, int]]]
-            ) -> list[torch.Tensor]:
+    def stream(self, calls: list[tuple[Callable[[], torch.Tensor], tuple[int, int], tuple[int, int, int, int]]]
+               ) -> Iterator[torch.Tensor]:
         """Each tile's call (the call, its grid size, its core), rerun until every GroupNorm layer's
-        statistics are known; the results of the last pass, in order."""
+        statistics are known; then the results of the last pass, in order, each as soon as it is
+        computed (a caller that blends them at once never holds more than one)."""
         if len(calls) != self.tiles:
             raise ValueError(f"{len(calls)} tile calls for {self.tiles} tiles")
         try:
             while True:
-                results: list[torch.Tensor] = []
+                finished = 0
                 for index, (call, grid, core) in enumerate(calls):
                     tile = _tile.current = _Tile(self, grid, core, index)
                     try:
                         with torch.inference_mode(), self._frontiers.resuming(tile):
-                            results.append(call())
+                            result = call()
                     except _Gathered:
-                        pass
+                        if finished:  # tiles of one model pass the same layers; anything else is a bug
+                            raise RuntimeError(f"{finished} of {len(calls)} tiles ran through at layer "
+                                               f"{self._target}") from None
+                        continue
                     finally:
                         _tile.current = None
-                if len(results) == len(calls):
-                    return results
-                if results:  # tiles of one model pass the same layers; anything else is a bug, not a result
-                    raise RuntimeError(f"{len(results)} of {len(calls)} tiles ran through at layer {self._target}")
+                    finished += 1
+                    yield result
+                    del result
+                if finished:
+                    return
                 self._merged[self._target] = self._pending.mean_var() if self._pending.count else None
                 self._pending = _Moments()
                 self._target += 1

@@ -12,6 +12,7 @@ tile's activations at once.
 
 from __future__ import annotations
 
+import contextlib
 import math
 from typing import Callable
 
@@ -97,12 +98,18 @@ def tiled_map(
                   (rows[i][1] - rows[i][0], cols[j][1] - cols[j][0]),
                   (row_cores[i][0] - rows[i][0], row_cores[i][1] - rows[i][0],
                    col_cores[j][0] - cols[j][0], col_cores[j][1] - cols[j][0])) for i, j in cells]
-        results = (RecomputedStatistics if recompute_norms else SharedStatistics)(len(calls)).run(calls)
         # The tiles agree wherever their edges do not reach: each output pixel comes from its core.
         row_weights = [core_weight(rows, row_cores, i, out_scale) for i in range(len(rows))]
         col_weights = [core_weight(cols, col_cores, j, out_scale) for j in range(len(cols))]
-        return _blend(zip(cells, (result[0] for result in results)), rows, cols, grid_h, grid_w, out_scale,
-                      (row_weights, col_weights))
+
+        def blend(results) -> torch.Tensor:
+            return _blend(zip(cells, (result[0] for result in results)), rows, cols, grid_h, grid_w, out_scale,
+                          (row_weights, col_weights))
+        if not recompute_norms:
+            return blend(SharedStatistics(len(calls)).run(calls))
+        # Recomputed tiles come one at a time and are blended as they come, never held together.
+        with contextlib.closing(RecomputedStatistics(len(calls)).stream(calls)) as results:
+            return blend(results)
 
     def batches():
         for first in range(0, len(cells), batch_size):

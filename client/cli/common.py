@@ -92,6 +92,12 @@ def add_model_args(parser: argparse.ArgumentParser, default_model: str = "defaul
                        help="compute dtype (default: bfloat16/float16 on GPU, float32 on CPU)")
     group.add_argument("--tiling", choices=("auto", "on", "off"), default="auto",
                        help="tile large images with overlap blending (default: auto, above 1024 px)")
+    group.add_argument("--tile-norms", choices=("tile", "image", "image-recompute"), default="tile",
+                       help="GroupNorm statistics of tiles: each tile's own (default: one tile's memory, seams "
+                            "near 35 dB), the whole image's side by side (image: tiled equals untiled, memory of "
+                            "all tiles) or recomputed tile by tile (image-recompute: tiled equals untiled in one "
+                            "tile's memory, about twice the compute, one layer of activations in a temporary "
+                            "folder); a server uses its own setting")
     group.add_argument("--max-pixels", type=int,
                        help="refuse images with more pixels (default: 8192x8192, the library's limit; a server "
                             "applies its own, 4096x4096 unless set, since every client shares its memory)")
@@ -100,7 +106,8 @@ def add_model_args(parser: argparse.ArgumentParser, default_model: str = "defaul
 def load_codec_from_args(args: argparse.Namespace) -> "Codec":
     from latentd.vae import CodecOptions, load_codec
 
-    options = CodecOptions() if args.max_pixels is None else CodecOptions(max_pixels=args.max_pixels)
+    limits = {} if args.max_pixels is None else {"max_pixels": args.max_pixels}
+    options = CodecOptions(tile_norms=args.tile_norms, **limits)
     return load_codec(args.model, device=args.device, dtype=args.dtype, options=options, config=args.config,
                       random_seed=args.random_weights)
 

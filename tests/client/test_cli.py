@@ -52,6 +52,22 @@ def test_roundtrip_writes_reconstructions_and_reports(tmp_path, tiny_model_dir, 
     assert sorted(p.name for p in out.iterdir()) == ["img0.png", "img1.png"]  # no temporary files left
 
 
+def test_roundtrip_tile_norms_reach_the_codec(tmp_path, tiny_model_dir, capsys):
+    """A 2 x 2 grid of 512 px tiles: the image's statistics, held or recomputed, give the same bits; each
+    tile's own do not."""
+    (tmp_path / "in").mkdir()
+    path = tmp_path / "in" / "big.png"
+    Image.fromarray(smooth_image(576, 576, seed=3)).save(path)
+    out = {}
+    for norms in ("tile", "image", "image-recompute"):
+        assert main(["roundtrip", str(path), "-o", str(tmp_path / norms), "--model", str(tiny_model_dir),
+                     "--tiling", "on", "--tile-norms", norms, "--json"]) == 0
+        capsys.readouterr()
+        out[norms] = np.asarray(Image.open(tmp_path / norms / "big.png"))
+    assert np.array_equal(out["image"], out["image-recompute"])
+    assert not np.array_equal(out["tile"], out["image"])
+
+
 def test_roundtrip_table_output(tmp_path, tiny_model_dir, capsys):
     paths = _write_images(tmp_path / "in")
     assert main(["roundtrip", *map(str, paths), "-o", str(tmp_path / "o"), "--model", str(tiny_model_dir)]) == 0
