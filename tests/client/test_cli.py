@@ -52,20 +52,20 @@ def test_roundtrip_writes_reconstructions_and_reports(tmp_path, tiny_model_dir, 
     assert sorted(p.name for p in out.iterdir()) == ["img0.png", "img1.png"]  # no temporary files left
 
 
-def test_roundtrip_tile_norms_reach_the_codec(tmp_path, tiny_model_dir, capsys):
-    """A 2 x 2 grid of 512 px tiles: the image's statistics, held or recomputed, give the same bits; each
-    tile's own do not."""
-    (tmp_path / "in").mkdir()
-    path = tmp_path / "in" / "big.png"
-    Image.fromarray(smooth_image(576, 576, seed=3)).save(path)
-    out = {}
-    for norms in ("tile", "image", "image-recompute"):
-        assert main(["roundtrip", str(path), "-o", str(tmp_path / norms), "--model", str(tiny_model_dir),
-                     "--tiling", "on", "--tile-norms", norms, "--json"]) == 0
-        capsys.readouterr()
-        out[norms] = np.asarray(Image.open(tmp_path / norms / "big.png"))
-    assert np.array_equal(out["image"], out["image-recompute"])
-    assert not np.array_equal(out["tile"], out["image"])
+@pytest.mark.parametrize("norms", ["tile", "image", "image-recompute"])
+def test_tile_norms_reach_the_codec(tiny_model_dir, norms):
+    """What each mode does is tested on the codec (tests/vae/test_tile_norms.py, test_tile_resume.py)."""
+    from latentd.client.cli import build_parser
+    from latentd.client.cli.common import load_codec_from_args
+
+    args = build_parser().parse_args(["roundtrip", "x.png", "-o", "out", "--model", str(tiny_model_dir),
+                                      "--tile-norms", norms])
+    assert load_codec_from_args(args).options.tile_norms == norms
+
+
+def test_an_unknown_tile_norms_is_a_usage_error(tiny_model_dir, capsys):
+    assert main(["roundtrip", "x.png", "-o", "out", "--tile-norms", "global"]) == 2
+    assert "--tile-norms" in capsys.readouterr().err
 
 
 def test_roundtrip_table_output(tmp_path, tiny_model_dir, capsys):

@@ -12,7 +12,7 @@ from latentd.vae.codec import Codec, CodecOptions
 from latentd.vae.stopping import stoppable
 from latentd.vae.tile_resume import SpilledTiles, resumable_blocks
 from latentd.vae.tiling import tile_spans
-from tests.conftest import make_tiny_kl, make_tiny_vq
+from tests.conftest import make_tiny_dc, make_tiny_flux2, make_tiny_kl, make_tiny_vq
 
 OPTIONS = dict(tile_size=64, tile_overlap=48, max_batch_pixels=1 << 20)
 
@@ -26,7 +26,8 @@ def _codec(norms: str, model=None, **options) -> Codec:
                                                                                         **OPTIONS, **options))
 
 
-@pytest.mark.parametrize("make", [make_tiny_kl, make_tiny_vq], ids=["kl", "vq"])
+@pytest.mark.parametrize("make", [make_tiny_kl, make_tiny_vq, make_tiny_flux2, make_tiny_dc],
+                         ids=["kl", "vq", "flux2", "dc-ae"])
 @pytest.mark.parametrize("optimize", [True, False], ids=["fast-blocks", "diffusers-blocks"])
 def test_recomputed_tiles_are_bit_for_bit_the_side_by_side_ones(make, optimize):
     """Side by side every tile computes once with the image's statistics; resuming must change no bit."""
