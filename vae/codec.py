@@ -76,7 +76,8 @@ class CodecOptions:
     # models) or "image" (the whole image's: tiled equals untiled, but every tile's activations are
     # held at once, more memory than an untiled pass; for when an untiled pass fails for another
     # reason than memory, such as a kernel's size limit) or "image-recompute" (the same statistics in
-    # one tile's memory, for several times the compute: vae/tile_norms.py).
+    # one tile's memory, for about twice the compute of "tile" and a layer of activations in a
+    # temporary folder: vae/tile_norms.py, vae/tile_resume.py).
     tile_norms: str = "tile"
     optimize: bool = True
     # On CUDA: the share of the device's free memory (when the codec loads) its forward passes may
