@@ -63,9 +63,12 @@ class ServerSettings:
     max_message_mb: int = setting(64, "gRPC send and receive message size limit")
     max_pixels: int = setting(4096 * 4096, "largest image, in and out, in pixels", default_text="4096x4096")
     tile_norms: str = setting("tile", "GroupNorm statistics of tiled images: tile (each tile's own: one tile's "
-                                      "memory, visible seams) or image (the whole image's: tiles equal the "
-                                      "untiled result, with more memory than an untiled pass)",
-                              choices=("image", "tile"))
+                                      "memory, visible seams), image (the whole image's: tiles equal the "
+                                      "untiled result, with more memory than an untiled pass) or "
+                                      "image-recompute (the same result in one tile's memory, for about twice "
+                                      "tile's compute, counted as three times its tiles in max_request_pixels, "
+                                      "and one layer of the image's activations per compute lane in $TMPDIR)",
+                              choices=("image", "image-recompute", "tile"))
     compile: str = setting("off", "torch.compile each model's encoder and decoder (reduce-overhead: CUDA graphs, "
                                   "one per input size); the warm-up compiles before health turns SERVING",
                            choices=("off", "default", "reduce-overhead", "max-autotune"))
@@ -111,7 +114,8 @@ class ServerSettings:
             ("stream_window", self.stream_window >= 1, "must be at least 1"),
             ("max_message_mb", self.max_message_mb >= 1, "must be at least 1"),
             ("max_pixels", self.max_pixels >= 64, "must be at least 64"),
-            ("tile_norms", self.tile_norms in ("image", "tile"), "must be image or tile"),
+            ("tile_norms", self.tile_norms in ("image", "image-recompute", "tile"),
+             "must be image, image-recompute or tile"),
             ("compile", self.compile in ("off", "default", "reduce-overhead", "max-autotune"),
              "must be off, default, reduce-overhead or max-autotune"),
             ("compile", self.compile == "off" or self.tile_norms == "tile", "needs tile_norms tile"),

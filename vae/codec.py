@@ -56,6 +56,9 @@ logger = logging.getLogger(__name__)
 Tiling = Literal["auto", "on", "off"]
 TILING_MODES: tuple[str, ...] = ("auto", "on", "off")
 TILE_NORMS: tuple[str, ...] = ("image", "image-recompute", "tile")
+# What `model_calls` counts a tile as under tile_norms="image-recompute": its passes, resumed at its last
+# finished block, took 2.0-2.6x the time of one pass per tile (docs/benchmarks.md#tiling).
+RECOMPUTED_TILE_WORK = 3
 # torch.compile modes; "reduce-overhead" records CUDA graphs, one per input shape: for small fixed shapes.
 COMPILE_MODES: tuple[str, ...] = ("off", "default", "reduce-overhead", "max-autotune")
 
@@ -450,18 +453,20 @@ class Codec:
     def model_calls(self, height: int, width: int, *, decode: bool, tiling: Tiling = "auto") -> dict[int, int]:
         """The model calls that encode a height x width image (or decode latents back to it), as
         {image pixels of one call: how many such calls}: one call of the size padded to the factor,
-        or one per tile, each tile's overlap included. What the work costs, known before it runs."""
+        or one per tile, each tile's overlap included (RECOMPUTED_TILE_WORK per tile when tiles
+        recompute the image's statistics). What the work costs, known before it runs."""
         f = self.factor
         grid_h, grid_w = -(-height // f), -(-width // f)
         if not self.is_tiled(height, width, decode=decode, tiling=tiling):
             return {grid_h * grid_w * f * f: 1}
         tile, overlap = self.limits.tile_size // f, self.options.tile_overlap // f
+        repeats = RECOMPUTED_TILE_WORK if self.options.tile_norms == "image-recompute" else 1
         rows = collections.Counter(end - start for start, end in tile_spans(grid_h, tile, overlap))
         cols = collections.Counter(end - start for start, end in tile_spans(grid_w, tile, overlap))
         calls: collections.Counter[int] = collections.Counter()
         for row, row_count in rows.items():
             for col, col_count in cols.items():
-                calls[row * col * f * f] += row_count * col_count
+                calls[row * col * f * f] += row_count * col_count * repeats
         return dict(calls)
 
     # ---- batching, padding, tiling ---------------------------------------------------------

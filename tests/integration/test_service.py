@@ -327,3 +327,24 @@ def test_with_overlap_only_the_model_call_runs_on_the_lane_and_results_are_uncha
     expected = codec.decode(latents, sizes=[image.shape[:2] for image in images])
     for out, image in zip(decoded.images, expected):
         assert np.array_equal(from_tensor(out.pixels, "pixels"), image)
+
+
+def test_a_server_recomputing_tile_statistics_answers_the_untiled_image_s_latents(start_server, tmp_path,
+                                                                                    monkeypatch):
+    """tile_norms image-recompute: a tiled image (above the CPU's 1024 px threshold) gets the latents of the
+    side-by-side image statistics, and the tiles' spilled blocks leave nothing in the temporary folder."""
+    import tempfile
+
+    from latentd.client import LatentClient
+    from latentd.vae.codec import CodecOptions
+    from tests.conftest import make_tiny_kl
+
+    monkeypatch.setattr(tempfile, "tempdir", str(tmp_path))
+    image = smooth_image(1040, 96, seed=5)
+    harness = start_server(tile_norms="image-recompute")
+    with LatentClient(harness.address) as client:
+        served = client.encode(image, model="tiny", dtype="float32")
+    local = Codec(make_tiny_kl(), options=CodecOptions(tile_norms="image"))
+    assert local.is_tiled(1040, 96, decode=False)
+    np.testing.assert_allclose(served, local.encode(image).numpy(), rtol=0, atol=1e-5)
+    assert not list(tmp_path.iterdir())

@@ -13,6 +13,9 @@ from latentd.server.costs import Cost, ResponseTooLargeError
 from latentd.server.settings import ServerSettings
 from latentd.server.wire import OutputFormat
 from latentd.v1 import latentd_pb2 as pb
+from latentd.vae import Codec, CodecOptions
+from latentd.vae.codec import RECOMPUTED_TILE_WORK
+from tests.conftest import make_tiny_kl
 from latentd.vae.errors import ImageTooLargeError, InvalidInputError
 from latentd.vae.tiling import tile_spans
 
@@ -39,6 +42,14 @@ def test_a_tiled_image_costs_every_tile_with_its_overlap(tiny_codec):
     assert sum(calls.values()) == len(rows) * len(cols)
     assert sum(p * n for p, n in calls.items()) == sum(e - s for s, e in rows) * sum(e - s for s, e in cols) * f * f
     assert tiny_codec.model_calls(2048, 3000, decode=True, tiling="off") == {2048 * 3000: 1}
+
+
+def test_recomputed_tiles_cost_their_measured_work():
+    plain = Codec(make_tiny_kl(), options=CodecOptions(tile_norms="image"))
+    recomputed = Codec(make_tiny_kl(), options=CodecOptions(tile_norms="image-recompute"))
+    calls = plain.model_calls(2048, 3000, decode=True)
+    assert recomputed.model_calls(2048, 3000, decode=True) == {p: n * RECOMPUTED_TILE_WORK for p, n in calls.items()}
+    assert recomputed.model_calls(64, 64, decode=True) == plain.model_calls(64, 64, decode=True)  # untiled: one pass
 
 
 def test_a_sliver_costs_its_thousands_of_calls(tiny_codec):

@@ -148,6 +148,7 @@ def test_tile_norms_from_flag_and_environment():
     args = build_parser().parse_args(["serve", "--tile-norms", "tile"])
     assert settings_from_args(args, environ={}).tile_norms == "tile"
     assert load_settings(environ={"LATENTD_TILE_NORMS": "image"}).tile_norms == "image"
+    assert load_settings(environ={"LATENTD_TILE_NORMS": "image-recompute"}).tile_norms == "image-recompute"
     with pytest.raises(InvalidInputError) as raised:
         load_settings(environ={"LATENTD_TILE_NORMS": "global"})
     assert raised.value.field == "tile_norms"
