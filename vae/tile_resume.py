@@ -4,7 +4,7 @@ Recomputing the GroupNorm statistics pass by pass (vae/tile_norms.py) reruns eve
 layer a pass gathers. The blocks a tile finished in an earlier pass (resnet blocks, attention,
 up- and downsamplers) normalised with statistics that are final by then, so the next pass would
 compute exactly the same outputs again. Instead each tile keeps the output of the last block it
-finished (its *frontier*) in a raw file of a private temporary directory, and in the next pass the
+finished (its *frontier*) in an anonymous temporary file, and in the next pass the
 blocks before the frontier return a placeholder of their output's shape without computing, the
 frontier block returns the kept output, and the tile computes on from there. Every block then runs
 about 1.5 times instead of once per later layer, memory stays one tile's (plus one block's output
@@ -21,10 +21,8 @@ import contextlib
 import tempfile
 import threading
 from dataclasses import dataclass
-from pathlib import Path
-from typing import Callable, Iterator, Protocol
+from typing import IO, Callable, Iterator, Protocol
 
-import numpy as np
 import torch
 from torch import nn
 
@@ -43,16 +41,12 @@ class _Frontier:
 
 
 class SpilledTiles:
-    """One tensor per tile, kept as raw bytes in files of a temporary directory made on first use."""
+    """One tensor per tile, kept as raw bytes in an anonymous temporary file of its own (unlinked when
+    made, so that nothing is left on disk however the process ends, even killed)."""
 
     def __init__(self) -> None:
-        self._directory: tempfile.TemporaryDirectory | None = None
+        self._files: dict[int, IO[bytes]] = {}
         self._layout: dict[int, tuple[tuple[int, ...], torch.dtype, torch.device, bool]] = {}
-
-    def _path(self, index: int) -> Path:
-        if self._directory is None:
-            self._directory = tempfile.TemporaryDirectory(prefix="latentd-tiles-")
-        return Path(self._directory.name) / f"tile-{index}.bin"
 
     def put(self, index: int, tensor: torch.Tensor) -> None:
         tensor = tensor.detach()
@@ -61,19 +55,28 @@ class SpilledTiles:
         channels_last = (tensor.dim() == 4 and not tensor.is_contiguous()
                          and tensor.is_contiguous(memory_format=torch.channels_last))
         host = (tensor.permute(0, 2, 3, 1) if channels_last else tensor).contiguous().cpu()
-        _raw(host).numpy().tofile(self._path(index))
+        if index not in self._files:
+            self._files[index] = tempfile.TemporaryFile(prefix="latentd-tile-")
+        file = self._files[index]
+        file.seek(0)
+        file.truncate()
+        file.write(_raw(host).numpy().data)
         self._layout[index] = (tuple(host.shape), host.dtype, tensor.device, channels_last)
 
     def get(self, index: int) -> torch.Tensor:
         shape, dtype, device, channels_last = self._layout[index]
-        raw_dtype = _raw(torch.empty(0, dtype=dtype)).numpy().dtype
-        host = torch.from_numpy(np.fromfile(self._path(index), dtype=raw_dtype)).view(dtype).reshape(shape)
+        host = torch.empty(shape, dtype=dtype)
+        file = self._files[index]
+        file.seek(0)
+        view = memoryview(_raw(host).numpy()).cast("B")
+        if file.readinto(view) != len(view):
+            raise OSError(f"the spilled activations of tile {index} came back short")
         return (host.permute(0, 3, 1, 2) if channels_last else host).to(device)
 
     def close(self) -> None:
-        if self._directory is not None:
-            self._directory.cleanup()
-            self._directory = None
+        for file in self._files.values():
+            file.close()
+        self._files.clear()
         self._layout.clear()
 
 

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import io
+import tempfile
 import threading
 import time
 from concurrent.futures import ThreadPoolExecutor
@@ -16,8 +17,9 @@ from PIL import Image
 from latentd.v1.tensors import from_tensor, to_tensor
 from latentd.server import models, wire
 from latentd.v1 import latentd_pb2 as pb
-from latentd.vae.codec import Codec
-from tests.conftest import smooth_image
+from latentd.client import LatentClient
+from latentd.vae.codec import Codec, CodecOptions
+from tests.conftest import make_tiny_kl, smooth_image
 
 
 def png(array: np.ndarray) -> bytes:
@@ -333,12 +335,6 @@ def test_a_server_recomputing_tile_statistics_answers_the_untiled_image_s_latent
                                                                                     monkeypatch):
     """tile_norms image-recompute: a tiled image (above the CPU's 1024 px threshold) gets the latents of the
     side-by-side image statistics, and the tiles' spilled blocks leave nothing in the temporary folder."""
-    import tempfile
-
-    from latentd.client import LatentClient
-    from latentd.vae.codec import CodecOptions
-    from tests.conftest import make_tiny_kl
-
     monkeypatch.setattr(tempfile, "tempdir", str(tmp_path))
     image = smooth_image(1040, 96, seed=5)
     harness = start_server(tile_norms="image-recompute")

@@ -2,7 +2,10 @@
 
 from __future__ import annotations
 
-import tempfile
+import os
+import subprocess
+import sys
+from pathlib import Path
 
 import pytest
 import torch
@@ -70,8 +73,12 @@ def test_each_convolution_runs_at_most_twice_per_tile():
     assert calls["conv_in"] > 2 * tiles  # the reruns did happen: every pass starts at the latents
 
 
-def test_the_spilled_blocks_are_removed_after_a_run_and_after_a_stop(tmp_path, monkeypatch):
-    monkeypatch.setattr(tempfile, "tempdir", str(tmp_path))
+def _open_files() -> int:
+    return len(os.listdir("/proc/self/fd"))
+
+
+@pytest.mark.skipif(not os.path.isdir("/proc/self/fd"), reason="counts open files in /proc")
+def test_the_spilled_blocks_are_closed_after_a_run_and_after_a_stop(monkeypatch):
     written = []
     put = SpilledTiles.put
 
@@ -82,8 +89,9 @@ def test_the_spilled_blocks_are_removed_after_a_run_and_after_a_stop(tmp_path, m
     monkeypatch.setattr(SpilledTiles, "put", recording_put)
     codec = _codec("image-recompute")
     latents = codec.encode(_image(), tiling="off")
+    before = _open_files()
     codec.decode(latents, tiling="on", output="tensor")
-    assert written and not list(tmp_path.iterdir())
+    assert written and _open_files() == before
 
     def check() -> None:  # stop the run once it has spilled a block
         if written:
@@ -92,7 +100,38 @@ def test_the_spilled_blocks_are_removed_after_a_run_and_after_a_stop(tmp_path, m
     written.clear()
     with pytest.raises(TimeoutError), stoppable(check):
         codec.decode(latents, tiling="on", output="tensor")
-    assert written and not list(tmp_path.iterdir())
+    assert written and _open_files() == before
+
+
+_KILLED_CHILD = """
+import sys, time, torch
+from latentd.vae.codec import Codec, CodecOptions
+from latentd.vae.tile_resume import SpilledTiles
+from tests.conftest import make_tiny_kl
+put = SpilledTiles.put
+def put_then_wait(self, index, tensor):
+    put(self, index, tensor)
+    print("spilled", flush=True)
+    time.sleep(600)
+SpilledTiles.put = put_then_wait
+codec = Codec(make_tiny_kl(), options=CodecOptions(tile_norms="image-recompute", tile_size=64, tile_overlap=48))
+codec.decode(torch.zeros(4, 80, 72), tiling="on", output="tensor")
+"""
+
+
+def test_a_process_killed_midway_leaves_nothing_in_the_temporary_folder(tmp_path):
+    folder = tmp_path / "tmp"
+    folder.mkdir()
+    env = {**os.environ, "TMPDIR": str(folder)}
+    child = subprocess.Popen([sys.executable, "-c", _KILLED_CHILD], stdout=subprocess.PIPE, env=env,
+                             cwd=str(Path(__file__).resolve().parents[2]), text=True)
+    try:
+        assert child.stdout.readline().strip() == "spilled"
+        assert not list(folder.iterdir())  # spilled, and already nothing to see
+    finally:
+        child.kill()
+        child.wait(timeout=30)
+    assert not list(folder.iterdir())
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float16, torch.bfloat16])
