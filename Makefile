@@ -17,7 +17,7 @@ DEMO_OUT ?= out/demo
 EVAL_MODEL ?= default
 PYTEST_ARGS ?=
 
-.PHONY: kodak install test test-fast serve demo eval eval-rd bench protos clean gpu-pack gpu-run gpu-dry-run
+.PHONY: kodak install test test-fast serve demo eval eval-rd learning-curve bench protos clean gpu-pack gpu-run gpu-dry-run
 
 install: $(STAMP)
 
@@ -53,6 +53,22 @@ eval: $(STAMP) kodak
 eval-rd: $(STAMP) kodak
 	$(BIN)/latentd eval-rd --model $(EVAL_MODEL) --images $(DATASETS)/kodak -o out/eval-rd \
 		$(if $(wildcard $(REFERENCE)),--reference $(REFERENCE))
+
+# The default model's learning curve on Kodak: its weights at every commit that shipped new ones since the
+# squared-error fine-tune (CURVE_FROM, 12,400 steps: the long schedule's step 0), fitted against log2(steps).
+CURVE_FROM := e897820
+CURVE_DIR := build/learning-curve
+learning-curve: $(STAMP) kodak
+	rm -rf $(CURVE_DIR)
+	set -e; for rev in $$(git log --format=%h $(CURVE_FROM)^.. -- vae/weights/default/diffusion_pytorch_model.safetensors); do \
+		mkdir -p $(CURVE_DIR)/$$rev; \
+		for file in config.json diffusion_pytorch_model.safetensors training_state.json; do \
+			git show $$rev:vae/weights/default/$$file > $(CURVE_DIR)/$$rev/$$file 2>/dev/null || rm $(CURVE_DIR)/$$rev/$$file; \
+		done; \
+	done
+	$(BIN)/latentd eval-curve $(CURVE_DIR)/$$(git rev-parse --short $(CURVE_FROM))@0 \
+		$$(ls -d $(CURVE_DIR)/*/training_state.json | xargs -n1 dirname) \
+		--step-offset 12400 --images $(DATASETS)/kodak --goal-psnr 27 --goal-ms-ssim 0.95 -o out/learning-curve
 
 kodak:
 	@test -d $(DATASETS)/kodak || { echo "no Kodak images in $(DATASETS)/kodak: put the 24 PNGs of the Kodak Lossless True Color Image Suite there, or point DATASETS= at a folder that has kodak/" >&2; exit 2; }

@@ -8,16 +8,17 @@ import traceback
 from importlib import metadata
 from typing import Sequence
 
-from . import (bench, decode, encode, entropy_train, eval_rd, evaluate, health, info, inspect, models, roundtrip, serve,
-               train, verify)
+from . import (bench, decode, encode, entropy_train, eval_curve, eval_rd, evaluate, health, info, inspect, models,
+               roundtrip, serve, train, verify)
 from .common import EXIT_CODES_HELP, EXIT_INTERRUPTED, EXIT_USAGE, Parser, exit_code, one_line
 
 # Each module adds its own parser with `add_parser(subparsers)`; order is the order of `--help`.
-COMMANDS = (info, serve, models, health, encode, decode, inspect, verify, roundtrip, evaluate, eval_rd, entropy_train, train,
-            bench)
+COMMANDS = (info, serve, models, health, encode, decode, inspect, verify, roundtrip, evaluate, eval_rd, eval_curve,
+            entropy_train, train, bench)
 # The commands that run a model over and over, for which malloc keeps freed activation memory
 # (`latentd.vae.allocator`); the others (info, health, inspect, ...) leave the process as it is.
-MODEL_COMMANDS = frozenset({"serve", "encode", "decode", "roundtrip", "eval", "eval-rd", "entropy-train", "train", "export", "bench"})
+MODEL_COMMANDS = frozenset({"serve", "encode", "decode", "roundtrip", "eval", "eval-rd", "eval-curve", "entropy-train",
+                            "train", "export", "bench"})
 
 
 def _version() -> str:
