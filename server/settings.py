@@ -9,6 +9,7 @@ from pathlib import Path
 from typing import Any, Mapping
 
 from latentd.vae.errors import InvalidInputError
+from latentd.vae.options import COMPILE_MODES, TILE_NORMS
 
 ENV_PREFIX = "LATENTD_"
 
@@ -68,10 +69,10 @@ class ServerSettings:
                                       "image-recompute (the same result in one tile's memory, for about twice "
                                       "tile's compute, counted as three times its tiles in max_request_pixels, "
                                       "and one layer of the image's activations per compute lane in $TMPDIR)",
-                              choices=("image", "image-recompute", "tile"))
+                              choices=TILE_NORMS)
     compile: str = setting("off", "torch.compile each model's encoder and decoder (reduce-overhead: CUDA graphs, "
                                   "one per input size); the warm-up compiles before health turns SERVING",
-                           choices=("off", "default", "reduce-overhead", "max-autotune"))
+                           choices=COMPILE_MODES)
     max_request_pixels: int = setting(64 * 1024 * 1024, "model work one request may cost, in image pixels in and "
                                                         "out (padded to the model's factor, tile overlaps counted; "
                                                         "see costs.py); beyond it INVALID_ARGUMENT",
@@ -114,10 +115,8 @@ class ServerSettings:
             ("stream_window", self.stream_window >= 1, "must be at least 1"),
             ("max_message_mb", self.max_message_mb >= 1, "must be at least 1"),
             ("max_pixels", self.max_pixels >= 64, "must be at least 64"),
-            ("tile_norms", self.tile_norms in ("image", "image-recompute", "tile"),
-             "must be image, image-recompute or tile"),
-            ("compile", self.compile in ("off", "default", "reduce-overhead", "max-autotune"),
-             "must be off, default, reduce-overhead or max-autotune"),
+            ("tile_norms", self.tile_norms in TILE_NORMS, f"must be one of {', '.join(TILE_NORMS)}"),
+            ("compile", self.compile in COMPILE_MODES, f"must be one of {', '.join(COMPILE_MODES)}"),
             ("compile", self.compile == "off" or self.tile_norms == "tile", "needs tile_norms tile"),
             ("max_request_pixels", self.max_request_pixels >= self.max_pixels, "must be at least max_pixels"),
             ("memory_budget_mb", self.memory_budget_mb >= 1, "must be at least 1"),

@@ -115,7 +115,7 @@ def test_the_checker_sees_a_violation():
 
 
 @pytest.mark.parametrize("module", ["latentd.client", "latentd.client.errors", "latentd.v1.tensors",
-                                    "latentd.archive.reader"])
+                                    "latentd.archive.reader", "latentd.vae.options", "latentd.server.settings"])
 def test_the_sdk_and_contract_load_no_torch(module):
     code = f"import sys, {module}; sys.exit('torch' in sys.modules)"
     assert subprocess.run([sys.executable, "-c", code]).returncode == 0, f"{module} imported torch"

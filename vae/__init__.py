@@ -10,7 +10,7 @@ from typing import TYPE_CHECKING, Any
 _EXPORTS: dict[str, str] = {
     "AnomalyScore": "codec",
     "Codec": "codec",
-    "CodecOptions": "codec",
+    "CodecOptions": "options",
     "load_codec": "codec",
     "ImageTooLargeError": "errors",
     "InvalidImageError": "errors",
@@ -46,7 +46,8 @@ def __dir__() -> list[str]:
 
 
 if TYPE_CHECKING:  # static type checkers see the real names
-    from .codec import AnomalyScore, Codec, CodecOptions, load_codec
+    from .codec import AnomalyScore, Codec, load_codec
+    from .options import CodecOptions
     from .errors import (
         ImageTooLargeError,
         InvalidImageError,

@@ -80,6 +80,8 @@ def one_line(exc: BaseException) -> str:
 
 
 def add_model_args(parser: argparse.ArgumentParser, default_model: str = "default") -> None:
+    from latentd.vae.options import TILE_NORMS, TILING_MODES  # torch-free: --help loads no model code
+
     group = parser.add_argument_group("model")
     group.add_argument("--model", default=default_model,
                        help="registered name (default, sd, taesd), model folder, checkpoint file or Hub id "
@@ -90,9 +92,9 @@ def add_model_args(parser: argparse.ArgumentParser, default_model: str = "defaul
     group.add_argument("--device", help="cpu, cuda, cuda:1, mps (default: CUDA if available, else CPU)")
     group.add_argument("--dtype", choices=("float32", "float16", "bfloat16"),
                        help="compute dtype (default: bfloat16/float16 on GPU, float32 on CPU)")
-    group.add_argument("--tiling", choices=("auto", "on", "off"), default="auto",
+    group.add_argument("--tiling", choices=TILING_MODES, default="auto",
                        help="tile large images with overlap blending (default: auto, above 1024 px)")
-    group.add_argument("--tile-norms", choices=("tile", "image", "image-recompute"), default="tile",
+    group.add_argument("--tile-norms", choices=TILE_NORMS, default="tile",
                        help="GroupNorm statistics of tiles: each tile's own (default: one tile's memory, seams "
                             "near 35 dB), the whole image's side by side (image: tiled equals untiled, memory of "
                             "all tiles) or recomputed tile by tile (image-recompute: tiled equals untiled in one "

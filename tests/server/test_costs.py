@@ -14,7 +14,7 @@ from latentd.server.settings import ServerSettings
 from latentd.server.wire import OutputFormat
 from latentd.v1 import latentd_pb2 as pb
 from latentd.vae import Codec, CodecOptions
-from latentd.vae.codec import RECOMPUTED_TILE_WORK
+from latentd.vae.options import RECOMPUTED_TILE_WORK
 from latentd.vae.errors import ImageTooLargeError, InvalidInputError
 from latentd.vae.tiling import tile_spans
 from tests.conftest import make_tiny_kl
