@@ -9,6 +9,7 @@ from latentd.v1 import latentd_pb2 as pb
 from latentd.vae.codec import Codec
 from latentd.vae.errors import InvalidInputError
 from latentd.vae.imageio import check_pixel_limit, read_size
+from latentd.vae.pass_limits import activation_bytes_per_pixel
 
 from .settings import ServerSettings
 from .wire import ENCODED_FORMATS, OutputFormat, checked_shape, packed_image_size
@@ -131,6 +132,16 @@ def model_pixels(codec: Codec, height: int, width: int, *, decode: bool, tiling:
     return sum(count * max(pixels, MIN_CALL_PIXELS) for pixels, count in calls.items())
 
 
+def shared_norm_bytes(codec: Codec, height: int, width: int, *, decode: bool, tiling: str) -> int:
+    """Activations a tiled image holds under tile_norms="image": every tile waits at each GroupNorm for the
+    others, so all its tiles' activations are alive at once (the estimate of vae/pass_limits.py, per tile pixel);
+    0 for an untiled image and the other modes, whose activations one pass's pixels bound."""
+    if codec.options.tile_norms != "image" or not codec.is_tiled(height, width, decode=decode, tiling=tiling):
+        return 0
+    pixels = sum(p * n for p, n in codec.model_calls(height, width, decode=decode, tiling=tiling).items())
+    return pixels * activation_bytes_per_pixel(codec.model, codec.placement.dtype)
+
+
 def _latents_bytes(codec: Codec, height: int, width: int, itemsize: int = FLOAT32) -> int:
     f = codec.factor
     return codec.info.latent_channels * -(-height // f) * -(-width // f) * itemsize
@@ -158,7 +169,8 @@ def _refine_image(codec: Codec, height: int, width: int, steps: int, index: int,
 def _encode_image(codec: Codec, height: int, width: int, per_pixel: int, tiling: str) -> Cost:
     """Encoding one image: its decoded pixels, the float batch it joins, its posterior moments."""
     pixels = height * width
-    held = pixels * (per_pixel + FLOAT_PIXEL) + 2 * _latents_bytes(codec, height, width)
+    held = (pixels * (per_pixel + FLOAT_PIXEL) + 2 * _latents_bytes(codec, height, width)
+            + shared_norm_bytes(codec, height, width, decode=False, tiling=tiling))
     return Cost(model_pixels(codec, height, width, decode=False, tiling=tiling), 0, held)
 
 
@@ -167,7 +179,8 @@ def _decode_image(codec: Codec, height: int, width: int, crop: tuple[int, int], 
     """Decoding one latent to a height x width image cropped to `crop`, answered in `output`."""
     answer = output_bytes(crop[0], crop[1], output)
     held = (2 * _latents_bytes(codec, height, width) + height * width * DECODED_PIXEL
-            + crop[0] * crop[1] * (FLOAT_PIXEL if output.format == pb.RAW_FLOAT else UINT8_PIXEL) + 2 * answer)
+            + crop[0] * crop[1] * (FLOAT_PIXEL if output.format == pb.RAW_FLOAT else UINT8_PIXEL) + 2 * answer
+            + shared_norm_bytes(codec, height, width, decode=True, tiling=tiling))
     return Cost(model_pixels(codec, height, width, decode=True, tiling=tiling), answer + ITEM_OVERHEAD, held)
 
 

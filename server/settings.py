@@ -65,7 +65,8 @@ class ServerSettings:
     max_pixels: int = setting(4096 * 4096, "largest image, in and out, in pixels", default_text="4096x4096")
     tile_norms: str = setting("tile", "GroupNorm statistics of tiled images: tile (each tile's own: one tile's "
                                       "memory, visible seams), image (the whole image's: tiles equal the "
-                                      "untiled result, with more memory than an untiled pass) or "
+                                      "untiled result, with every tile's activations held, counted in "
+                                      "memory_budget_mb) or "
                                       "image-recompute (the same result in one tile's memory, for about twice "
                                       "tile's compute, counted as three times its tiles in max_request_pixels, "
                                       "and one layer of the image's activations per compute lane in $TMPDIR)",

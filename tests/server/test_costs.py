@@ -52,6 +52,39 @@ def test_recomputed_tiles_cost_their_measured_work():
     assert recomputed.model_calls(64, 64, decode=True) == plain.model_calls(64, 64, decode=True)  # untiled: one pass
 
 
+def test_shared_tile_norms_hold_every_tiles_activations_in_the_memory_budget():
+    from latentd.vae.pass_limits import activation_bytes_per_pixel
+
+    tiled = {mode: Codec(make_tiny_kl(), options=CodecOptions(tile_norms=mode))
+             for mode in ("tile", "image", "image-recompute")}
+    per_pixel = activation_bytes_per_pixel(tiled["image"].model, tiled["image"].placement.dtype)
+    for decode in (False, True):
+        tile_pixels = costs.model_pixels(tiled["tile"], 2048, 3000, decode=decode, tiling="auto")
+        held = costs.shared_norm_bytes(tiled["image"], 2048, 3000, decode=decode, tiling="auto")
+        assert held == tile_pixels * per_pixel > 2048 * 3000 * per_pixel  # the overlaps too
+        assert costs.shared_norm_bytes(tiled["image"], 2048, 3000, decode=decode, tiling="off") == 0
+        assert costs.shared_norm_bytes(tiled["image"], 512, 512, decode=decode, tiling="auto") == 0  # untiled
+        for mode in ("tile", "image-recompute"):  # one tile's activations, bounded by the pass limits
+            assert costs.shared_norm_bytes(tiled[mode], 2048, 3000, decode=decode, tiling="auto") == 0
+    request = pb.EncodeRequest(images=[pb.Image(encoded=png(3000, 2048))])
+    latents = pb.DecodeRequest(items=[pb.Latents(latents=pb.Tensor(dtype=pb.FLOAT32, shape=[4, 1024, 1500]))])
+    costed = {mode: (costs.encode_cost(request, codec, SETTINGS, "auto", "float32").held_bytes,
+                     costs.decode_cost(latents, codec, SETTINGS, "auto", OutputFormat.parse(0, 0)).held_bytes)
+              for mode, codec in tiled.items() if mode != "image"}
+    assert costed["tile"] == costed["image-recompute"]
+    small = ServerSettings(models={"tiny": "x"}, memory_budget_mb=2048)
+    with pytest.raises(InvalidInputError, match="memory_budget_mb 2048") as raised:
+        costs.encode_cost(request, tiled["image"], small, "auto", "float32")
+    assert raised.value.field == "images"
+    with pytest.raises(InvalidInputError, match="memory_budget_mb 2048") as raised:
+        costs.decode_cost(latents, tiled["image"], small, "auto", OutputFormat.parse(0, 0))
+    assert raised.value.field == "items"
+    roomy = ServerSettings(models={"tiny": "x"}, memory_budget_mb=64 * 1024)
+    image_held = costs.encode_cost(request, tiled["image"], roomy, "auto", "float32").held_bytes
+    assert image_held - costed["tile"][0] == costs.shared_norm_bytes(tiled["image"], 2048, 3000, decode=False,
+                                                                     tiling="auto")
+
+
 def test_a_sliver_costs_its_thousands_of_calls(tiny_codec):
     request = pb.SamplePriorRequest(count=1, height=1, width=16777216)
     with pytest.raises(InvalidInputError, match="max_request_pixels") as raised:
