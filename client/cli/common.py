@@ -79,6 +79,13 @@ def one_line(exc: BaseException) -> str:
     return text if known else f"{type(exc).__name__}: {text}"
 
 
+def add_device_args(parser) -> None:
+    """--device and --dtype, where a model runs (a parser or an argument group)."""
+    parser.add_argument("--device", help="cpu, cuda, cuda:1, mps (default: CUDA if available, else CPU)")
+    parser.add_argument("--dtype", choices=("float32", "float16", "bfloat16"),
+                        help="compute dtype (default: bfloat16/float16 on GPU, float32 on CPU)")
+
+
 def add_model_args(parser: argparse.ArgumentParser, default_model: str = "default") -> None:
     from latentd.vae.options import TILE_NORMS, TILING_MODES  # torch-free: --help loads no model code
 
@@ -89,9 +96,7 @@ def add_model_args(parser: argparse.ArgumentParser, default_model: str = "defaul
     group.add_argument("--config", help="architecture for a single-file checkpoint: registered name or config.json")
     group.add_argument("--random-weights", type=int, metavar="SEED",
                        help="use the registered architecture with weights drawn from SEED (timing, tests)")
-    group.add_argument("--device", help="cpu, cuda, cuda:1, mps (default: CUDA if available, else CPU)")
-    group.add_argument("--dtype", choices=("float32", "float16", "bfloat16"),
-                       help="compute dtype (default: bfloat16/float16 on GPU, float32 on CPU)")
+    add_device_args(group)
     group.add_argument("--tiling", choices=TILING_MODES, default="auto",
                        help="tile large images with overlap blending (default: auto, above 1024 px)")
     group.add_argument("--tile-norms", choices=TILE_NORMS, default="tile",

@@ -7,7 +7,7 @@ import json
 from dataclasses import asdict
 from pathlib import Path
 
-from .common import EXIT_FAILED, EXIT_OK, EXIT_USAGE, CommandError, one_line
+from .common import EXIT_FAILED, EXIT_OK, EXIT_USAGE, CommandError, add_device_args, one_line
 from .roundtrip import add_measure_args
 
 DEFAULT_OUT = Path("out/eval-curve")
@@ -39,9 +39,7 @@ def add_parser(subparsers: argparse._SubParsersAction) -> None:
     parser.add_argument("--goal-ms-ssim", type=float, metavar="V", help="project the steps to this MS-SSIM")
     parser.add_argument("-o", "--out", type=Path, default=DEFAULT_OUT, metavar="DIR",
                         help=f"output folder (default: {DEFAULT_OUT})")
-    parser.add_argument("--device", help="cpu, cuda, cuda:1, mps (default: CUDA if available, else CPU)")
-    parser.add_argument("--dtype", choices=("float32", "float16", "bfloat16"),
-                        help="compute dtype (default: bfloat16/float16 on GPU, float32 on CPU)")
+    add_device_args(parser)
     add_measure_args(parser)
     parser.set_defaults(run=run)
 
