@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import math
 from dataclasses import asdict
 from pathlib import Path
 
@@ -17,6 +18,13 @@ def _steps(text: str) -> int:
     value = int(text)
     if value < 0:
         raise argparse.ArgumentTypeError(f"must be >= 0, got {value}")
+    return value
+
+
+def _finite(text: str) -> float:
+    value = float(text)
+    if not math.isfinite(value):
+        raise argparse.ArgumentTypeError(f"must be a finite number, got {text}")
     return value
 
 
@@ -35,8 +43,8 @@ def add_parser(subparsers: argparse._SubParsersAction) -> None:
     parser.add_argument("--step-offset", type=_steps, default=0, metavar="N",
                         help="steps the weights had before the recorded ones, added to each (the long schedule "
                              "counts from the 12,400 steps before it; default: 0)")
-    parser.add_argument("--goal-psnr", type=float, metavar="DB", help="project the steps to this PSNR")
-    parser.add_argument("--goal-ms-ssim", type=float, metavar="V", help="project the steps to this MS-SSIM")
+    parser.add_argument("--goal-psnr", type=_finite, metavar="DB", help="project the steps to this PSNR")
+    parser.add_argument("--goal-ms-ssim", type=_finite, metavar="V", help="project the steps to this MS-SSIM")
     parser.add_argument("-o", "--out", type=Path, default=DEFAULT_OUT, metavar="DIR",
                         help=f"output folder (default: {DEFAULT_OUT})")
     add_device_args(parser)

@@ -142,6 +142,8 @@ def test_a_bad_training_state_is_refused_naming_its_file(tmp_path, image_dir, ca
     (["missing-folder"], "not a model folder"),
     (["{m}", "--step-offset", "-1"], "must be >= 0"),
     (["{m}", "--images", "{empty}"], "no images found"),
+    (["{m}", "--goal-psnr", "nan"], "must be a finite number"),
+    (["{m}", "--goal-ms-ssim", "inf"], "must be a finite number"),
 ])
 def test_usage_errors_are_one_line(models, image_dir, tmp_path, capsys, args, message):
     empty = tmp_path / "empty"
