@@ -10,7 +10,7 @@ from .common import (EXIT_FAILED, EXIT_OK, EXIT_USAGE, CommandError, add_entropy
                      add_server_args, one_line)
 
 DEFAULT_OUT = Path("out/eval-rd")
-ENTROPY_STEPS = (0.0625, 0.09375, 0.125, 0.25, 0.5, 1.0)  # units (4 to 64 fine bins): about 0.07 to 0.27 bpp on Kodak
+ENTROPY_STEPS = (0.0625, 0.078125, 0.09375, 0.125, 0.25, 0.5, 1.0)  # units (4 to 64 fine bins): about 0.07 to 0.27 bpp on Kodak
 
 
 def add_parser(subparsers: argparse._SubParsersAction) -> None:
